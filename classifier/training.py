@@ -1,0 +1,366 @@
+"""Training recipes, data loading and the model card.  ``scripts/train.py`` is the command line.
+
+Data folders are laid out like ``../shared/datasets/*``: ``train/`` and ``val/``, each with
+``CT_COVID/`` (positive) and ``CT_NonCOVID/`` (negative).  Every image goes through
+:func:`classifier.preprocess.to_model_input`, the product's one preprocessing path.
+
+Recipes:
+
+* ``paper``: the paper exactly: its CNN, 200x200 RGB, rescale 1/255, batch 32, 9 epochs, Adam,
+  no augmentation, no early stopping, trained on the given folders as they are.
+* ``covidct`` (default): our CNN on every given folder at once, each example weighted so that
+  each dataset and each class count the same; the JPEG/PNG shortcut closed by re-encoding every
+  training image as JPEG (random quality) half of the time; augmentation; Adam 3e-4 with
+  plateau decay on the mean validation AUC across datasets; the best epoch by that AUC kept.
+  Threshold (Youden on the pooled validation sets) and temperature are chosen on val only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from classifier import metrics as M
+from classifier.errors import UnusableInputError
+from classifier.preprocess import to_model_input
+
+logger = logging.getLogger(__name__)
+
+CLASSES = (("CT_NonCOVID", 0), ("CT_COVID", 1))
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+@dataclass
+class Split:
+    """One dataset's split, preprocessed: gray ``uint8`` (N, 200, 200), labels, file formats."""
+
+    dataset: str
+    images: np.ndarray
+    labels: np.ndarray
+    formats: list[str]
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    architecture: str
+    epochs: int
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    augment_jpeg: bool = False
+    balance: bool = False
+    keep_best: bool = False
+    description: str = ""
+
+
+RECIPES = {
+    "paper": Recipe(
+        "paper", "paper", epochs=9, learning_rate=1e-3,
+        description="the paper's CNN and settings: 200x200 RGB, rescale 1/255, batch 32, "
+        "9 epochs, Adam, no augmentation, no model selection",
+    ),
+    "covidct": Recipe(
+        "covidct", "covidct", epochs=25, learning_rate=3e-4, augment_jpeg=True, balance=True,
+        keep_best=True,
+        description="our CNN on all datasets, dataset- and class-balanced weights, JPEG "
+        "re-encoding half of the time, flips/rotation/zoom/translation/contrast, Adam 3e-4 "
+        "with plateau decay, best epoch by mean val AUC",
+    ),
+}
+
+
+def load_split(root: Path, split: str, *, limit: int | None = None) -> Split:
+    """Read ``root/split/CT_*`` through the product's preprocessing."""
+    images, labels, formats, names = [], [], [], []
+    for cls, label in CLASSES:
+        folder = root / split / cls
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is missing (expected train/ and val/ with {cls}/)")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        for path in files[:limit]:
+            try:
+                images.append(to_model_input(path)[:, :, 0])
+            except UnusableInputError as exc:
+                logger.warning("skipping %s: %s", path.name, exc)
+                continue
+            labels.append(label)
+            formats.append("jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "png")
+            names.append(f"{cls}/{path.name}")
+    if not images:
+        raise FileNotFoundError(f"no images under {root / split}")
+    return Split(root.name, np.stack(images), np.array(labels, np.int32), formats, names)
+
+
+def jpeg_roundtrip(gray: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(gray, mode="L").save(buf, format="JPEG", quality=quality)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"), dtype=np.uint8)
+
+
+def _jpeg_versions(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    qualities = rng.integers(70, 96, len(images))
+    return np.stack([jpeg_roundtrip(im, int(q)) for im, q in zip(images, qualities, strict=True)])
+
+
+def _sample_weights(splits: Sequence[Split], balance: bool) -> np.ndarray:
+    if not balance:
+        return np.ones(sum(len(s) for s in splits), np.float32)
+    parts = []
+    for s in splits:
+        w = np.zeros(len(s), np.float32)
+        for label in (0, 1):
+            mask = s.labels == label
+            if mask.any():
+                w[mask] = 1.0 / (2 * len(splits) * mask.sum())
+        parts.append(w)
+    w = np.concatenate(parts)
+    return w * (len(w) / w.sum())
+
+
+@dataclass
+class History:
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+def train(
+    recipe: Recipe,
+    train_splits: Sequence[Split],
+    val_splits: Sequence[Split],
+    *,
+    seed: int = 0,
+    epochs: int | None = None,
+    verbose: int = 1,
+) -> tuple[Any, History]:
+    """Fit a model by ``recipe``; return it (best epoch restored when the recipe says so)."""
+    import keras
+    import tensorflow as tf
+
+    from classifier.architectures import build
+
+    keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([s.images for s in train_splits])
+    y = np.concatenate([s.labels for s in train_splits]).astype(np.float32)
+    w = _sample_weights(train_splits, recipe.balance)
+    x_jpeg = _jpeg_versions(x, rng) if recipe.augment_jpeg else x
+
+    def make_dataset() -> tf.data.Dataset:
+        ds = tf.data.Dataset.from_tensor_slices((x, x_jpeg, y, w))
+        ds = ds.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
+
+        def pick(a: tf.Tensor, b: tf.Tensor, label: tf.Tensor, weight: tf.Tensor) -> tuple:
+            use_jpeg = tf.random.uniform(()) < 0.5 if recipe.augment_jpeg else tf.constant(False)
+            img = tf.where(use_jpeg, b, a)
+            img = tf.cast(tf.repeat(img[:, :, None], 3, axis=2), tf.float32)
+            return img, label, weight
+
+        return ds.map(pick, num_parallel_calls=2).batch(recipe.batch_size).prefetch(2)
+
+    model = build(recipe.architecture, seed=seed)
+    model.compile(
+        optimizer=keras.optimizers.Adam(recipe.learning_rate),
+        loss="binary_crossentropy",
+        metrics=["accuracy"],
+    )
+    val_x = [np.repeat(s.images[..., None], 3, axis=3).astype(np.float32) for s in val_splits]
+    history = History()
+    best_auc, best_weights, lr, patience = -1.0, None, recipe.learning_rate, 0
+    started = time.perf_counter()
+    for epoch in range(epochs or recipe.epochs):
+        fit = model.fit(make_dataset(), epochs=1, verbose=verbose)
+        row: dict[str, float] = {
+            "epoch": epoch + 1,
+            "loss": float(fit.history["loss"][0]),
+            "accuracy": float(fit.history["accuracy"][0]),
+            "lr": lr,
+        }
+        vl, va, aucs = [], [], []
+        for s, vx in zip(val_splits, val_x, strict=True):
+            p = model.predict(vx, batch_size=64, verbose=0).reshape(-1)
+            yv = s.labels
+            pc = np.clip(p, 1e-7, 1 - 1e-7)
+            loss = float(-np.mean(yv * np.log(pc) + (1 - yv) * np.log(1 - pc)))
+            acc = float(np.mean((p >= 0.5) == yv))
+            a = M.auc(yv, p)
+            row[f"val_loss/{s.dataset}"], row[f"val_accuracy/{s.dataset}"] = loss, acc
+            row[f"val_auc/{s.dataset}"] = a
+            vl.append(loss)
+            va.append(acc)
+            aucs.append(a)
+        row["val_loss"], row["val_accuracy"] = float(np.mean(vl)), float(np.mean(va))
+        row["val_auc"] = float(np.mean(aucs))
+        history.epochs.append(row)
+        logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
+        if verbose:
+            print(
+                f"epoch {epoch + 1}: loss {row['loss']:.4f} acc {row['accuracy']:.4f} "
+                + " ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_"))
+            )
+        if recipe.keep_best:
+            if row["val_auc"] > best_auc:
+                best_auc, best_weights, patience = row["val_auc"], model.get_weights(), 0
+                history.best_epoch = epoch + 1
+            else:
+                patience += 1
+                if patience >= 3 and lr > 2e-5:
+                    lr /= 3.0
+                    model.optimizer.learning_rate.assign(lr)
+                    patience = 0
+        else:
+            history.best_epoch = epoch + 1
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    history.seconds = time.perf_counter() - started
+    return model, history
+
+
+def predict_arrays(model: Any, images: np.ndarray) -> np.ndarray:
+    x = np.repeat(images[..., None], 3, axis=3).astype(np.float32)
+    return model.predict(x, batch_size=64, verbose=0).reshape(-1).astype(np.float64)
+
+
+def summarise(
+    model: Any,
+    val_splits: Sequence[Split],
+    *,
+    bootstrap: int = 1000,
+    calibrate: bool = True,
+) -> dict[str, Any]:
+    """Threshold, temperature and per-dataset metrics, all chosen and measured on val."""
+    raw = {s.dataset: predict_arrays(model, s.images) for s in val_splits}
+    labels = {s.dataset: s.labels for s in val_splits}
+    pooled_y = np.concatenate(list(labels.values()))
+    pooled_raw = np.concatenate(list(raw.values()))
+    temperature = M.fit_temperature(pooled_y, pooled_raw) if calibrate else 1.0
+    cal = {k: M.apply_temperature(v, temperature) for k, v in raw.items()}
+    threshold = M.youden_threshold(pooled_y, np.concatenate(list(cal.values())))
+    out: dict[str, Any] = {"threshold": threshold, "temperature": temperature, "datasets": {}}
+    for s in val_splits:
+        m = M.evaluate(s.labels, cal[s.dataset], threshold, bootstrap=bootstrap)
+        jpeg = np.stack([jpeg_roundtrip(im, 90) for im in s.images])
+        p_jpeg = M.apply_temperature(predict_arrays(model, jpeg), temperature)
+        out["datasets"][s.dataset] = {
+            "metrics": m.as_dict(),
+            "auc_all_jpeg_q90": M.auc(s.labels, p_jpeg),
+            "ece_before": M.expected_calibration_error(s.labels, raw[s.dataset]),
+            "ece_after": M.expected_calibration_error(s.labels, cal[s.dataset]),
+            "formats": {f: s.formats.count(f) for f in sorted(set(s.formats))},
+        }
+    out["pooled"] = {
+        "ece_before": M.expected_calibration_error(pooled_y, pooled_raw),
+        "ece_after": M.expected_calibration_error(pooled_y, np.concatenate(list(cal.values()))),
+    }
+    out["_raw"] = raw
+    out["_cal"] = cal
+    out["_labels"] = labels
+    return out
+
+
+def environment() -> dict[str, str]:
+    import keras
+    import tensorflow as tf
+
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_card_markdown(card: dict[str, Any], path: Path) -> None:
+    lines = [
+        f"# Model card: {card['version']}",
+        "",
+        "**Research and triage support only. Not a diagnosis, not a medical device.**",
+        "",
+        f"- Architecture: `{card['architecture']}` ({card['parameters']:,} parameters)",
+        f"- Recipe: `{card['recipe']}`: {card['recipe_description']}",
+        f"- Input: {card['input']}",
+        f"- Operating threshold (chosen on val): {card['threshold']:.4f}",
+        f"- Temperature (fitted on val): {card['temperature']:.3f}",
+        f"- Study aggregation: {card.get('aggregation', '')}",
+        f"- Seeds: {card.get('seed')} shipped; trained in {card['training_seconds']:.0f} s",
+        "",
+        "## Data and licenses",
+        "",
+    ]
+    for d in card["data"]:
+        lines.append(f"- `{d['name']}`: {d['train']} train / {d['val']} val images. {d['license']}")
+    lines += ["", "## Validation (val splits only; the test splits are withheld)", ""]
+    lines.append("| dataset | n | accuracy | AUC | sensitivity | specificity | F1 | AUC all-JPEG |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for name, d in card["validation"].items():
+        m, ci = d["metrics"], d["metrics"]["ci95"]
+
+        def f(k: str, m: dict = m, ci: dict = ci) -> str:
+            lo, hi = ci.get(k, (float("nan"), float("nan")))
+            return f"{m[k]:.3f} ({lo:.3f}-{hi:.3f})"
+
+        lines.append(
+            f"| {name} | {m['n']} | {f('accuracy')} | {f('auc')} | {f('sensitivity')} | "
+            f"{f('specificity')} | {f('f1')} | {d['auc_all_jpeg_q90']:.3f} |"
+        )
+    lines += ["", "Intervals: bootstrap 95% (1000 resamples).", ""]
+    lines.append("| dataset | ECE before temperature | ECE after |")
+    lines.append("|---|---|---|")
+    for name, d in card["validation"].items():
+        lines.append(f"| {name} | {d['ece_before']:.3f} | {d['ece_after']:.3f} |")
+    if card.get("seeds"):
+        lines += ["", "## Seeds (val AUC per dataset)", ""]
+        for row in card["seeds"]:
+            lines.append(f"- seed {row['seed']}: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in row["val_auc"].items()))
+        for k, v in card.get("seed_summary", {}).items():
+            lines.append(f"- **{k}: mean {v['mean']:.3f}, min {v['min']:.3f}, max {v['max']:.3f}**")
+    if card.get("dicom_studies"):
+        lines += ["", "## Real DICOM studies (development sample)", ""]
+        for s in card["dicom_studies"]:
+            lines.append(
+                f"- {s['name']} ({s['truth']}): study probability {s['probability']:.3f} "
+                f"-> {s['label']}; {s['analysed']} slices analysed, {s['skipped']} skipped"
+            )
+    lines += ["", "## Training history", "", "| epoch | loss | acc | val loss | val acc | val AUC |"]
+    lines.append("|---|---|---|---|---|---|")
+    for r in card["history"]:
+        lines.append(
+            f"| {r['epoch']} | {r['loss']:.4f} | {r['accuracy']:.4f} | {r['val_loss']:.4f} | "
+            f"{r['val_accuracy']:.4f} | {r['val_auc']:.4f} |"
+        )
+    lines += ["", f"Best epoch: {card['best_epoch']}.", "", "## Limits", ""]
+    lines += [f"- {x}" for x in card.get("limits", [])]
+    lines += ["", "## Environment", ""]
+    lines += [f"- {k}: {v}" for k, v in card["environment"].items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_json(obj: Any, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))

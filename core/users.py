@@ -1,0 +1,83 @@
+"""Users and API tokens: argon2id password hashes, tokens kept only as SHA-256."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.models import ApiToken, User, utcnow
+
+_hasher = PasswordHasher()
+USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+MIN_PASSWORD = 8
+
+
+class UserError(ValueError):
+    """A user could not be created or found; the message says why."""
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def create_user(session: Session, username: str, password: str, *, admin: bool = False) -> User:
+    if not USERNAME_RE.match(username):
+        raise UserError("a user name is 1-64 letters, digits or _ . @ -")
+    if len(password) < MIN_PASSWORD:
+        raise UserError(f"the password must have at least {MIN_PASSWORD} characters")
+    if session.scalar(select(User).where(User.username == username)) is not None:
+        raise UserError(f"user {username!r} already exists")
+    user = User(username=username, password_hash=hash_password(password), is_admin=admin)
+    session.add(user)
+    session.flush()
+    return user
+
+
+def authenticate(session: Session, username: str, password: str) -> User | None:
+    """The active user with this password, or None (same cost whether or not it exists)."""
+    user = session.scalar(select(User).where(User.username == username))
+    stored = user.password_hash if user is not None else _DUMMY_HASH
+    try:
+        _hasher.verify(stored, password)
+    except (VerificationError, InvalidHashError):
+        return None
+    if user is None or not user.active:
+        return None
+    if _hasher.check_needs_rehash(user.password_hash):
+        user.password_hash = hash_password(password)
+    return user
+
+
+def create_token(session: Session, username: str) -> str:
+    """Make a bearer token for ``username``; the token itself is returned once, never stored."""
+    user = session.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise UserError(f"no user {username!r}")
+    token = "cct_" + secrets.token_urlsafe(32)
+    session.add(ApiToken(user_id=user.id, token_sha256=_sha256(token)))
+    session.flush()
+    return token
+
+
+def user_for_token(session: Session, token: str) -> User | None:
+    row = session.scalar(select(ApiToken).where(ApiToken.token_sha256 == _sha256(token)))
+    if row is None:
+        return None
+    user = session.get(User, row.user_id)
+    if user is None or not user.active:
+        return None
+    row.last_used_at = utcnow()
+    return user
+
+
+def _sha256(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))

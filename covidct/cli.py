@@ -1,0 +1,237 @@
+"""The ``covidct`` command line.
+
+Each subcommand loads the settings once, then hands them to the stage it starts.  Stages are
+imported lazily so that ``covidct --help`` does not pay for TensorFlow.  Errors that a user can
+fix end as one line on stderr and a non-zero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from core.settings import Settings, SettingsError, load_settings
+
+logger = logging.getLogger("covidct")
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class CommandError(Exception):
+    """A command could not do what was asked; the message is shown as is."""
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings()
+    _configure_logging(settings.log_level)
+    return settings
+
+
+# --- subcommands -------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from covidct.serve import serve
+
+    return serve(_settings(args), workers=args.workers)
+
+
+def cmd_listener(args: argparse.Namespace) -> int:
+    from ingest.server import run_listener
+
+    settings = _settings(args)
+    settings.log_effective()
+    return run_listener(settings)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.main import run_worker
+
+    settings = _settings(args)
+    settings.log_effective()
+    return run_worker(settings, concurrency=args.concurrency, queues=args.queues)
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from web.app import run_web
+
+    settings = _settings(args)
+    settings.log_effective()
+    return run_web(settings)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from classifier.evaluate import evaluate_folder, format_report
+
+    settings = _settings(args)
+    model = Path(args.model) if args.model else settings.model_path
+    result = evaluate_folder(Path(args.data), model, threshold=args.threshold)
+    print(json.dumps(result.as_json()) if args.json else format_report(result))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from classifier.predict import predict_files
+
+    settings = _settings(args)
+    model = Path(args.model) if args.model else settings.model_path
+    failures = 0
+    for line in predict_files([Path(f) for f in args.files], model):
+        print(line.format())
+        failures += line.error is not None
+    return EXIT_FAILURE if failures else 0
+
+
+def cmd_create_user(args: argparse.Namespace) -> int:
+    from core.db import session_scope, upgrade
+    from core.users import create_user
+
+    settings = _settings(args)
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"Password for {args.username}: ")
+        if getpass.getpass("Repeat it: ") != password:
+            raise CommandError("the passwords differ")
+    upgrade(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        user = create_user(session, args.username, password, admin=args.admin)
+        from core.audit import record
+
+        record(session, "cli", "user.create", user.username, admin=args.admin)
+    print(f"created {'admin' if args.admin else 'reader'} {args.username}")
+    return 0
+
+
+def cmd_create_token(args: argparse.Namespace) -> int:
+    from core.audit import record
+    from core.db import session_scope, upgrade
+    from core.users import create_token
+
+    settings = _settings(args)
+    upgrade(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        token = create_token(session, args.username)
+        record(session, "cli", "token.create", args.username)
+    print(token)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from covidct.demo import run_demo
+
+    return run_demo(_settings(args), studies=args.studies)
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from core.db import current_revision, upgrade
+
+    settings = _settings(args)
+    upgrade(settings.database_url, args.revision)
+    print(f"database at revision {current_revision(settings.database_url)}")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="covidct",
+        description=(
+            "COVID-19 CT triage: DICOM in, DICOM SR out, dashboard. Settings come from "
+            "COVIDCT_* environment variables (see README). Results support research and "
+            "triage; they are not a diagnosis."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("serve", cmd_serve, "run listener, worker and dashboard on this machine")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    add("listener", cmd_listener, "run the DICOM storage SCP (C-ECHO, C-STORE)")
+    p = add("worker", cmd_worker, "run a Celery worker that analyses studies and uploads")
+    p.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--queues", default="studies,uploads,exports", help="queues to consume (default: all)"
+    )
+    add("web", cmd_web, "run the web dashboard and JSON API")
+    p = add("evaluate", cmd_evaluate, "score a model on a folder with CT_COVID/ and CT_NonCOVID/")
+    p.add_argument("--data", required=True, help="folder with CT_COVID/ and CT_NonCOVID/")
+    p.add_argument("--model", help="model file (default: COVIDCT_MODEL_PATH)")
+    p.add_argument("--threshold", type=float, help="override the model card's threshold")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = add("predict", cmd_predict, "probability and label for PNG, JPEG or DICOM files")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--model", help="model file (default: COVIDCT_MODEL_PATH)")
+    p = add("create-user", cmd_create_user, "create a dashboard user")
+    p.add_argument("username")
+    p.add_argument("--admin", action="store_true", help="may re-run, re-send, manage users")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p = add("create-token", cmd_create_token, "print a new API bearer token for a user")
+    p.add_argument("username")
+    p = add("demo", cmd_demo, "send demo CT studies to the running service over C-STORE")
+    p.add_argument("--studies", type=int, default=3, help="how many studies (default 3)")
+    p = add("db", lambda a: _db_help(parser), "database maintenance")
+    dbsub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    up = dbsub.add_parser("upgrade", help="apply migrations", description="apply migrations")
+    up.add_argument("revision", nargs="?", default="head")
+    up.set_defaults(func=cmd_db_upgrade)
+    return parser
+
+
+def _db_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # translated here, where errors leave the program
+        if _is_user_error(exc):
+            print(f"covidct: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE if isinstance(exc, SettingsError) else EXIT_FAILURE
+        raise
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from core.users import UserError
+
+    known: tuple[type[Exception], ...] = (SettingsError, UserError, CommandError, OSError)
+    try:
+        from classifier.errors import ClassifierError
+
+        known += (ClassifierError,)
+    except ImportError:  # pragma: no cover - classifier is part of the package
+        pass
+    return isinstance(exc, known)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

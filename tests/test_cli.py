@@ -1,0 +1,62 @@
+"""The command line, run as a user runs it: a subprocess of the installed console script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+SUBCOMMANDS = [
+    "serve", "listener", "worker", "web", "evaluate", "predict", "create-user",
+    "create-token", "demo", "db",
+]
+
+
+def run(args: list[str], env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | env
+    return subprocess.run(
+        [sys.executable, "-m", "covidct.cli", *args], input=stdin, capture_output=True,
+        text=True, env=full_env, timeout=120, check=False,
+    )
+
+
+def test_help_lists_every_subcommand(env: dict[str, str]) -> None:
+    out = run(["--help"], env)
+    assert out.returncode == 0
+    for name in SUBCOMMANDS:
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_each_subcommand_has_help(env: dict[str, str], name: str) -> None:
+    out = run([name, "--help"], env)
+    assert out.returncode == 0, out.stderr
+    assert "usage: covidct" in out.stdout
+
+
+def test_bad_setting_is_one_line_and_nonzero(env: dict[str, str]) -> None:
+    out = run(["db", "upgrade"], env | {"COVIDCT_DICOM_PORT": "99999"})
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "COVIDCT_DICOM_PORT" in lines[0]
+
+
+def test_db_upgrade_create_user_and_token(env: dict[str, str], tmp_path: Path) -> None:
+    out = run(["db", "upgrade"], env)
+    assert out.returncode == 0, out.stderr
+    assert "0001" in out.stdout
+    out = run(["create-user", "rad1", "--admin", "--password-stdin"], env, "a long password\n")
+    assert out.returncode == 0, out.stderr
+    out = run(["create-user", "rad1", "--password-stdin"], env, "a long password\n")
+    assert out.returncode == 1 and "already exists" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = run(["create-token", "rad1"], env)
+    assert out.returncode == 0 and out.stdout.startswith("cct_")
+    out = run(["create-token", "nobody"], env)
+    assert out.returncode == 1 and "no user" in out.stderr
+    assert (tmp_path / "var" / "covidct.sqlite3").is_file()
