@@ -75,7 +75,8 @@ class Settings:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     sweep_seconds: float = 5.0
-    task_stale_seconds: float = 900.0
+    task_stale_seconds: float = 120.0
+    requeue_seconds: float = 900.0
     indeterminate_band: float = 0.05
     top_k: int = 10
     min_series_slices: int = 10
@@ -275,7 +276,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "tls_key": _existing_file,
     "tls_ca": _existing_file,
     "sweep_seconds": _float(0.1, 3600.0),
-    "task_stale_seconds": _float(10.0, 86400.0),
+    "task_stale_seconds": _float(1.0, 86400.0),
+    "requeue_seconds": _float(1.0, 86400.0),
     "indeterminate_band": _float(0.0, 0.5),
     "top_k": _int(1, 1000),
     "min_series_slices": _int(1, 10000),

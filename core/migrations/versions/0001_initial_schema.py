@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 14:22:17.266865
+Create Date: 2026-11-26 14:31:23.331298
 """
 
 from collections.abc import Sequence
@@ -53,7 +53,9 @@ def upgrade() -> None:
         sa.Column("last_instance_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("queued_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("verdict", sa.String(length=16), nullable=True),
         sa.Column("probability", sa.Float(), nullable=True),
         sa.Column("slices_analysed", sa.Integer(), nullable=False),

@@ -1,0 +1,1 @@
+"""Pixels in, probabilities out.  Knows no database, no Celery, no DICOM networking."""

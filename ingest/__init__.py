@@ -1,0 +1,1 @@
+"""DICOM in: the storage SCP, the durable spool, study assembly and the sweeper."""

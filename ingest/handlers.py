@@ -1,0 +1,151 @@
+"""pynetdicom event handlers of the storage SCP.
+
+Each handler gets what it needs as an extra argument (:class:`IngestContext`), never a global.
+Every failure becomes a DICOM status after it is logged: unreadable data 0xC210, a bad UID
+0xC210, a SOP class that does not match its context 0xA900, a failed write 0xA700.  Anything
+unexpected reaches the peer as 0xC211.  UIDs are logged, patient names never.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core import audit
+from core.db import session_scope
+from core.settings import Settings
+from ingest.records import UnreadableDatasetError, read_header, record_instance
+from ingest.spool import InvalidUIDError, instance_path, write_durable
+
+logger = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC210
+PROCESSING_FAILURE = 0xC211
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+RJ_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
+RJ_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE not recognised
+RJ_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service user, no reason (host not allowed)
+RJ_CONGESTION = (0x02, 0x03, 0x01)  # transient, presentation, temporary congestion
+
+
+@dataclass(frozen=True)
+class IngestContext:
+    settings: Settings
+
+    @property
+    def spool(self) -> Path:
+        return self.settings.spool_dir
+
+
+def _peer(event: Any) -> tuple[str, str]:
+    rq = event.assoc.requestor
+    return str(rq.ae_title).strip(), str(rq.address)
+
+
+def _audit(ctx: IngestContext, actor: str, action: str, obj: str, outcome: str,
+           remote: str, **detail: Any) -> None:
+    try:
+        with session_scope(ctx.settings.database_url) as s:
+            audit.record(s, actor or "?", action, obj, outcome=outcome, remote=remote, **detail)
+    except Exception:  # the audit log must never take the SCP down
+        logger.exception("could not write audit event %s", action)
+
+
+def free_disk_mb(path: Path) -> float:
+    path.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(path).free / (1024 * 1024)
+
+
+def handle_conn_open(event: Any) -> None:
+    """Turn Nagle's algorithm off: it costs a store SCP about 20x on loopback."""
+    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            logger.warning("could not set TCP_NODELAY")
+
+
+def access_decision(ctx: IngestContext, calling: str, called: str, host: str) -> tuple[
+    tuple[int, int, int] | None, str
+]:
+    """The A-ASSOCIATE-RJ reason for a request, or None to go on negotiating."""
+    s = ctx.settings
+    if s.allowed_aes != ("*",) and calling not in s.allowed_aes:
+        return RJ_CALLING_AE, f"calling AE title {calling!r} is not allowed"
+    if called != s.ae_title:
+        return RJ_CALLED_AE, f"called AE title {called!r} is not {s.ae_title!r}"
+    if s.allowed_hosts and host not in s.allowed_hosts:
+        return RJ_NO_REASON, f"host {host} is not allowed"
+    if s.min_free_disk_mb and free_disk_mb(ctx.spool) < s.min_free_disk_mb:
+        return RJ_CONGESTION, f"free disk below {s.min_free_disk_mb} MB"
+    return None, ""
+
+
+def handle_requested(event: Any, ctx: IngestContext) -> None:
+    """Access control at A-ASSOCIATE-RQ: reject with the reason PS3.8 defines, and audit."""
+    primitive = event.assoc.requestor.primitive
+    calling = str(primitive.calling_ae_title).strip()
+    called = str(primitive.called_ae_title).strip()
+    host = str(event.assoc.requestor.address)
+    reject, why = access_decision(ctx, calling, called, host)
+    if reject is None:
+        return
+    logger.warning("rejecting association from %s@%s: %s", calling, host, why)
+    event.assoc.acse.send_reject(*reject)
+    event.assoc.kill()
+    _audit(ctx, calling, "association.reject", called, "refused", host, reason=why)
+
+
+def handle_accepted(event: Any, ctx: IngestContext) -> None:
+    calling, host = _peer(event)
+    _audit(ctx, calling, "association.accept", ctx.settings.ae_title, "ok", host)
+
+
+def handle_echo(event: Any) -> int:
+    return SUCCESS
+
+
+def handle_store(event: Any, ctx: IngestContext) -> int:
+    """C-STORE: parse the header, write the bytes durably, record, then answer."""
+    calling, host = _peer(event)
+    try:
+        data = event.encoded_dataset(include_meta=True)
+    except Exception:
+        logger.exception("cannot encode received dataset from %s", calling)
+        return CANNOT_UNDERSTAND
+    try:
+        header = read_header(data)
+    except (UnreadableDatasetError, InvalidUIDError) as exc:
+        logger.warning("refusing instance from %s@%s: %s", calling, host, exc)
+        _audit(ctx, calling, "instance.refuse", "", "refused", host, reason=str(exc))
+        return CANNOT_UNDERSTAND
+    if header.sop_class_uid != str(event.request.AffectedSOPClassUID):
+        logger.warning("SOP class of %s does not match its context", header.sop_uid)
+        return DATASET_MISMATCH
+    floor = ctx.settings.min_free_disk_mb / 2
+    try:
+        if floor and free_disk_mb(ctx.spool) < floor:
+            logger.error("free disk below %.0f MB: refusing %s", floor, header.sop_uid)
+            return OUT_OF_RESOURCES
+        path = instance_path(ctx.spool, header.study_uid, header.series_uid, header.sop_uid)
+        write_durable(path, data)
+    except OSError:
+        logger.exception("cannot write instance %s", header.sop_uid)
+        return OUT_OF_RESOURCES
+    try:
+        new = record_instance(ctx.settings.database_url, header, path, len(data), calling)
+    except Exception:
+        logger.exception("cannot record instance %s", header.sop_uid)
+        return OUT_OF_RESOURCES  # the file stays; the start-up scan records it
+    logger.debug("stored %s of study %s%s", header.sop_uid, header.study_uid,
+                 "" if new else " (duplicate)")
+    return SUCCESS

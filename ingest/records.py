@@ -1,0 +1,132 @@
+"""Recording received instances in the results store, and reading the few header fields we need.
+
+A study is ``receiving`` while instances arrive.  An instance that arrives for a study that was
+already queued, processing or finished bumps the study's ``generation`` and puts it back to
+``receiving``: the sweeper queues it again once it is stable, and the worker amends its report.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from core.db import session_scope
+from core.models import Instance, Study, StudyState, utcnow
+from ingest.spool import validate_uid
+
+logger = logging.getLogger(__name__)
+
+
+class UnreadableDatasetError(ValueError):
+    """The received bytes are not a DICOM dataset we can read the header of."""
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    patient_id: str = ""
+    patient_name: str = ""
+    accession_number: str = ""
+    study_date: str = ""
+    study_description: str = ""
+    modality: str = ""
+
+
+def read_header(data: bytes) -> InstanceHeader:
+    """Parse the header of a Part 10 byte string (pixel data not decoded); validate its UIDs.
+
+    Raises :class:`UnreadableDatasetError` or :class:`ingest.spool.InvalidUIDError`.
+    """
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        ds.StudyInstanceUID  # noqa: B018 - force the parse of the elements we need
+    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError,
+            OSError, NotImplementedError) as exc:
+        raise UnreadableDatasetError(f"cannot parse dataset: {exc}") from None
+    meta = getattr(ds, "file_meta", None)
+    return InstanceHeader(
+        study_uid=validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
+        series_uid=validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+        sop_uid=validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
+        sop_class_uid=validate_uid(ds.get("SOPClassUID"), "SOPClassUID"),
+        transfer_syntax_uid=str(getattr(meta, "TransferSyntaxUID", "") or ""),
+        patient_id=_text(ds, "PatientID", 64),
+        patient_name=_text(ds, "PatientName", 324),
+        accession_number=_text(ds, "AccessionNumber", 16),
+        study_date=_text(ds, "StudyDate", 8),
+        study_description=_text(ds, "StudyDescription", 64),
+        modality=_text(ds, "Modality", 16),
+    )
+
+
+def _text(ds: pydicom.Dataset, keyword: str, limit: int) -> str:
+    try:
+        value = ds.get(keyword, "")
+    except Exception:  # a malformed optional element must not lose the instance
+        logger.warning("unreadable %s in dataset", keyword)
+        return ""
+    return str(value or "").replace("\x00", "").strip()[:limit]
+
+
+def record_instance(
+    database_url: str,
+    header: InstanceHeader,
+    path: Path,
+    size: int,
+    calling_ae: str = "",
+    now: datetime | None = None,
+) -> bool:
+    """Record one stored instance; return False when it was a duplicate (idempotent)."""
+    for attempt in range(3):
+        try:
+            return _record(database_url, header, path, size, calling_ae, now or utcnow())
+        except IntegrityError:
+            # two associations created the same study at once (PostgreSQL): retry
+            if attempt == 2:
+                raise
+    return False  # pragma: no cover
+
+
+def _record(
+    url: str, h: InstanceHeader, path: Path, size: int, calling_ae: str, now: datetime
+) -> bool:
+    with session_scope(url) as s:
+        study = s.scalar(select(Study).where(Study.study_instance_uid == h.study_uid))
+        if study is None:
+            study = Study(
+                study_instance_uid=h.study_uid, patient_id=h.patient_id,
+                patient_name=h.patient_name, accession_number=h.accession_number,
+                study_date=h.study_date, study_description=h.study_description,
+                modality=h.modality, received_at=now, last_instance_at=now,
+                state=StudyState.RECEIVING,
+            )
+            s.add(study)
+            s.flush()
+        existing = s.scalar(select(Instance.id).where(Instance.sop_instance_uid == h.sop_uid))
+        if existing is not None:
+            return False
+        s.add(Instance(
+            study_id=study.id, sop_instance_uid=h.sop_uid, sop_class_uid=h.sop_class_uid,
+            series_instance_uid=h.series_uid, transfer_syntax_uid=h.transfer_syntax_uid,
+            spool_path=str(path), size_bytes=size, calling_ae=calling_ae, received_at=now,
+        ))
+        study.instance_count += 1
+        study.last_instance_at = now
+        if study.state != StudyState.RECEIVING:
+            study.generation += 1
+            study.state = StudyState.RECEIVING
+            study.state_reason = "new instances arrived; will be analysed again"
+            logger.info("late instance for study %s: generation %d", h.study_uid, study.generation)
+        return True

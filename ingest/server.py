@@ -1,0 +1,172 @@
+"""The storage SCP: options -> an AE -> handlers -> ``start_server``; and ``covidct listener``.
+
+At start-up the spool is reconciled with the results store (an instance written but not
+recorded, because the process died between the two, is recorded now), stale temporary files
+of interrupted writes are removed, and the sweeper starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+import threading
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from sqlalchemy import select
+
+from core.db import session_scope, upgrade
+from core.models import Instance
+from core.settings import Settings
+from ingest.handlers import (
+    IngestContext,
+    handle_accepted,
+    handle_conn_open,
+    handle_echo,
+    handle_requested,
+    handle_store,
+)
+from ingest.records import UnreadableDatasetError, read_header, record_instance
+from ingest.spool import InvalidUIDError, iter_spool, remove_stale_temporaries
+from ingest.sweeper import Sweeper
+
+logger = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (8-bit)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (12-bit)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
+
+def build_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
+    ae.require_called_aet = True  # also checked, and audited, in handle_requested
+    ae.add_supported_context(Verification)
+    for sop_class in settings.sop_classes:
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    return ae
+
+
+def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    if not settings.tls_enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    if settings.tls_ca is not None:
+        ctx.load_verify_locations(str(settings.tls_ca))
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def handlers(ctx: IngestContext) -> list[tuple[Any, ...]]:
+    return [
+        (evt.EVT_CONN_OPEN, handle_conn_open),
+        (evt.EVT_REQUESTED, handle_requested, [ctx]),
+        (evt.EVT_ACCEPTED, handle_accepted, [ctx]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [ctx]),
+    ]
+
+
+def reconcile_spool(settings: Settings) -> int:
+    """Record instances that are in the spool but not in the store; return how many."""
+    removed = remove_stale_temporaries(settings.spool_dir)
+    if removed:
+        logger.warning("removed %d unfinished temporary files from the spool", removed)
+    with session_scope(settings.database_url) as s:
+        known = set(s.scalars(select(Instance.spool_path)).all())
+    added = 0
+    for path in iter_spool(settings.spool_dir):
+        if str(path) in known:
+            continue
+        try:
+            data = path.read_bytes()
+            header = read_header(data)
+        except (OSError, UnreadableDatasetError, InvalidUIDError) as exc:
+            logger.error("unreadable file in spool %s: %s", path, exc)
+            continue
+        if record_instance(settings.database_url, header, path, len(data), "spool-scan"):
+            added += 1
+    if added:
+        logger.warning("recorded %d spooled instances that were missing from the store", added)
+    return added
+
+
+class Listener:
+    """A running SCP with its sweeper; ``stop()`` shuts both down."""
+
+    def __init__(self, settings: Settings, *, sweeper: bool = True,
+                 publish: Any = None) -> None:
+        self.settings = settings
+        settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.database_url)
+        reconcile_spool(settings)
+        self.ctx = IngestContext(settings)
+        self.ae = build_ae(settings)
+        self.server = self.ae.start_server(
+            (settings.dicom_host, settings.dicom_port),
+            block=False,
+            evt_handlers=handlers(self.ctx),
+            ssl_context=ssl_context(settings),
+        )
+        self.sweeper: Sweeper | None = None
+        if sweeper:
+            self.sweeper = Sweeper(settings, publish or _celery_publisher(settings))
+            self.sweeper.start()
+        logger.info(
+            "listening as %s on %s:%d (TLS %s)", settings.ae_title, settings.dicom_host,
+            self.port, "on" if settings.tls_enabled else "off",
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def stop(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
+        self.server.shutdown()
+        self.ae.shutdown()
+
+
+def _celery_publisher(settings: Settings) -> Any:
+    from worker.app import make_celery, publish
+
+    app = make_celery(settings)
+
+    def send(task: str, obj_id: int) -> None:
+        publish(app, task, obj_id)
+
+    return send
+
+
+def run_listener(settings: Settings) -> int:
+    """``covidct listener``: serve until SIGINT or SIGTERM."""
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    listener = Listener(settings)
+    print(f"covidct listener: AE {settings.ae_title} on {settings.dicom_host}:{listener.port}",
+          flush=True)
+    done.wait()
+    logger.info("stopping listener")
+    listener.stop()
+    return 0

@@ -1,0 +1,151 @@
+"""Study assembly and the sweeper: the results store decides what is queued, not the broker.
+
+Every ``sweep_seconds`` the sweeper:
+
+1. queues each ``receiving`` study that has been quiet for ``stable_seconds`` (state ->
+   ``queued``, then the task is published; if the broker is down the state goes back to
+   ``receiving`` and the next sweep tries again, so a broker outage loses nothing);
+2. re-publishes a ``queued`` study whose message has waited ``requeue_seconds`` (a message lost
+   by a transport, or a broker restarted without persistence);
+3. re-queues a ``processing`` study whose worker has not sent a heartbeat for
+   ``task_stale_seconds`` (a worker killed mid-task);
+4. re-publishes report deliveries that are due.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, or_, select, update
+
+from core.db import session_scope
+from core.models import Delivery, DeliveryState, Study, StudyState, utcnow
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+Publisher = Callable[[str, int], None]  # (task name, id)
+
+
+@dataclass
+class SweepResult:
+    queued: int = 0
+    requeued: int = 0
+    recovered: int = 0
+    deliveries: int = 0
+    publish_failures: int = 0
+
+
+class Sweeper:
+    def __init__(self, settings: Settings, publish: Publisher) -> None:
+        self.settings = settings
+        self.publish = publish
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- one pass ------------------------------------------------------------------------
+
+    def sweep_once(self, now: datetime | None = None) -> SweepResult:
+        from worker.app import DELIVER_TASK, STUDY_TASK
+
+        now = now or utcnow()
+        s, url, result = self.settings, self.settings.database_url, SweepResult()
+        stable_before = now - timedelta(seconds=s.stable_seconds)
+        with session_scope(url) as session:
+            ready = session.scalars(select(Study.id).where(
+                Study.state == StudyState.RECEIVING, Study.last_instance_at <= stable_before
+            )).all()
+            waiting = session.scalars(select(Study.id).where(
+                Study.state == StudyState.QUEUED,
+                Study.queued_at <= now - timedelta(seconds=s.requeue_seconds),
+            )).all()
+            stale = session.scalars(select(Study.id).where(
+                Study.state == StudyState.PROCESSING,
+                or_(Study.heartbeat_at.is_(None),
+                    Study.heartbeat_at <= now - timedelta(seconds=s.task_stale_seconds)),
+            )).all()
+            due = session.scalars(select(Delivery.id).where(
+                Delivery.state == DeliveryState.PENDING,
+                or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+            )).all()
+
+        for study_id in ready:
+            if self._transition(study_id, StudyState.RECEIVING, now,
+                                extra=Study.last_instance_at <= stable_before):
+                if self._publish(STUDY_TASK, study_id, result, revert=StudyState.RECEIVING):
+                    result.queued += 1
+        for study_id in waiting:
+            if self._publish(STUDY_TASK, study_id, result, touch=now):
+                result.requeued += 1
+        for study_id in stale:
+            if self._transition(study_id, StudyState.PROCESSING, now,
+                                reason="worker stopped answering; queued again"):
+                logger.warning("study id %d: worker lost, queued again", study_id)
+                if self._publish(STUDY_TASK, study_id, result, revert=None):
+                    result.recovered += 1
+        for delivery_id in due:
+            with session_scope(url) as session:
+                row = session.get(Delivery, delivery_id)
+                if row is None or row.state != DeliveryState.PENDING:
+                    continue
+                # hold it off while the task runs; the task sets the real next attempt
+                row.next_attempt_at = now + timedelta(seconds=s.requeue_seconds)
+            if self._publish(DELIVER_TASK, delivery_id, result):
+                result.deliveries += 1
+            else:
+                with session_scope(url) as session:
+                    row = session.get(Delivery, delivery_id)
+                    if row is not None:
+                        row.next_attempt_at = now
+        return result
+
+    def _transition(self, study_id: int, from_state: StudyState, now: datetime,
+                    extra: object = None, reason: str = "") -> bool:
+        cond = and_(Study.id == study_id, Study.state == from_state)
+        if extra is not None:
+            cond = and_(cond, extra)
+        values: dict = {"state": StudyState.QUEUED, "queued_at": now}
+        if reason:
+            values["state_reason"] = reason
+        with session_scope(self.settings.database_url) as session:
+            return session.execute(update(Study).where(cond).values(**values)).rowcount == 1
+
+    def _publish(self, task: str, obj_id: int, result: SweepResult,
+                 revert: StudyState | None = None, touch: datetime | None = None) -> bool:
+        try:
+            self.publish(task, obj_id)
+        except Exception as exc:
+            result.publish_failures += 1
+            logger.warning("broker unavailable, %s %d stays in the store: %s", task, obj_id, exc)
+            if revert is not None:
+                with session_scope(self.settings.database_url) as session:
+                    session.execute(update(Study).where(
+                        Study.id == obj_id, Study.state == StudyState.QUEUED
+                    ).values(state=revert, queued_at=None))
+            return False
+        if touch is not None:
+            with session_scope(self.settings.database_url) as session:
+                session.execute(update(Study).where(Study.id == obj_id).values(queued_at=touch))
+        return True
+
+    # --- background thread --------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.sweep_seconds):
+            try:
+                self.sweep_once()
+            except Exception:
+                logger.exception("sweep failed; trying again in %.1f s", self.settings.sweep_seconds)

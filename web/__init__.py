@@ -1,0 +1,1 @@
+"""The Flask dashboard, uploads and JSON API."""

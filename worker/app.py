@@ -1,0 +1,74 @@
+"""The Celery application: broker, queues and delivery guarantees, built from the settings.
+
+The broker is only the doorbell: the results store holds every study's state, and the sweeper
+re-queues what a lost message or a dead worker left behind, so the embedded filesystem
+transport (which loses a task whose worker dies) is as safe as Redis, only slower to notice.
+
+Importing this module loads no model: TensorFlow must be started in the worker child after
+the fork (see ``worker.tasks``), never in the parent.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from core.settings import Settings
+
+STUDY_TASK = "covidct.analyse_study"
+UPLOAD_TASK = "covidct.analyse_upload"
+DELIVER_TASK = "covidct.deliver_report"
+QUEUES = {"studies": STUDY_TASK, "uploads": UPLOAD_TASK, "exports": DELIVER_TASK}
+
+SOFT_TIME_LIMIT = 1500  # seconds; a 1,000-slice study takes about a minute on 2 cores
+TIME_LIMIT = 1800
+VISIBILITY_TIMEOUT = 3600  # Redis: must exceed TIME_LIMIT or a long task runs twice
+
+
+def broker_options(settings: Settings) -> dict:
+    if settings.broker_is_embedded:
+        folder = settings.broker_dir
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": 0.1,
+        }
+    return {
+        "visibility_timeout": VISIBILITY_TIMEOUT,
+        "socket_connect_timeout": 3,
+        "socket_timeout": 10,
+        "max_retries": 1,
+    }
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("covidct", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        broker_transport_options=broker_options(settings),
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_soft_time_limit=SOFT_TIME_LIMIT,
+        task_time_limit=TIME_LIMIT,
+        task_default_queue="studies",
+        task_routes={task: {"queue": queue} for queue, task in QUEUES.items()},
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    app.conf.covidct_settings = settings
+    return app
+
+
+def publish(app: Celery, task: str, *args: int, countdown: float | None = None) -> None:
+    """Send a task by name, failing fast when the broker is down (the sweeper retries)."""
+    queue = next(q for q, t in QUEUES.items() if t == task)
+    app.send_task(task, args=list(args), queue=queue, retry=False, countdown=countdown)
