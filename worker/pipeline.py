@@ -1,0 +1,280 @@
+"""A complete study becomes a verdict and an SR: the stages, wired in one place.
+
+    claim -> select slices -> read + preprocess (streamed) -> classify in batches
+          -> aggregate -> store predictions -> build SR -> outbox rows -> finish
+
+Every step is idempotent: a run that dies is re-run by the sweeper or the broker and produces
+the same SR UID; a study that got new instances while it was processed stays queued for the
+next generation.  Timings per stage are logged (and returned for the benchmark).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from sqlalchemy import delete, or_, select, update
+
+from classifier.aggregate import RULE, study_probability, verdict
+from classifier.errors import SliceSkipped, UnusableInputError
+from classifier.inference import Classifier
+from classifier.preprocess import DEFAULT_FRAMING, to_model_input
+from core.db import session_scope
+from core.models import (
+    Delivery,
+    Instance,
+    Prediction,
+    Report,
+    Study,
+    StudyState,
+    utcnow,
+)
+from core.settings import Settings
+from worker.selection import SliceRef, select as select_slices
+from worker.sr import Finding, build_sr
+
+logger = logging.getLogger(__name__)
+
+
+class StudyBusy(Exception):
+    """Another worker holds the study and is alive: try again later."""
+
+
+@dataclass
+class Timings:
+    read: float = 0.0
+    preprocess: float = 0.0
+    inference: float = 0.0
+    sr: float = 0.0
+    total: float = 0.0
+    slices: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    study_id: int
+    state: str
+    reason: str = ""
+    probability: float | None = None
+    verdict: str | None = None
+    report_id: int | None = None
+    timings: Timings = field(default_factory=Timings)
+
+
+def claim(settings: Settings, study_id: int) -> int | None:
+    """Take the study (queued, or processing with a dead worker); return its generation."""
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.task_stale_seconds)
+    with session_scope(settings.database_url) as s:
+        study = s.get(Study, study_id)
+        if study is None:
+            logger.warning("study id %d does not exist", study_id)
+            return None
+        if study.state == StudyState.PROCESSING and study.heartbeat_at and study.heartbeat_at > stale:
+            raise StudyBusy(f"study {study.study_instance_uid} is being processed")
+        taken = s.execute(
+            update(Study)
+            .where(Study.id == study_id, or_(
+                Study.state == StudyState.QUEUED,
+                (Study.state == StudyState.PROCESSING)
+                & (or_(Study.heartbeat_at.is_(None), Study.heartbeat_at <= stale)),
+            ))
+            .values(state=StudyState.PROCESSING, started_at=now, heartbeat_at=now,
+                    attempts=Study.attempts + 1, state_reason="")
+        ).rowcount
+        if taken != 1:
+            logger.info("study %s is %s: nothing to do", study.study_instance_uid, study.state)
+            return None
+        return study.generation
+
+
+def heartbeat(settings: Settings, study_id: int) -> None:
+    with session_scope(settings.database_url) as s:
+        s.execute(update(Study).where(Study.id == study_id).values(heartbeat_at=utcnow()))
+
+
+def finish(settings: Settings, study_id: int, generation: int, state: StudyState,
+           reason: str = "", **values: object) -> str:
+    """Set the final state unless new instances arrived meanwhile (then they win)."""
+    with session_scope(settings.database_url) as s:
+        done = s.execute(
+            update(Study)
+            .where(Study.id == study_id, Study.state == StudyState.PROCESSING,
+                   Study.generation == generation)
+            .values(state=state, state_reason=reason, finished_at=utcnow(),
+                    processed_generation=generation, **values)
+        ).rowcount
+        if done != 1:
+            study = s.get(Study, study_id)
+            logger.info("study id %d changed while processed; left %s", study_id,
+                        study.state if study else "missing")
+            return str(study.state) if study else "missing"
+    return str(state)
+
+
+def _frames(slices: list[SliceRef], t: Timings) -> Iterator[tuple[SliceRef, np.ndarray | str]]:
+    """Read and preprocess slice by slice: memory stays flat whatever the study size."""
+    cache: tuple[Path, pydicom.Dataset] | None = None
+    for ref in slices:
+        t0 = time.perf_counter()
+        if cache is None or cache[0] != ref.path:
+            try:
+                cache = (ref.path, pydicom.dcmread(ref.path))
+            except Exception as exc:  # unreadable file in the spool: skip that slice
+                yield ref, f"unreadable: {exc}"
+                continue
+        t1 = time.perf_counter()
+        t.read += t1 - t0
+        try:
+            result: np.ndarray | str = to_model_input(cache[1], frame=ref.frame,
+                                                      framing=DEFAULT_FRAMING)
+        except SliceSkipped as exc:
+            result = str(exc)
+        except UnusableInputError as exc:
+            result = f"unusable: {exc}"
+        t.preprocess += time.perf_counter() - t1
+        yield ref, result
+
+
+def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> Outcome:
+    """Run the whole pipeline for one study; see the module docstring."""
+    started = time.perf_counter()
+    generation = claim(settings, study_id)
+    if generation is None:
+        return Outcome(study_id, "skipped")
+    with session_scope(settings.database_url) as s:
+        study = s.get(Study, study_id)
+        assert study is not None
+        study_uid = study.study_instance_uid
+        rows = s.execute(select(Instance.id, Instance.spool_path)
+                         .where(Instance.study_id == study_id)).all()
+    logger.info("analysing study %s (generation %d, %d instances)", study_uid, generation,
+                len(rows))
+    t = Timings()
+    t0 = time.perf_counter()
+    selection = select_slices([(r[0], r[1]) for r in rows], settings.min_series_slices)
+    t.read += time.perf_counter() - t0
+    if not selection.slices:
+        reason = selection.reason()
+        state = finish(settings, study_id, generation, StudyState.NOT_ANALYSABLE, reason,
+                       slices_analysed=0)
+        logger.info("study %s not analysable: %s", study_uid, reason)
+        return Outcome(study_id, state, reason, timings=t)
+
+    probs: list[float] = []
+    analysed: list[SliceRef] = []
+    skipped: list[tuple[SliceRef, str]] = []
+    batch_refs: list[SliceRef] = []
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        t1 = time.perf_counter()
+        probs.extend(float(p) for p in classifier.probabilities(np.stack(batch)))
+        t.inference += time.perf_counter() - t1
+        analysed.extend(batch_refs)
+        batch.clear()
+        batch_refs.clear()
+        heartbeat(settings, study_id)
+
+    for ref, item in _frames(selection.slices, t):
+        if isinstance(item, str):
+            skipped.append((ref, item))
+            continue
+        batch.append(item)
+        batch_refs.append(ref)
+        if len(batch) == settings.batch_size:
+            flush()
+    if batch:
+        flush()
+    t.slices = len(analysed)
+
+    if not analysed:
+        reason = "no slice shows enough lung: " + (skipped[0][1] if skipped else "")
+        state = finish(settings, study_id, generation, StudyState.NOT_ANALYSABLE, reason,
+                       slices_analysed=0)
+        return Outcome(study_id, state, reason, timings=t)
+
+    probability, top = study_probability(probs)
+    call = verdict(probability, classifier.threshold, settings.indeterminate_band)
+    t1 = time.perf_counter()
+    report_id = _store_results(settings, study_id, generation, classifier, analysed, probs,
+                               skipped, probability, call, top, selection)
+    t.sr += time.perf_counter() - t1
+    state = finish(settings, study_id, generation, StudyState.DONE, "",
+                   verdict=call, probability=probability, slices_analysed=len(analysed),
+                   model_version=classifier.version)
+    t.total = time.perf_counter() - started
+    logger.info("study %s: %s (p=%.3f, %d slices, %.1f s)", study_uid, call, probability,
+                len(analysed), t.total)
+    return Outcome(study_id, state, "", probability, call, report_id, t)
+
+
+def _store_results(
+    settings: Settings, study_id: int, generation: int, classifier: Classifier,
+    analysed: list[SliceRef], probs: list[float], skipped: list[tuple[SliceRef, str]],
+    probability: float, call: str, top: list[int], selection: object,
+) -> int:
+    """Predictions, the SR file, the report and its outbox rows, in one transaction."""
+    from worker.selection import Selection
+
+    assert isinstance(selection, Selection)
+    version, threshold = classifier.version, classifier.threshold
+    with session_scope(settings.database_url) as s:
+        study = s.get(Study, study_id)
+        assert study is not None
+        s.execute(delete(Prediction).where(
+            Prediction.study_id == study_id, Prediction.generation == generation,
+            Prediction.model_version == version))
+        for ref, p in zip(analysed, probs, strict=True):
+            s.add(Prediction(kind="slice", study_id=study_id, instance_id=ref.instance_id,
+                             frame=ref.frame, position=ref.position, probability=p,
+                             label=classifier.label(p), threshold=threshold,
+                             model_version=version, generation=generation))
+        for ref, why in skipped:
+            s.add(Prediction(kind="slice", study_id=study_id, instance_id=ref.instance_id,
+                             frame=ref.frame, position=ref.position, probability=None,
+                             label="skipped", threshold=threshold, model_version=version,
+                             generation=generation, skipped_reason=why[:256]))
+        s.add(Prediction(kind="study", study_id=study_id, probability=probability,
+                         label=call, threshold=threshold, model_version=version,
+                         generation=generation))
+
+        report = s.scalar(select(Report).where(
+            Report.study_id == study_id, Report.model_version == version,
+            Report.generation == generation))
+        if report is None:
+            previous = s.scalar(select(Report).where(Report.study_id == study_id)
+                                .order_by(Report.generation.desc(), Report.id.desc()).limit(1))
+            predecessor = pydicom.dcmread(previous.path) if previous and Path(previous.path).is_file() else None
+            used = {ref.instance_id for ref in analysed}
+            evidence = [selection.headers[i] for i in sorted(used)]
+            key = [(selection.headers[analysed[i].instance_id],
+                    analysed[i].frame + 1 if int(selection.headers[analysed[i].instance_id]
+                                                 .get("NumberOfFrames", 1) or 1) > 1 else None)
+                   for i in top]
+            sr = build_sr(evidence, key, Finding(
+                probability=probability, verdict=call, threshold=threshold,
+                band=settings.indeterminate_band, aggregation=RULE, model_version=version,
+                slices_analysed=len(analysed)), generation=generation, predecessor=predecessor)
+            path = settings.reports_dir / study.study_instance_uid / f"{sr.SOPInstanceUID}.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sr.save_as(path, enforce_file_format=True)
+            report = Report(study_id=study_id, sop_instance_uid=str(sr.SOPInstanceUID),
+                            series_instance_uid=str(sr.SeriesInstanceUID),
+                            predecessor_uid=previous.sop_instance_uid if previous else None,
+                            model_version=version, generation=generation, path=str(path))
+            s.add(report)
+            s.flush()
+        for dest in settings.destinations:
+            exists = s.scalar(select(Delivery.id).where(
+                Delivery.report_id == report.id, Delivery.destination == str(dest)))
+            if exists is None:
+                s.add(Delivery(report_id=report.id, destination=str(dest)))
+        return report.id

@@ -1,0 +1,178 @@
+"""The DICOM SR: one small function of ours, :func:`build_sr`, hides highdicom.
+
+A Comprehensive 3D SR holding a TID 1500 Imaging Measurement Report, in the same study as the
+CT, in a new series labelled as unverified AI output not for diagnostic use:
+
+* observer: a device whose UID is derived from the model version (same model, same UID);
+* one measurement group (TID 1501): finding type Disease caused by SARS-CoV-2 (SCT 840539006),
+  finding site Lung (SCT 39607008), the algorithm with its version and parameters, the study
+  probability (DCM 122157 Probability, UCUM "1") and a qualitative evaluation Present / Absent
+  / Indeterminate, with the slices that drove the verdict as source images;
+* every analysed instance in CurrentRequestedProcedureEvidenceSequence;
+* a report for a later generation of the study names the earlier one as predecessor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from highdicom.sr import (
+    AlgorithmIdentification,
+    CodedConcept,
+    Comprehensive3DSR,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    ObservationContext,
+    ObserverContext,
+    QualitativeEvaluation,
+    SourceImageForMeasurementGroup,
+    TrackingIdentifier,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+UID_ROOT = "1.2.826.0.1.3680043.10.1404."
+COVID19 = CodedConcept("840539006", "SCT", "Disease caused by SARS-CoV-2")
+LUNG = CodedConcept("39607008", "SCT", "Lung")
+UNIT_ONE = CodedConcept("1", "UCUM", "no units")
+VALUES = {
+    "Present": CodedConcept("52101004", "SCT", "Present"),
+    "Absent": CodedConcept("272519000", "SCT", "Absent"),
+    "Indeterminate": CodedConcept("82334004", "SCT", "Indeterminate"),
+}
+SERIES_DESCRIPTION = "AI OUTPUT - NOT FOR DIAGNOSTIC USE"
+MANUFACTURER = "covidct"
+SR_SERIES_NUMBER = 9901
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What the report says: the study probability and how it was reached."""
+
+    probability: float
+    verdict: str  # Present | Absent | Indeterminate
+    threshold: float
+    band: float
+    aggregation: str
+    model_version: str
+    slices_analysed: int
+
+
+def deterministic_uid(*parts: str) -> str:
+    """The same inputs always give the same UID: re-running a task makes no second SR."""
+    return str(generate_uid(prefix=UID_ROOT, entropy_srcs=list(parts)))
+
+
+def build_sr(
+    evidence: Sequence[Dataset],
+    key_images: Sequence[tuple[Dataset, int | None]],
+    finding: Finding,
+    *,
+    generation: int = 0,
+    predecessor: Dataset | None = None,
+) -> Comprehensive3DSR:
+    """Build the report.  ``evidence``: headers of every analysed instance (pixel data not
+    needed); ``key_images``: (header, frame number or None) of the slices behind the verdict.
+
+    Raises ValueError if the finding is inconsistent (highdicom validates the rest).
+    """
+    if finding.verdict not in VALUES:
+        raise ValueError(f"verdict must be one of {', '.join(VALUES)}")
+    if not 0.0 <= finding.probability <= 1.0:
+        raise ValueError("probability must lie in [0, 1]")
+    if not evidence:
+        raise ValueError("an SR needs at least one evidence instance")
+    study_uid = str(evidence[0].StudyInstanceUID)
+    device = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=deterministic_uid("device", finding.model_version),
+            name="covidct",
+            manufacturer_name=MANUFACTURER,
+            model_name=finding.model_version[:64],
+        ),
+    )
+    algorithm = AlgorithmIdentification(
+        name="covidct COVID-19 CT classifier",
+        version=finding.model_version[:64],
+        parameters=[
+            f"threshold={finding.threshold:.4f}",
+            f"indeterminate_band={finding.band:.4f}",
+            f"aggregation={finding.aggregation}"[:64],
+            f"slices_analysed={finding.slices_analysed}",
+        ],
+    )
+    group = MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=deterministic_uid("tracking", study_uid, finding.model_version, str(generation)),
+            identifier="COVID-19 study classification",
+        ),
+        finding_type=COVID19,
+        algorithm_id=algorithm,
+        finding_sites=[FindingSite(LUNG)],
+        measurements=[
+            Measurement(
+                name=codes.DCM.Probability,
+                value=round(float(finding.probability), 6),
+                unit=UNIT_ONE,
+                algorithm_id=algorithm,
+            )
+        ],
+        qualitative_evaluations=[QualitativeEvaluation(COVID19, VALUES[finding.verdict])],
+        source_images=[
+            SourceImageForMeasurementGroup.from_source_image(
+                ds, referenced_frame_numbers=[frame] if frame else None
+            )
+            for ds, frame in key_images
+        ] or None,
+    )
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=device),
+        procedure_reported=CodedConcept("418023006", "SCT", "CT of chest"),
+        imaging_measurements=[group],
+    )
+    return Comprehensive3DSR(
+        evidence=list(evidence),
+        content=report,
+        series_instance_uid=deterministic_uid("series", study_uid, finding.model_version),
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=deterministic_uid(
+            "sr", study_uid, finding.model_version, str(generation)
+        ),
+        instance_number=generation + 1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        series_description=SERIES_DESCRIPTION,
+        previous_versions=[predecessor] if predecessor is not None else None,
+    )
+
+
+def read_finding(sr: Dataset) -> tuple[float, str, str]:
+    """Read an SR back through highdicom: (probability, verdict, algorithm version)."""
+    parsed = sr if isinstance(sr, Comprehensive3DSR) else Comprehensive3DSR.from_dataset(sr)
+    groups = parsed.content.get_image_measurement_groups(finding_type=COVID19)
+    if not groups:
+        raise ValueError("no COVID-19 measurement group in the SR")
+    group = groups[0]
+    (measurement,) = group.get_measurements(name=codes.DCM.Probability)
+    (evaluation,) = group.get_qualitative_evaluations(name=COVID19)
+    return float(measurement.value), str(evaluation.value.meaning), _algorithm_version(group)
+
+
+def _algorithm_version(items: Sequence[Dataset]) -> str:
+    """The first Algorithm Version (DCM 111003) text item, searched depth first."""
+    for item in items:
+        if item.ConceptNameCodeSequence[0].CodeValue == "111003":
+            return str(item.TextValue)
+        found = _algorithm_version(item.get("ContentSequence", []))
+        if found:
+            return found
+    return ""
+

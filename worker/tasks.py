@@ -1,0 +1,150 @@
+"""Celery tasks: they take ids, are idempotent, and store their failures with a reason.
+
+The model is loaded once per worker process, lazily inside the first task (after the prefork
+fork: TensorFlow hangs a child forked from a parent that ran a model).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from classifier.errors import ClassifierError, UnusableInputError
+from classifier.inference import Classifier
+from core.db import dispose_engines, session_scope
+from core.models import Delivery, DeliveryState, Study, StudyState, Upload, UploadState, utcnow
+from core.settings import Settings
+from worker.app import DELIVER_TASK, STUDY_TASK, UPLOAD_TASK, publish
+from worker.delivery import deliver
+from worker.pipeline import StudyBusy, analyse_study
+
+logger = logging.getLogger(__name__)
+
+_classifiers: dict[str, Classifier] = {}
+
+
+def get_classifier(settings: Settings) -> Classifier:
+    key = str(settings.model_path)
+    if key not in _classifiers:
+        _classifiers[key] = Classifier(settings.model_path)
+        logger.info("loaded model %s", _classifiers[key].version)
+    return _classifiers[key]
+
+
+@worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    dispose_engines()  # never share pooled connections across a fork
+
+
+def _fail_study(settings: Settings, study_id: int, reason: str) -> None:
+    with session_scope(settings.database_url) as s:
+        study = s.get(Study, study_id)
+        if study is not None and study.state == StudyState.PROCESSING:
+            study.state, study.state_reason, study.finished_at = StudyState.FAILED, reason, utcnow()
+
+
+def send_pending_deliveries(app: Celery, settings: Settings, report_id: int) -> int:
+    """Publish the outbox rows of a new report now rather than at the next sweep."""
+    hold = utcnow() + timedelta(seconds=settings.requeue_seconds)
+    with session_scope(settings.database_url) as s:
+        rows = s.scalars(select(Delivery).where(
+            Delivery.report_id == report_id, Delivery.state == DeliveryState.PENDING,
+            Delivery.next_attempt_at.is_(None))).all()
+        ids = [r.id for r in rows]
+        for r in rows:
+            r.next_attempt_at = hold
+    sent = 0
+    for delivery_id in ids:
+        try:
+            publish(app, DELIVER_TASK, delivery_id)
+            sent += 1
+        except Exception as exc:  # the sweeper publishes it when it is due
+            logger.warning("could not publish delivery %d: %s", delivery_id, exc)
+    return sent
+
+
+def register_tasks(app: Celery) -> None:
+    settings: Settings = app.conf.covidct_settings
+
+    @app.task(name=STUDY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+              autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
+    def analyse_study_task(self: Task, study_id: int) -> str:
+        try:
+            outcome = analyse_study(settings, study_id, get_classifier(settings))
+        except StudyBusy as exc:
+            raise self.retry(countdown=settings.task_stale_seconds / 2, exc=exc,
+                             max_retries=20) from exc
+        except OperationalError:
+            raise
+        except SoftTimeLimitExceeded:
+            _fail_study(settings, study_id, "time limit exceeded")
+            raise
+        except (ClassifierError, OSError, ValueError) as exc:
+            logger.exception("study id %d failed", study_id)
+            _fail_study(settings, study_id, f"{exc.__class__.__name__}: {exc}"[:2000])
+            return "failed"
+        except Exception as exc:
+            logger.exception("study id %d failed unexpectedly", study_id)
+            _fail_study(settings, study_id, f"internal error: {exc.__class__.__name__}: {exc}"[:2000])
+            raise
+        if outcome.report_id is not None:
+            send_pending_deliveries(app, settings, outcome.report_id)
+        return outcome.state
+
+    @app.task(name=UPLOAD_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+              autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
+    def analyse_upload_task(self: Task, upload_id: int) -> str:
+        return analyse_upload(settings, upload_id, get_classifier(settings))
+
+    @app.task(name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+              autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
+    def deliver_task(self: Task, delivery_id: int) -> str:
+        return deliver(settings, delivery_id)
+
+
+def analyse_upload(settings: Settings, upload_id: int, classifier: Classifier) -> str:
+    from classifier.preprocess import to_model_input
+
+    with session_scope(settings.database_url) as s:
+        up = s.get(Upload, upload_id)
+        if up is None:
+            return "missing"
+        if up.state == UploadState.DONE:
+            return "done"
+        up.state = UploadState.PROCESSING
+        path = Path(up.path)
+    try:
+        arr = to_model_input(path, max_pixels=settings.max_upload_pixels)
+        (pred,) = classifier.predict(arr[None])
+    except UnusableInputError as exc:
+        with session_scope(settings.database_url) as s:
+            up = s.get(Upload, upload_id)
+            assert up is not None
+            up.state, up.state_reason, up.finished_at = UploadState.FAILED, str(exc), utcnow()
+        return "failed"
+    with session_scope(settings.database_url) as s:
+        up = s.get(Upload, upload_id)
+        assert up is not None
+        up.state, up.finished_at = UploadState.DONE, utcnow()
+        up.probability, up.label, up.model_version = pred.probability, pred.label, classifier.version
+    return "done"
+
+
+def create_app(settings: Settings) -> Celery:
+    """The Celery app with covidct's tasks registered (what `covidct worker` runs)."""
+    from worker.app import make_celery
+
+    app = make_celery(settings)
+    register_tasks(app)
+    return app
+
+
+__all__ = ["create_app", "register_tasks", "UPLOAD_TASK", "STUDY_TASK"]
