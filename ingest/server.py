@@ -129,7 +129,9 @@ class Listener:
         )
         self.sweeper: Sweeper | None = None
         if sweeper:
-            self.sweeper = Sweeper(settings, publish or _celery_publisher(settings))
+            self.sweeper = Sweeper(
+                settings, publish if publish is not None else _celery_publisher(settings)
+            )
             self.sweeper.start()
         logger.info(
             "listening as %s on %s:%d (TLS %s)", settings.ae_title, settings.dicom_host,

@@ -1,0 +1,453 @@
+"""The storage SCP over real associations on 127.0.0.1: pynetdicom and DCMTK as clients."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+from sqlalchemy import func, select
+
+from classifier.preprocess import to_model_input
+from core.db import session_scope
+from core.models import AuditEvent, Instance, Study, StudyState, utcnow
+from core.settings import Settings, load_settings
+from covidct.synthetic import SeriesSpec, make_study, write_study
+from ingest.server import Listener
+from tests.conftest import free_port, need_tool
+from tests.factories import LOSSY, SYNTAXES, in_syntax, to_bytes
+
+pytestmark = pytest.mark.integration
+
+
+class Published(list):
+    """A publisher that records what the sweeper sends."""
+
+    def __call__(self, task: str, obj_id: int) -> None:
+        self.append((task, obj_id))
+
+
+def settings_for(tmp_path: Path, **extra: str) -> Settings:
+    env = {
+        "COVIDCT_DATA_DIR": str(tmp_path / "var"),
+        "COVIDCT_DICOM_PORT": str(free_port()),
+        "COVIDCT_STABLE_SECONDS": "2",
+        "COVIDCT_SWEEP_SECONDS": "3600",  # tests call sweep_once themselves: no sleeps
+        "COVIDCT_MIN_FREE_DISK_MB": "1",
+    } | extra
+    return load_settings(env)
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[tuple[Listener, Published]]:
+    published = Published()
+    lst = Listener(settings_for(tmp_path), publish=published)
+    yield lst, published
+    lst.stop()
+
+
+def associate(settings: Settings, calling: str = "PACS", called: str | None = None,
+              contexts: list[str] | None = None, syntaxes: list[str] | None = None,
+              tls: tuple | None = None):  # type: ignore[no-untyped-def]
+    ae = AE(ae_title=calling)
+    for cx in contexts or [CTImageStorage, Verification]:
+        if syntaxes:
+            ae.add_requested_context(cx, syntaxes)
+        else:
+            ae.add_requested_context(cx)
+    return ae.associate("127.0.0.1", settings.dicom_port, ae_title=called or settings.ae_title,
+                        tls_args=tls)
+
+
+def count(settings: Settings, model: type, *where: object) -> int:
+    with session_scope(settings.database_url) as s:
+        return int(s.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+
+def test_echo_and_store_with_pynetdicom(listener: tuple[Listener, Published]) -> None:
+    lst, _ = listener
+    study = make_study([SeriesSpec(slices=3)], patient_name="<b>Doe</b>^Jane")
+    assoc = associate(lst.settings)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0x0000
+    for ds in study:
+        assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    for ds in study:
+        path = (lst.settings.spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID /
+                f"{ds.SOPInstanceUID}.dcm")
+        assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
+    with session_scope(lst.settings.database_url) as s:
+        st = s.scalar(select(Study))
+        assert st is not None and st.instance_count == 3 and st.state == StudyState.RECEIVING
+        assert st.patient_name == "<b>Doe</b>^Jane"  # stored as is; escaped where shown
+
+
+def test_dcmtk_storescu_and_echoscu(listener: tuple[Listener, Published], tmp_path: Path) -> None:
+    lst, _ = listener
+    storescu, echoscu = need_tool("storescu"), need_tool("echoscu")
+    port = str(lst.settings.dicom_port)
+    echo = subprocess.run([echoscu, "-aec", "COVIDCT", "127.0.0.1", port], capture_output=True)
+    assert echo.returncode == 0
+    files = write_study(make_study([SeriesSpec(slices=12), SeriesSpec(kind="localizer"),
+                                    SeriesSpec(slices=5, kind="derived")]), tmp_path / "in")
+    res = subprocess.run([storescu, "-aec", "COVIDCT", "-aet", "MODALITY", "127.0.0.1", port,
+                          *map(str, files)], capture_output=True, env=os.environ | {"TCP_NODELAY": "1"})
+    assert res.returncode == 0, res.stderr
+    assert count(lst.settings, Instance) == 18
+    assert len(list(lst.settings.spool_dir.rglob("*.dcm"))) == 18
+
+
+def test_refused_calling_ae_is_rejected_and_audited(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, COVIDCT_ALLOWED_AES="PACS")
+    lst = Listener(settings, publish=Published())
+    try:
+        assoc = associate(settings, calling="INTRUDER")
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+        assoc = associate(settings, calling="PACS")
+        assert assoc.is_established
+        assoc.release()
+        with session_scope(settings.database_url) as s:
+            ev = s.scalar(select(AuditEvent).where(AuditEvent.action == "association.reject"))
+            assert ev is not None and ev.actor == "INTRUDER" and ev.outcome == "refused"
+    finally:
+        lst.stop()
+
+
+def test_wrong_called_ae_and_disk_floor(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, COVIDCT_MIN_FREE_DISK_MB="9999999")
+    lst = Listener(settings, publish=Published())
+    try:
+        assoc = associate(settings, called="OTHER")
+        assert assoc.is_rejected
+        assert assoc.acceptor.primitive.diagnostic == 0x07
+        assoc = associate(settings)  # right AE but the disk is "full"
+        assert assoc.is_rejected
+        rj = assoc.acceptor.primitive
+        assert (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x01)
+    finally:
+        lst.stop()
+
+
+def test_other_sop_class_refused_at_negotiation(listener: tuple[Listener, Published]) -> None:
+    lst, _ = listener
+    assoc = associate(lst.settings, contexts=[MRImageStorage])
+    assert not assoc.is_established  # no presentation context accepted: association fails
+    assoc = associate(lst.settings, contexts=[MRImageStorage, CTImageStorage])
+    assert assoc.is_established
+    accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+    assert MRImageStorage not in accepted and CTImageStorage in accepted
+    assoc.release()
+
+
+@pytest.fixture
+def raw_sending(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make pynetdicom send a file's bytes as they are (its documented chunked mode)."""
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+def test_corrupt_dataset_answers_c210(listener: tuple[Listener, Published], tmp_path: Path,
+                                      raw_sending: None) -> None:
+    lst, _ = listener
+    (ds,) = make_study([SeriesSpec(slices=1)])[:1]
+    good = to_bytes(ds)
+    # keep the file meta (so the SCU can send it) but replace the dataset with garbage
+    meta_end = 144 + int.from_bytes(good[140:144], "little")
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(good[:meta_end] + b"garbage" * 20)
+    assoc = associate(lst.settings)
+    status = assoc.send_c_store(broken)
+    assoc.release()
+    assert status.Status == 0xC210
+    assert count(lst.settings, Instance) == 0
+    assert not list(lst.settings.spool_dir.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize(
+    "uid", ["../../../etc/passwd", "1.2.3/../../x", "1." + "2" * 70, "", "1.2.abc", "1..2"]
+)
+def test_hostile_uids_refused(listener: tuple[Listener, Published], uid: str) -> None:
+    lst, _ = listener
+    (ds,) = make_study([SeriesSpec(slices=1)])[:1]
+    ds.StudyInstanceUID = uid
+    assoc = associate(lst.settings)
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xC210
+    assert count(lst.settings, Instance) == 0
+    assert not any(p.is_file() for p in lst.settings.data_dir.rglob("*.dcm"))
+    assert not (lst.settings.data_dir.parent / "etc").exists()
+
+
+def test_duplicate_instance_is_idempotent(listener: tuple[Listener, Published]) -> None:
+    lst, _ = listener
+    (ds,) = make_study([SeriesSpec(slices=1)])[:1]
+    assoc = associate(lst.settings)
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    assert count(lst.settings, Instance) == 1
+    assert len(list(lst.settings.spool_dir.rglob("*.dcm"))) == 1
+    with session_scope(lst.settings.database_url) as s:
+        st = s.scalar(select(Study))
+        assert st is not None and st.instance_count == 1
+
+
+# storescu proposes a compressed syntax only when told to; the rest go by pynetdicom
+STORESCU_FLAG = {
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.90": "-xv",
+}
+
+
+@pytest.mark.parametrize("syntax", sorted(SYNTAXES))
+def test_each_transfer_syntax_end_to_end(listener: tuple[Listener, Published], tmp_path: Path,
+                                         syntax: str, raw_sending: None) -> None:
+    """Sent in that syntax (DCMTK's storescu where it can propose it, else pynetdicom),
+    stored as received, decoded by the worker's path."""
+    lst, _ = listener
+    storescu = need_tool("storescu")
+    (ds,) = make_study([SeriesSpec(slices=1)])[:1]
+    reference = to_model_input(ds)
+    try:
+        path = in_syntax(ds, syntax, tmp_path / "src")
+    except FileNotFoundError as exc:
+        need_tool(str(exc))
+        raise
+    sent = path.read_bytes()
+    if syntax not in STORESCU_FLAG:
+        assoc = associate(lst.settings, syntaxes=[syntax])
+        assert assoc.send_c_store(path).Status == 0
+        assoc.release()
+    else:
+        res = subprocess.run([storescu, "-aec", "COVIDCT", "-R", STORESCU_FLAG[syntax],
+                              "127.0.0.1", str(lst.settings.dicom_port), str(path)],
+                             capture_output=True)
+        assert res.returncode == 0, res.stderr
+    with session_scope(lst.settings.database_url) as s:
+        inst = s.scalar(select(Instance))
+        assert inst is not None and inst.transfer_syntax_uid == syntax
+        stored = Path(inst.spool_path)
+    assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == syntax
+    # the dataset bytes are those sent (the file meta is rewritten by the receiver)
+    assert stored.read_bytes()[-4096:] == sent[-4096:]
+    got = to_model_input(pydicom.dcmread(stored))
+    if syntax in LOSSY:
+        assert np.abs(got.astype(int) - reference.astype(int)).mean() < 6
+    else:
+        assert np.array_equal(got, reference)
+
+
+def test_four_concurrent_associations(listener: tuple[Listener, Published]) -> None:
+    lst, _ = listener
+    studies = [make_study([SeriesSpec(slices=100, rows=64)], seed=i) for i in range(4)]
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def send(datasets: list) -> None:  # type: ignore[type-arg]
+        assoc = associate(lst.settings)
+        assert assoc.is_established
+        got = [assoc.send_c_store(ds).Status for ds in datasets]
+        assoc.release()
+        with lock:
+            statuses.extend(got)
+
+    threads = [threading.Thread(target=send, args=(st,)) for st in studies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert statuses == [0] * 400
+    assert count(lst.settings, Instance) == 400
+    assert count(lst.settings, Study) == 4
+    assert len(list(lst.settings.spool_dir.rglob("*.dcm"))) == 400
+    with session_scope(lst.settings.database_url) as s:
+        assert sorted(s.scalars(select(Study.instance_count)).all()) == [100] * 4
+
+
+def test_study_queued_once_when_stable(listener: tuple[Listener, Published]) -> None:
+    lst, published = listener
+    study = make_study([SeriesSpec(slices=4)])
+    assoc = associate(lst.settings)
+    for ds in study:
+        assoc.send_c_store(ds)
+    assoc.release()
+    assert lst.sweeper is not None
+    assert lst.sweeper.sweep_once().queued == 0  # not yet stable
+    later = utcnow() + timedelta(seconds=3)
+    assert lst.sweeper.sweep_once(later).queued == 1
+    assert lst.sweeper.sweep_once(later).queued == 0  # queued once
+    assert published == [("covidct.analyse_study", 1)]
+    # a late instance re-opens the study; it is queued again once stable
+    (extra,) = make_study([SeriesSpec(slices=1)])[:1]
+    extra.StudyInstanceUID = study[0].StudyInstanceUID
+    assoc = associate(lst.settings)
+    assert assoc.send_c_store(extra).Status == 0
+    assoc.release()
+    with session_scope(lst.settings.database_url) as s:
+        st = s.scalar(select(Study))
+        assert st is not None and st.state == StudyState.RECEIVING and st.generation == 1
+    assert lst.sweeper.sweep_once(utcnow() + timedelta(seconds=3)).queued == 1
+    assert len(published) == 2
+
+
+def test_listener_restart_between_two_halves(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    study = make_study([SeriesSpec(slices=10)])
+    first = Listener(settings, publish=Published())
+    assoc = associate(settings)
+    assert all(assoc.send_c_store(ds).Status == 0 for ds in study[:5])
+    assoc.release()
+    first.stop()
+    published = Published()
+    second = Listener(settings, publish=published)
+    try:
+        assoc = associate(settings)
+        assert all(assoc.send_c_store(ds).Status == 0 for ds in study[5:])
+        assoc.release()
+        assert count(settings, Instance) == 10
+        assert second.sweeper is not None
+        second.sweeper.sweep_once(utcnow() + timedelta(seconds=3))
+        assert published == [("covidct.analyse_study", 1)]
+    finally:
+        second.stop()
+
+
+def test_spool_file_without_record_is_recovered(tmp_path: Path) -> None:
+    """A crash between the durable write and the database insert loses nothing."""
+    settings = settings_for(tmp_path)
+    (ds,) = make_study([SeriesSpec(slices=1)])[:1]
+    target = settings.spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(to_bytes(ds))
+    (target.parent / f".{target.name}.abc.tmp").write_bytes(b"half a file")
+    lst = Listener(settings, publish=Published())
+    lst.stop()
+    assert count(settings, Instance) == 1
+    assert not list(settings.spool_dir.rglob("*.tmp"))
+
+
+def test_tls_association(tmp_path: Path) -> None:
+    import ssl
+
+    openssl = need_tool("openssl")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    settings = settings_for(tmp_path, COVIDCT_TLS_CERT=str(cert), COVIDCT_TLS_KEY=str(key))
+    lst = Listener(settings, publish=Published())
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        assoc = associate(settings, tls=(ctx, "localhost"))
+        assert assoc.is_established
+        (ds,) = make_study([SeriesSpec(slices=1)])[:1]
+        assert assoc.send_c_store(ds).Status == 0
+        assoc.release()
+        plain = associate(settings)  # no TLS: the handshake fails, nothing is stored
+        assert not plain.is_established
+        assert count(settings, Instance) == 1
+    finally:
+        lst.stop()
+
+
+def test_sop_class_mismatch_answers_a900(listener: tuple[Listener, Published],
+                                         raw_sending: None) -> None:
+    lst, _ = listener
+    (ds,) = make_study([SeriesSpec(slices=1)])[:1]
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # says Enhanced CT, sent as CT context
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.preamble = b"\x00" * 128
+    path = lst.settings.data_dir / "mismatch.dcm"
+    pydicom.dcmwrite(path, ds, enforce_file_format=False)  # keeps the CT file meta
+    assert pydicom.dcmread(path).file_meta.MediaStorageSOPClassUID == CTImageStorage
+    assoc = associate(lst.settings)
+    status = assoc.send_c_store(path)
+    assoc.release()
+    assert status.Status == 0xA900
+    assert count(lst.settings, Instance) == 0
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A redis-server of our own on a free port, so we can stop it without harming others."""
+    need_tool("redis-server")
+    port = free_port()
+    proc = start_redis(port, tmp_path)
+    yield port, tmp_path
+    proc.kill()
+    proc.wait()
+
+
+def start_redis(port: int, workdir: Path) -> subprocess.Popen:
+    import time
+
+    import redis
+
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # wait for readiness, not a fixed sleep
+        try:
+            if client.ping():
+                return proc
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
+
+
+def test_redis_down_during_transfer_loses_nothing(tmp_path: Path,
+                                                 private_redis: tuple[int, Path]) -> None:
+    import redis
+
+    port, workdir = private_redis
+    settings = settings_for(tmp_path, COVIDCT_BROKER_URL=f"redis://127.0.0.1:{port}/0")
+    lst = Listener(settings)  # the real Celery publisher
+    assert lst.sweeper is not None
+    client = redis.Redis(port=port)
+    try:
+        study_a = make_study([SeriesSpec(slices=10)], seed=1)
+        study_b = make_study([SeriesSpec(slices=6)], seed=2)
+        assoc = associate(settings)
+        assert all(assoc.send_c_store(ds).Status == 0 for ds in study_a[:5])
+        client.shutdown(nosave=True)  # the broker goes down mid-transfer
+        assert all(assoc.send_c_store(ds).Status == 0 for ds in study_a[5:] + study_b)
+        assoc.release()
+        later = utcnow() + timedelta(seconds=3)
+        result = lst.sweeper.sweep_once(later)
+        assert result.queued == 0 and result.publish_failures == 2
+        assert count(settings, Study, Study.state == StudyState.RECEIVING) == 2
+        proc = start_redis(port, workdir)
+        try:
+            assert lst.sweeper.sweep_once(later).queued == 2
+            assert lst.sweeper.sweep_once(later).queued == 0
+            assert client.llen("studies") == 2  # each study queued exactly once
+            assert count(settings, Instance) == 16
+            assert count(settings, Study, Study.state == StudyState.QUEUED) == 2
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        lst.stop()
