@@ -74,7 +74,7 @@ def send_pending_deliveries(app: Celery, settings: Settings, report_id: int) -> 
 def register_tasks(app: Celery) -> None:
     settings: Settings = app.conf.covidct_settings
 
-    @app.task(name=STUDY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+    @app.task(name=STUDY_TASK, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True,
               autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
     def analyse_study_task(self: Task, study_id: int) -> str:
         try:
@@ -99,12 +99,12 @@ def register_tasks(app: Celery) -> None:
             send_pending_deliveries(app, settings, outcome.report_id)
         return outcome.state
 
-    @app.task(name=UPLOAD_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+    @app.task(name=UPLOAD_TASK, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True,
               autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
     def analyse_upload_task(self: Task, upload_id: int) -> str:
         return analyse_upload(settings, upload_id, get_classifier(settings))
 
-    @app.task(name=DELIVER_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+    @app.task(name=DELIVER_TASK, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True,
               autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
     def deliver_task(self: Task, delivery_id: int) -> str:
         return deliver(settings, delivery_id)

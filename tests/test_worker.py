@@ -1,0 +1,339 @@
+"""The worker with a real Redis, a real Celery worker and a pynetdicom SCP as the PACS."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import JPEGLSLossless, RLELossless
+from sqlalchemy import func, select, update
+
+from core.db import session_scope, upgrade
+from core.models import Delivery, Prediction, Report, Study, StudyState, Upload
+from core.settings import Settings, load_settings
+from covidct.synthetic import SeriesSpec, make_study
+from ingest.records import read_header, record_instance
+from ingest.spool import instance_path, write_durable
+from ingest.sweeper import Sweeper
+from tests.conftest import REDIS_HOST, REDIS_PORT, free_port, need, need_tool, port_open
+from tests.factories import enhanced_ct, to_bytes
+from tests.helpers import TestPACS, make_tiny_model
+from worker.app import STUDY_TASK, UPLOAD_TASK, publish
+from worker.sr import read_finding
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def redis_db() -> Iterator[int]:
+    """A Redis database of our own on the shared server, emptied before and after."""
+    need(port_open(REDIS_HOST, REDIS_PORT), "Redis on 127.0.0.1:6379")
+    import redis
+
+    db = 5 + os.getpid() % 10
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+    client.flushdb()
+    yield db
+    client.flushdb()
+
+
+@pytest.fixture
+def pacs() -> Iterator[TestPACS]:
+    p = TestPACS()
+    yield p
+    p.stop()
+
+
+def make_settings(tmp_path: Path, redis_db: int, destinations: str, **extra: str) -> Settings:
+    model = make_tiny_model(tmp_path / "model" / "tiny.keras")
+    settings = load_settings({
+        "COVIDCT_DATA_DIR": str(tmp_path / "var"),
+        "COVIDCT_BROKER_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}",
+        "COVIDCT_MODEL_PATH": str(model),
+        "COVIDCT_DESTINATIONS": destinations,
+        "COVIDCT_MIN_SERIES_SLICES": "5",
+        "COVIDCT_SR_RETRY_BASE_SECONDS": "0.2",
+        "COVIDCT_SR_MAX_ATTEMPTS": "20",
+    } | extra)
+    upgrade(settings.database_url)
+    return settings
+
+
+def spool_study(settings: Settings, datasets: list[pydicom.Dataset]) -> int:
+    """Put a study in the spool as the listener would, and mark it queued."""
+    for ds in datasets:
+        data = to_bytes(ds)
+        h = read_header(data)
+        path = instance_path(settings.spool_dir, h.study_uid, h.series_uid, h.sop_uid)
+        write_durable(path, data)
+        record_instance(settings.database_url, h, path, len(data), "TEST")
+    with session_scope(settings.database_url) as s:
+        study = s.scalar(select(Study).where(
+            Study.study_instance_uid == str(datasets[0].StudyInstanceUID)))
+        assert study is not None
+        study.state = StudyState.QUEUED
+        return study.id
+
+
+@pytest.fixture
+def celery_setup(tmp_path: Path, redis_db: int, pacs: TestPACS) -> Iterator[tuple]:
+    from celery.contrib.testing.worker import start_worker
+
+    from worker.tasks import create_app
+
+    settings = make_settings(tmp_path, redis_db, pacs.destination)
+    app = create_app(settings)
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=30,
+                      queues=["studies", "uploads", "exports"]):
+        yield settings, app, pacs
+
+
+def study_row(settings: Settings, study_id: int) -> Study:
+    with session_scope(settings.database_url) as s:
+        study = s.get(Study, study_id)
+        assert study is not None
+        return study
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run([need_tool("dciodvfy"), str(path)], capture_output=True, text=True)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_study_to_validated_sr_in_the_pacs(celery_setup: tuple) -> None:
+    settings, app, pacs = celery_setup
+    study = make_study([SeriesSpec(slices=24), SeriesSpec(kind="localizer"),
+                        SeriesSpec(slices=8, kind="derived")], patient_name="<script>x</script>")
+    study_id = spool_study(settings, study)
+    publish(app, STUDY_TASK, study_id)
+    wait_for(lambda: len(pacs.received) == 1, what="the SR at the PACS")
+    row = study_row(settings, study_id)
+    assert row.state == StudyState.DONE and row.slices_analysed == 24
+    sr = pacs.received[0]
+    assert sr.StudyInstanceUID == study[0].StudyInstanceUID
+    assert sr.SeriesDescription == "AI OUTPUT - NOT FOR DIAGNOSTIC USE"
+    assert sr.VerificationFlag == "UNVERIFIED"
+    probability, verdict, version = read_finding(sr)
+    assert probability == pytest.approx(row.probability, abs=1e-6)
+    assert verdict == row.verdict and version == "tiny-test-1"
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+    assert sum(len(s.ReferencedSOPSequence) for s in evidence) == 24  # localizer, derived out
+    with session_scope(settings.database_url) as s:
+        report = s.scalar(select(Report))
+        assert report is not None
+        n_slices = s.scalar(select(func.count()).select_from(Prediction).where(
+            Prediction.kind == "slice"))
+        assert n_slices == 24
+        assert s.scalar(select(Delivery.state)) == "delivered"
+    saved = Path(report.path)
+    assert saved.is_file()
+    assert dciodvfy_errors(saved) == []
+
+
+def test_running_twice_sends_one_sr(celery_setup: tuple) -> None:
+    settings, app, pacs = celery_setup
+    study_id = spool_study(settings, make_study([SeriesSpec(slices=10)]))
+    publish(app, STUDY_TASK, study_id)
+    publish(app, STUDY_TASK, study_id)
+    wait_for(lambda: study_row(settings, study_id).state == StudyState.DONE, what="done")
+    wait_for(lambda: len(pacs.received) >= 1, what="SR")
+    # a forced re-run of the same generation and model makes the same SR, not a second one
+    with session_scope(settings.database_url) as s:
+        s.execute(update(Study).where(Study.id == study_id).values(state=StudyState.QUEUED))
+    publish(app, STUDY_TASK, study_id)
+    wait_for(lambda: study_row(settings, study_id).state == StudyState.DONE, what="re-run")
+    with session_scope(settings.database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Report)) == 1
+        assert s.scalar(select(func.count()).select_from(Delivery)) == 1
+        assert s.scalar(select(func.count()).select_from(Prediction).where(
+            Prediction.kind == "study")) == 1
+    assert len(pacs.received) == 1
+
+
+def test_pacs_down_then_up_delivers_after_retries(tmp_path: Path, redis_db: int) -> None:
+    from celery.contrib.testing.worker import start_worker
+
+    from worker.tasks import create_app
+
+    port = free_port()
+    settings = make_settings(tmp_path, redis_db, f"PACS@127.0.0.1:{port}")
+    app = create_app(settings)
+    sweeper = Sweeper(settings, lambda task, obj: publish(app, task, obj))
+    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=30,
+                      queues=["studies", "uploads", "exports"]):
+        study_id = spool_study(settings, make_study([SeriesSpec(slices=6)]))
+        publish(app, STUDY_TASK, study_id)
+
+        def attempts() -> int:
+            with session_scope(settings.database_url) as s:
+                return int(s.scalar(select(Delivery.attempts)) or 0)
+
+        def sweep_until(check: Callable[[], bool], what: str) -> None:
+            def step() -> bool:
+                sweeper.sweep_once()
+                return check()
+            wait_for(step, timeout=60, what=what)
+
+        sweep_until(lambda: attempts() >= 2, "two failed attempts")
+        with session_scope(settings.database_url) as s:
+            row = s.scalar(select(Delivery))
+            assert row is not None and row.state == "pending" and "refused" in row.last_error
+        pacs = TestPACS(port=port)
+        try:
+            sweep_until(lambda: len(pacs.received) == 1, "delivery once the PACS is up")
+            with session_scope(settings.database_url) as s:
+                row = s.scalar(select(Delivery))
+                assert row is not None and row.state == "delivered" and row.attempts >= 3
+        finally:
+            pacs.stop()
+
+
+def test_destination_that_stays_down_ends_failed(tmp_path: Path, redis_db: int) -> None:
+    from worker.delivery import deliver, resend
+
+    settings = make_settings(tmp_path, redis_db, f"PACS@127.0.0.1:{free_port()}",
+                             COVIDCT_SR_MAX_ATTEMPTS="2")
+    from classifier.inference import Classifier
+    from worker.pipeline import analyse_study
+
+    study_id = spool_study(settings, make_study([SeriesSpec(slices=6)]))
+    analyse_study(settings, study_id, Classifier(settings.model_path))
+    with session_scope(settings.database_url) as s:
+        delivery_id = s.scalar(select(Delivery.id))
+    assert deliver(settings, delivery_id) == "pending"
+    assert deliver(settings, delivery_id) == "failed"
+    with session_scope(settings.database_url) as s:
+        row = s.get(Delivery, delivery_id)
+        assert row is not None and row.last_error and row.attempts == 2
+    resend(settings, delivery_id, "admin")
+    with session_scope(settings.database_url) as s:
+        row = s.get(Delivery, delivery_id)
+        assert row is not None and row.state == "pending" and row.attempts == 0
+
+
+def test_only_localizers_is_not_analysable(celery_setup: tuple) -> None:
+    settings, app, pacs = celery_setup
+    study_id = spool_study(settings, make_study([SeriesSpec(kind="localizer"),
+                                                 SeriesSpec(kind="localizer")]))
+    publish(app, STUDY_TASK, study_id)
+    wait_for(lambda: study_row(settings, study_id).state == StudyState.NOT_ANALYSABLE,
+             what="not_analysable")
+    assert "localizer" in study_row(settings, study_id).state_reason
+    assert pacs.received == []
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEGLSLossless])
+def test_compressed_study(celery_setup: tuple, syntax: str) -> None:
+    settings, app, pacs = celery_setup
+    datasets = make_study([SeriesSpec(slices=6)])
+    for ds in datasets:
+        ds.compress(syntax)
+    study_id = spool_study(settings, datasets)
+    publish(app, STUDY_TASK, study_id)
+    wait_for(lambda: len(pacs.received) == 1, what="SR")
+    assert study_row(settings, study_id).slices_analysed == 6
+
+
+def test_enhanced_ct_multiframe(celery_setup: tuple) -> None:
+    settings, app, pacs = celery_setup
+    ds = enhanced_ct(frames=8)
+    study_id = spool_study(settings, [ds])
+    publish(app, STUDY_TASK, study_id)
+    wait_for(lambda: len(pacs.received) == 1, what="SR")
+    row = study_row(settings, study_id)
+    assert row.state == StudyState.DONE and row.slices_analysed == 8
+    with session_scope(settings.database_url) as s:
+        frames = s.scalars(select(Prediction.frame).where(Prediction.kind == "slice")).all()
+    assert sorted(frames) == list(range(8))
+
+
+def test_upload_task(celery_setup: tuple, tmp_path: Path) -> None:
+    from PIL import Image
+
+    settings, app, _ = celery_setup
+    good, bad = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("L", (64, 64), 220).save(good)
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    with session_scope(settings.database_url) as s:
+        ids = []
+        for p in (good, bad):
+            up = Upload(filename=p.name, content_type="image/png", sha256="0" * 64,
+                        size_bytes=p.stat().st_size, width=64, height=64, path=str(p))
+            s.add(up)
+            s.flush()
+            ids.append(up.id)
+    for i in ids:
+        publish(app, UPLOAD_TASK, i)
+
+    def states() -> list[str]:
+        with session_scope(settings.database_url) as s:
+            return [s.get(Upload, i).state for i in ids]  # type: ignore[union-attr]
+
+    wait_for(lambda: states() == ["done", "failed"], what="uploads")
+    with session_scope(settings.database_url) as s:
+        ok, failed = s.get(Upload, ids[0]), s.get(Upload, ids[1])
+        assert ok is not None and ok.probability is not None and ok.label
+        assert failed is not None and "PNG or JPEG" in failed.state_reason
+
+
+def test_worker_killed_mid_task_is_redelivered_and_finished_once(
+    tmp_path: Path, redis_db: int, pacs: TestPACS
+) -> None:
+    """A real `covidct worker` (prefork); its child is SIGKILLed while it analyses a study."""
+    settings = make_settings(tmp_path, redis_db, pacs.destination,
+                             COVIDCT_TASK_STALE_SECONDS="3", COVIDCT_BATCH_SIZE="4")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
+        "COVIDCT_DATA_DIR": str(settings.data_dir),
+        "COVIDCT_BROKER_URL": settings.broker_url,
+        "COVIDCT_MODEL_PATH": str(settings.model_path),
+        "COVIDCT_DESTINATIONS": pacs.destination,
+        "COVIDCT_MIN_SERIES_SLICES": "5",
+        "COVIDCT_TASK_STALE_SECONDS": "3",
+        "COVIDCT_BATCH_SIZE": "4",
+    }
+    study_id = spool_study(settings, make_study([SeriesSpec(slices=120)]))
+    worker = subprocess.Popen([sys.executable, "-m", "covidct.cli", "worker"], env=env,
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        from worker.tasks import create_app
+
+        publish(create_app(settings), STUDY_TASK, study_id)
+        wait_for(lambda: study_row(settings, study_id).state == StudyState.PROCESSING,
+                 timeout=120, what="processing")
+        children = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        assert children, "the prefork child is running"
+        for pid in children:
+            os.kill(int(pid), signal.SIGKILL)
+        wait_for(lambda: study_row(settings, study_id).state == StudyState.DONE, timeout=180,
+                 what="finished after redelivery")
+        wait_for(lambda: len(pacs.received) == 1, what="one SR")
+        row = study_row(settings, study_id)
+        assert row.attempts >= 2 and row.slices_analysed == 120
+        with session_scope(settings.database_url) as s:
+            assert s.scalar(select(func.count()).select_from(Report)) == 1
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+    assert len(pacs.received) == 1
