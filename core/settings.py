@@ -85,6 +85,7 @@ class Settings:
     sr_retry_base_seconds: float = 10.0
     max_upload_bytes: int = 20 * 1024 * 1024
     max_upload_pixels: int = 40_000_000
+    web_secure_cookies: bool = False
     log_level: str = "INFO"
 
     @property
@@ -240,6 +241,15 @@ def _broker_url(raw: str) -> str:
     return value
 
 
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _level(raw: str) -> str:
     value = raw.strip().upper()
     if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -286,6 +296,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "sr_retry_base_seconds": _float(0.0, 3600.0),
     "max_upload_bytes": _int(1024, 1024**3),
     "max_upload_pixels": _int(1024, 10**9),
+    "web_secure_cookies": _bool,
     "log_level": _level,
     "database_url": _db_url,
     "broker_url": _broker_url,

@@ -100,12 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         summary = T.summarise(model, val_splits, bootstrap=args.bootstrap,
                               calibrate=args.recipe != "paper")
         aucs = {k: v["metrics"]["auc"] for k, v in summary["datasets"].items()}
-        print(f"seed {seed}: val AUC {aucs}, best epoch {history.best_epoch}")
+        print(f"seed {seed}: val AUC {aucs}, best epoch {history.best_epoch}", flush=True)
+        (args.out / "seeds").mkdir(exist_ok=True)
+        _save_without_optimizer(model, recipe.architecture, len(train_splits),
+                                args.out / "seeds" / f"{name}-seed{seed}.keras")
         runs.append((seed, model, history, summary, aucs))
 
     seed, model, history, summary, _ = max(runs, key=lambda r: float(np.mean(list(r[4].values()))))
     model_path = args.out / f"{name}.keras"
-    _save_without_optimizer(model, recipe.architecture, model_path)
+    _save_without_optimizer(model, recipe.architecture, len(train_splits), model_path)
     sha = file_sha256(model_path)
     env = T.environment()
     version = f"{name}-{recipe.name}-{env['trained_at'][:10].replace('-', '')}-{sha[:8]}"
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": int(model.count_params()),
         "recipe": recipe.name,
         "recipe_description": recipe.description,
+        "domains": [s.dataset for s in train_splits],
         "input": "200x200 RGB (gray replicated), values 0-255; DICOM: HU, lung window "
         "C-600/W1500, cropped to the lungs",
         "positive_class": "COVID-19",
@@ -163,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _save_without_optimizer(model, architecture: str, path: Path) -> None:
+def _save_without_optimizer(model, architecture: str, domains: int, path: Path) -> None:
     """Keras 3 has no include_optimizer: copy the weights into a fresh, uncompiled model."""
     from classifier.architectures import build
 
-    fresh = build(architecture)
+    fresh = build(architecture, domains=domains)
     fresh.set_weights(model.get_weights())
     fresh.save(path)
 

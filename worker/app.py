@@ -72,3 +72,13 @@ def publish(app: Celery, task: str, *args: int, countdown: float | None = None) 
     """Send a task by name, failing fast when the broker is down (the sweeper retries)."""
     queue = next(q for q, t in QUEUES.items() if t == task)
     app.send_task(task, args=list(args), queue=queue, retry=False, countdown=countdown)
+
+
+_apps: dict[str, Celery] = {}
+
+
+def celery_for(settings: Settings) -> Celery:
+    """A publishing app per broker URL, cached for the process (web and listener use it)."""
+    if settings.broker_url not in _apps:
+        _apps[settings.broker_url] = make_celery(settings)
+    return _apps[settings.broker_url]

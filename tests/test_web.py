@@ -1,0 +1,268 @@
+"""The dashboard and API with Flask's test client: access, CSRF, escaping, uploads, API data."""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from PIL import Image
+from sqlalchemy import func, select
+
+from core.db import session_scope, upgrade
+from core.models import AuditEvent, Prediction, Study, StudyState, Upload
+from core.settings import Settings, load_settings
+from core.users import create_token, create_user
+from web.app import create_app
+
+pytestmark = pytest.mark.unit
+
+HOSTILE = '<script>alert("x")</script>^<img src=x onerror=alert(1)>'
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    s = load_settings({"COVIDCT_DATA_DIR": str(tmp_path / "var"),
+                       "COVIDCT_MAX_UPLOAD_BYTES": "200000",
+                       "COVIDCT_MAX_UPLOAD_PIXELS": "1000000"})
+    upgrade(s.database_url)
+    with session_scope(s.database_url) as db:
+        create_user(db, "admin", "admin password", admin=True)
+        create_user(db, "reader", "reader password")
+    return s
+
+
+@pytest.fixture
+def app(settings: Settings) -> Flask:
+    return create_app(settings, {"TESTING": True})
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def csrf_token(client: FlaskClient, path: str = "/login") -> str:
+    html = client.get(path).get_data(as_text=True)
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, "the page carries a CSRF token"
+    return match.group(1)
+
+
+def login(client: FlaskClient, user: str = "reader", password: str = "reader password") -> None:
+    token = csrf_token(client)
+    r = client.post("/login", data={"username": user, "password": password, "csrf_token": token})
+    assert r.status_code == 302, r.get_data(as_text=True)
+
+
+@pytest.fixture
+def reader(client: FlaskClient) -> FlaskClient:
+    login(client)
+    return client
+
+
+@pytest.fixture
+def study(settings: Settings) -> Iterator[int]:
+    with session_scope(settings.database_url) as db:
+        st = Study(study_instance_uid="1.2.826.0.1.3680043.10.1404.77", patient_id="PID-77",
+                   patient_name=HOSTILE, accession_number="ACC77", study_date="20260301",
+                   modality="CT", instance_count=40, state=StudyState.DONE, verdict="Present",
+                   probability=0.91, slices_analysed=38, model_version="m-1")
+        db.add(st)
+        db.flush()
+        db.add(Prediction(kind="study", study_id=st.id, probability=0.91, label="Present",
+                          threshold=0.5, model_version="m-1"))
+        study_id = st.id
+    yield study_id
+
+
+PAGES = ["/", "/uploads", "/studies/1.2.3", "/slices/1/model.png", "/slices/1/original.png",
+         "/uploads/1/model.png", "/studies/1.2.3/reports/1.dcm"]
+API = ["/api/studies", "/api/studies/1.2.3", "/api/uploads", "/api/uploads/1"]
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_pages_refuse_anonymous(client: FlaskClient, path: str) -> None:
+    r = client.get(path)
+    assert r.status_code == 302 and "/login" in r.headers["Location"]
+
+
+@pytest.mark.parametrize("path", API)
+def test_api_refuses_anonymous(client: FlaskClient, path: str) -> None:
+    r = client.get(path)
+    assert r.status_code == 401 and r.json == {"error": "authentication required"}
+
+
+def test_health_endpoints_are_open(client: FlaskClient) -> None:
+    assert client.get("/healthz").json == {"status": "ok"}
+    r = client.get("/readyz")
+    assert r.json["database"] == "ok" and r.json["broker"] == "ok"
+
+
+def test_post_without_csrf_is_refused(client: FlaskClient, settings: Settings) -> None:
+    r = client.post("/login", data={"username": "reader", "password": "reader password"})
+    assert r.status_code == 400
+    login(client)
+    r = client.post("/uploads", data={"file": (io.BytesIO(b"x"), "a.png")},
+                    content_type="multipart/form-data")
+    assert r.status_code == 400
+    r = client.post("/api/uploads", data={"file": (io.BytesIO(b"x"), "a.png")},
+                    content_type="multipart/form-data")
+    assert r.status_code == 400
+    with session_scope(settings.database_url) as db:
+        assert db.scalar(select(func.count()).select_from(Upload)) == 0
+
+
+def test_wrong_password_and_audit(client: FlaskClient, settings: Settings) -> None:
+    token = csrf_token(client)
+    r = client.post("/login", data={"username": "reader", "password": "nope",
+                                    "csrf_token": token})
+    assert r.status_code == 401
+    assert "Wrong user name or password" in r.get_data(as_text=True)
+    login(client)
+    with session_scope(settings.database_url) as db:
+        outcomes = db.scalars(select(AuditEvent.outcome).where(AuditEvent.action == "login")).all()
+    assert sorted(outcomes) == ["ok", "refused"]
+
+
+def test_login_redirect_stays_on_site(client: FlaskClient) -> None:
+    token = csrf_token(client)
+    r = client.post("/login?next=//evil.example.com/x",
+                    data={"username": "reader", "password": "reader password",
+                          "csrf_token": token})
+    assert r.headers["Location"] == "/"
+
+
+def test_patient_name_html_is_escaped(reader: FlaskClient, study: int) -> None:
+    for path in ("/", "/studies/1.2.826.0.1.3680043.10.1404.77"):
+        html = reader.get(path).get_data(as_text=True)
+        assert "<script>alert" not in html and "<img src=x" not in html
+        assert "&lt;script&gt;alert" in html
+
+
+def test_security_headers_and_notice(reader: FlaskClient, study: int) -> None:
+    r = reader.get("/")
+    csp = r.headers["Content-Security-Policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp
+    assert "frame-ancestors 'none'" in csp
+    assert r.headers["X-Frame-Options"] == "DENY"
+    assert r.headers["X-Content-Type-Options"] == "nosniff"
+    assert "not a diagnosis" in r.get_data(as_text=True)
+    assert "<script" not in r.get_data(as_text=True)  # no inline script anywhere
+
+
+def test_worklist_filters_and_search(reader: FlaskClient, study: int, settings: Settings) -> None:
+    with session_scope(settings.database_url) as db:
+        db.add(Study(study_instance_uid="1.2.3.4", patient_id="OTHER", accession_number="X1",
+                     state=StudyState.QUEUED))
+    html = reader.get("/?q=PID-77").get_data(as_text=True)
+    assert "ACC77" in html and "OTHER" not in html
+    html = reader.get("/?state=queued").get_data(as_text=True)
+    assert "OTHER" in html and "ACC77" not in html
+    assert 'http-equiv="refresh"' in html  # a study in flight: the page refreshes itself
+    html = reader.get("/?verdict=Present&sort=positive").get_data(as_text=True)
+    assert "ACC77" in html and "OTHER" not in html
+    html = reader.get("/?from=2999-01-01").get_data(as_text=True)
+    assert "No studies match" in html
+
+
+def test_api_returns_what_the_database_holds(reader: FlaskClient, study: int) -> None:
+    body = reader.get("/api/studies").json
+    assert body["total"] == 1 and "not a diagnosis" in body["notice"]
+    (item,) = body["items"]
+    assert item["study_instance_uid"] == "1.2.826.0.1.3680043.10.1404.77"
+    assert item["patient_id"] == "PID-77" and item["state"] == "done"
+    assert item["verdict"] == "Present" and item["probability"] == 0.91
+    assert item["report_state"] == "none"
+    detail = reader.get("/api/studies/1.2.826.0.1.3680043.10.1404.77").json
+    assert detail["threshold"] == 0.5 and detail["slices_analysed"] == 38
+    assert reader.get("/api/studies/9.9.9").status_code == 404
+
+
+def test_bearer_token(client: FlaskClient, settings: Settings, study: int) -> None:
+    with session_scope(settings.database_url) as db:
+        token = create_token(db, "reader")
+    r = client.get("/api/studies", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200 and r.json["total"] == 1
+    assert client.get("/api/studies", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    png = io.BytesIO()
+    Image.new("L", (64, 64), 128).save(png, format="PNG")
+    r = client.post("/api/uploads", headers={"Authorization": f"Bearer {token}"},
+                    data={"file": (io.BytesIO(png.getvalue()), "slice.png")},
+                    content_type="multipart/form-data")
+    assert r.status_code == 202 and r.json["state"] == "queued" and r.json["id"] == 1
+
+
+def _png(size: tuple[int, int] = (64, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.effect_noise(size, 40).convert("L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+BAD_UPLOADS = {
+    "not an image": (b"%PDF-1.4 not an image", "not a PNG or JPEG"),
+    "empty": (b"", "empty"),
+    "too large": (b"\x89PNG" + b"0" * 300_000, "exceeds the limit"),
+    "too many pixels": (None, "exceeds the limit of 1000000 pixels"),
+    "truncated": (_png((300, 300))[:400], "damaged"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_UPLOADS))
+def test_bad_uploads_are_refused_and_nothing_is_stored(
+    reader: FlaskClient, settings: Settings, case: str
+) -> None:
+    data, message = BAD_UPLOADS[case]
+    if data is None:
+        buf = io.BytesIO()
+        Image.new("1", (1200, 1200)).save(buf, format="PNG")  # small file, 1.44 Mpx
+        data = buf.getvalue()
+    token = csrf_token(reader, "/uploads")
+    r = reader.post("/uploads", data={"csrf_token": token, "file": (io.BytesIO(data), "x.png")},
+                    content_type="multipart/form-data")
+    assert r.status_code == 400
+    assert message in r.get_data(as_text=True)
+    r = reader.post("/api/uploads", data={"csrf_token": token, "file": (io.BytesIO(data), "x.png")},
+                    content_type="multipart/form-data")
+    assert r.status_code == 400 and message in r.json["error"]
+    with session_scope(settings.database_url) as db:
+        assert db.scalar(select(func.count()).select_from(Upload)) == 0
+    assert not settings.uploads_dir.exists() or not any(settings.uploads_dir.iterdir())
+
+
+def test_good_upload_is_stored_and_queued(reader: FlaskClient, settings: Settings) -> None:
+    token = csrf_token(reader, "/uploads")
+    r = reader.post("/uploads", data={"csrf_token": token,
+                                      "file": [(io.BytesIO(_png()), "a.png"),
+                                               (io.BytesIO(_png()), "b.png")]},
+                    content_type="multipart/form-data")
+    assert r.status_code == 200
+    assert "2 image(s) queued" in r.get_data(as_text=True)
+    body = reader.get("/api/uploads").json
+    assert [u["filename"] for u in body["items"]] == ["b.png", "a.png"]
+    assert all(u["state"] == "queued" for u in body["items"])
+
+
+def test_only_admins_rerun(client: FlaskClient, study: int, settings: Settings) -> None:
+    uid = "1.2.826.0.1.3680043.10.1404.77"
+    login(client)
+    token = csrf_token(client, f"/studies/{uid}")
+    assert client.post(f"/studies/{uid}/rerun", data={"csrf_token": token}).status_code == 403
+    client.post("/logout", data={"csrf_token": token})
+    login(client, "admin", "admin password")
+    token = csrf_token(client, f"/studies/{uid}")
+    r = client.post(f"/studies/{uid}/rerun", data={"csrf_token": token})
+    assert r.status_code == 302
+    with session_scope(settings.database_url) as db:
+        st = db.get(Study, study)
+        assert st is not None and st.state == StudyState.QUEUED
+        assert db.scalar(select(AuditEvent).where(AuditEvent.action == "study.rerun")) is not None
+
+
+def test_errors_show_no_stack_trace(reader: FlaskClient) -> None:
+    r = reader.get("/studies/does-not-exist")
+    assert r.status_code == 404 and "Traceback" not in r.get_data(as_text=True)

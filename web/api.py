@@ -1,0 +1,80 @@
+"""The JSON API (docs/api.md): the dashboard's data, behind the same login or a bearer token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, abort, current_app, jsonify, request
+from flask_login import current_user, login_required
+
+from core.db import session_scope
+from core.models import Upload
+from core.settings import Settings
+from web.app import NOTICE
+from web.queries import Filters, list_studies, list_uploads, study_detail, upload_dict
+from web.uploads import UploadRejected, accept_upload, queue_upload
+
+bp = Blueprint("api", __name__)
+
+
+def settings() -> Settings:
+    return current_app.config["COVIDCT"]
+
+
+@bp.route("/studies")
+@login_required
+def studies() -> Any:
+    f = Filters.from_args(request.args)
+    try:
+        page_size = min(200, max(1, int(request.args.get("per_page", 50))))
+    except ValueError:
+        abort(400, "per_page must be a number")
+    with session_scope(settings().database_url) as s:
+        items, total = list_studies(s, f, page_size=page_size)
+    return jsonify(notice=NOTICE, total=total, page=f.page, per_page=page_size, items=items)
+
+
+@bp.route("/studies/<uid>")
+@login_required
+def study(uid: str) -> Any:
+    with session_scope(settings().database_url) as s:
+        detail = study_detail(s, uid)
+    if detail is None:
+        abort(404, "no such study")
+    return jsonify(notice=NOTICE, **detail)
+
+
+@bp.route("/uploads", methods=["GET"])
+@login_required
+def uploads() -> Any:
+    with session_scope(settings().database_url) as s:
+        return jsonify(notice=NOTICE, items=list_uploads(s))
+
+
+@bp.route("/uploads", methods=["POST"])
+@login_required
+def create_upload() -> Any:
+    f = request.files.get("file")
+    if f is None or not f.filename:
+        abort(400, "send one image as multipart field 'file'")
+    try:
+        accepted = accept_upload(settings(), f.filename, f.read(settings().max_upload_bytes + 1),
+                                 current_user.id, current_user.username, request.remote_addr or "")
+    except UploadRejected as exc:
+        abort(400, str(exc))
+    queued = queue_upload(settings(), accepted.id)
+    with session_scope(settings().database_url) as s:
+        up = s.get(Upload, accepted.id)
+        assert up is not None
+        body = upload_dict(up)
+    return jsonify(notice=NOTICE, queued=queued, **body), 202
+
+
+@bp.route("/uploads/<int:upload_id>")
+@login_required
+def upload(upload_id: int) -> Any:
+    with session_scope(settings().database_url) as s:
+        up = s.get(Upload, upload_id)
+        if up is None:
+            abort(404, "no such upload")
+        return jsonify(notice=NOTICE, **upload_dict(up))

@@ -1,0 +1,151 @@
+"""The Flask application factory and ``covidct web``.
+
+``create_app(settings)`` registers the blueprints, login, CSRF protection and security
+headers.  Errors leave as an HTTP status with a short page (or JSON under /api), never a
+stack trace.  Every page carries the notice that results are not a diagnosis.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, g, jsonify, render_template, request
+from flask_login import LoginManager
+from flask_wtf.csrf import CSRFError, CSRFProtect
+from werkzeug.exceptions import HTTPException
+
+from core.db import session_scope, upgrade
+from core.models import User
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+NOTICE = ("Research and triage support only: results are unverified AI output, "
+          "not a diagnosis.")
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "object-src 'none'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+
+csrf = CSRFProtect()
+login_manager = LoginManager()
+
+
+class SessionUser:
+    """What Flask-Login keeps for a request: a detached snapshot of the user row."""
+
+    def __init__(self, user: User) -> None:
+        self.id = user.id
+        self.username = user.username
+        self.is_admin = user.is_admin
+        self.is_active = user.active
+        self.is_authenticated = True
+        self.is_anonymous = False
+
+    def get_id(self) -> str:
+        return str(self.id)
+
+
+def create_app(settings: Settings, test_config: dict[str, Any] | None = None) -> Flask:
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.secret_key,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.web_secure_cookies,
+        REMEMBER_COOKIE_HTTPONLY=True,
+        REMEMBER_COOKIE_SECURE=settings.web_secure_cookies,
+        PERMANENT_SESSION_LIFETIME=8 * 3600,
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes * 10 + 1024 * 1024,
+        WTF_CSRF_CHECK_DEFAULT=False,  # checked in _csrf below, except for bearer tokens
+        WTF_CSRF_TIME_LIMIT=8 * 3600,
+        COVIDCT=settings,
+    )
+    if test_config:
+        app.config.update(test_config)
+    upgrade(settings.database_url)
+    csrf.init_app(app)
+    login_manager.init_app(app)
+    login_manager.login_view = "auth.login"
+    login_manager.login_message = "Please log in."
+
+    from web.api import bp as api_bp
+    from web.auth import bp as auth_bp
+    from web.auth import user_from_bearer
+    from web.views import bp as views_bp
+
+    app.register_blueprint(auth_bp)
+    app.register_blueprint(views_bp)
+    app.register_blueprint(api_bp, url_prefix="/api")
+
+    @login_manager.user_loader
+    def load_user(user_id: str) -> SessionUser | None:
+        with session_scope(settings.database_url) as s:
+            user = s.get(User, int(user_id)) if user_id.isdigit() else None
+            return SessionUser(user) if user is not None and user.active else None
+
+    @login_manager.request_loader
+    def load_from_header(req: Any) -> SessionUser | None:
+        user = user_from_bearer(settings, req.headers.get("Authorization", ""))
+        if user is not None:
+            g.bearer = True
+        return user
+
+    @login_manager.unauthorized_handler
+    def unauthorized() -> Any:
+        if request.path.startswith("/api/"):
+            return jsonify(error="authentication required"), 401
+        from flask import redirect, url_for
+
+        return redirect(url_for("auth.login", next=request.path))
+
+    @app.before_request
+    def _csrf() -> None:
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            return
+        if request.headers.get("Authorization", "").startswith("Bearer "):
+            return  # not a cookie session: nothing a foreign page could forge
+        csrf.protect()
+
+    @app.after_request
+    def _headers(response: Any) -> Any:
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.context_processor
+    def _globals() -> dict[str, Any]:
+        return {"notice": NOTICE}
+
+    @app.errorhandler(CSRFError)
+    def _csrf_error(exc: CSRFError) -> Any:
+        return _error(400, "The form expired or was not sent by this site; reload and retry.")
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        return _error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        logger.exception("unhandled error on %s", request.path)
+        return _error(500, "Internal error; it has been logged.")
+
+    return app
+
+
+def _error(code: int, message: str) -> Any:
+    if request.path.startswith("/api/"):
+        return jsonify(error=message), code
+    return render_template("error.html", code=code, message=message), code
+
+
+def run_web(settings: Settings) -> int:
+    """``covidct web``: the dashboard on waitress (a production WSGI server)."""
+    from waitress import serve
+
+    app = create_app(settings)
+    print(f"covidct dashboard: http://{settings.web_host}:{settings.web_port}/", flush=True)
+    serve(app, host=settings.web_host, port=settings.web_port, threads=8, ident="covidct")
+    return 0

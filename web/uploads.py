@@ -1,0 +1,75 @@
+"""Manual uploads: checked by content, size and pixel count, stored, queued for the worker.
+
+A rejected file leaves nothing behind (no file, no row).  Accepted files are kept under
+``<data>/uploads/<sha256>.<png|jpg>``; identical content is stored once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+from classifier.errors import UnusableInputError
+from classifier.preprocess import open_image
+from core import audit
+from core.db import session_scope
+from core.models import Upload
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+MIME = {"PNG": "image/png", "JPEG": "image/jpeg"}
+
+
+class UploadRejected(ValueError):
+    """The file is not an acceptable image; the message says why (shown to the user)."""
+
+
+@dataclass
+class Accepted:
+    id: int
+    filename: str
+
+
+def accept_upload(settings: Settings, filename: str, data: bytes, user_id: int | None,
+                  actor: str, remote: str = "") -> Accepted:
+    name = os.path.basename(filename or "upload")[:255] or "upload"
+    if not data:
+        raise UploadRejected(f"{name}: the file is empty")
+    if len(data) > settings.max_upload_bytes:
+        raise UploadRejected(
+            f"{name}: {len(data)} bytes exceeds the limit of {settings.max_upload_bytes} bytes")
+    try:
+        img = open_image(data, max_pixels=settings.max_upload_pixels)
+    except UnusableInputError as exc:
+        raise UploadRejected(f"{name}: {exc}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    suffix = ".png" if img.format == "PNG" else ".jpg"
+    path = settings.uploads_dir / f"{digest}{suffix}"
+    settings.uploads_dir.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    with session_scope(settings.database_url) as s:
+        up = Upload(filename=name, content_type=MIME[str(img.format)], sha256=digest,
+                    size_bytes=len(data), width=img.width, height=img.height, path=str(path),
+                    user_id=user_id)
+        s.add(up)
+        s.flush()
+        audit.record(s, actor, "upload", str(up.id), remote=remote, sha256=digest[:16])
+        upload_id = up.id
+    return Accepted(upload_id, name)
+
+
+def queue_upload(settings: Settings, upload_id: int) -> bool:
+    """Ring the worker's doorbell; False if the broker is down (the sweeper retries)."""
+    from worker.app import UPLOAD_TASK, celery_for, publish
+
+    try:
+        publish(celery_for(settings), UPLOAD_TASK, upload_id)
+        return True
+    except Exception as exc:
+        logger.warning("upload %d stays queued, broker unavailable: %s", upload_id, exc)
+        return False
