@@ -34,6 +34,9 @@ def _configure_logging(level: str) -> None:
         stream=sys.stderr,
     )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if level != "DEBUG":  # their INFO lines are per PDU or per migration step
+        for noisy in ("pynetdicom", "alembic", "highdicom", "celery.worker.strategy"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
