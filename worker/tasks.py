@@ -74,6 +74,14 @@ def send_pending_deliveries(app: Celery, settings: Settings, report_id: int) -> 
 def register_tasks(app: Celery) -> None:
     settings: Settings = app.conf.covidct_settings
 
+    @worker_process_init.connect(weak=False)
+    def _load_model(**_: Any) -> None:
+        """Load the model in each prefork child right after the fork, not at the first task."""
+        try:
+            get_classifier(settings)
+        except ClassifierError:
+            logger.exception("cannot load the model; tasks will fail with the reason")
+
     @app.task(name=STUDY_TASK, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True,
               autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
     def analyse_study_task(self: Task, study_id: int) -> str:
