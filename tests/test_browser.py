@@ -1,0 +1,93 @@
+"""A real browser (Debian's Chromium driven by Playwright) against `covidct serve`.
+
+Screenshots of the worklist, a study and the uploads page land in var/screenshots/ so that a
+person can look at what the product shows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from covidct.synthetic import SeriesSpec, make_study
+from tests.conftest import need, need_tool
+from tests.test_e2e import ROOT, base_env, cli, serve, wait
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+SHOTS = ROOT / "var" / "screenshots"
+
+
+def send(env: dict[str, str], datasets: list) -> None:  # type: ignore[type-arg]
+    from pynetdicom import AE
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
+    assoc = ae.associate("127.0.0.1", int(env["COVIDCT_DICOM_PORT"]), ae_title="COVIDCT")
+    assert assoc.is_established
+    assert all(assoc.send_c_store(ds).Status == 0 for ds in datasets)
+    assoc.release()
+
+
+def test_dashboard_in_chromium(tmp_path: Path) -> None:
+    chromium = need_tool("chromium")
+    try:
+        from playwright.sync_api import expect, sync_playwright
+    except ImportError:
+        need(False, "the playwright package")
+        raise
+    env = base_env(tmp_path)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with serve(env, tmp_path / "serve.log"):
+        cli(env, "create-user", "radiologist", "--admin", "--password-stdin",
+            stdin="a good password\n")
+        study = make_study([SeriesSpec(slices=30, ground_glass=True), SeriesSpec(kind="localizer")],
+                           patient_name="<b>Browser</b>^Test", patient_id="BRW001")
+        send(env, study)
+        base = f"http://127.0.0.1:{env['COVIDCT_WEB_PORT']}"
+        png = tmp_path / "slice.png"
+        img = Image.new("L", (256, 256), 40)
+        img.paste(200, (60, 60, 190, 190))
+        img.save(png)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=chromium, headless=True,
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--no-first-run"],
+            )
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{base}/")
+            assert "/login" in page.url
+            page.fill("input[name=username]", "radiologist")
+            page.fill("input[name=password]", "a good password")
+            page.click("button[type=submit]")
+            expect(page.locator("h1")).to_contain_text("Worklist")
+            expect(page.locator("p.notice")).to_contain_text("not a diagnosis")
+            # the page refreshes itself until the study is done
+            row = page.locator("table.worklist tbody tr").first
+            wait(lambda: (page.reload() or True) and "done" in row.inner_text(), 120,
+                 "the study to be done in the worklist")
+            assert "<b>Browser</b> Test" in row.inner_text()  # HTML shown as text
+            page.screenshot(path=str(SHOTS / "worklist.png"), full_page=True)
+            row.locator("a").first.click()
+            expect(page.locator("section.verdict h2")).to_contain_text("COVID-19:")
+            expect(page.locator("svg.chart polyline")).to_have_count(1)
+            expect(page.locator(".slices figure")).to_have_count(4)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('.slices img')].every(i => i.complete && i.naturalWidth > 0)")
+            page.screenshot(path=str(SHOTS / "study.png"), full_page=True)
+            page.click("text=Uploads")
+            page.set_input_files("input[type=file]", str(png))
+            page.click("text=Upload and classify")
+            expect(page.locator(".flashes")).to_contain_text("1 image(s) queued")
+            upload_row = page.locator("table.uploads tbody tr").first
+            wait(lambda: (page.reload() or True) and "done" in upload_row.inner_text(), 120,
+                 "the upload to be classified")
+            text = upload_row.inner_text()
+            assert "slice.png" in text and ("COVID-19" in text or "non-COVID" in text)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('table.uploads img')].every(i => i.complete && i.naturalWidth > 0)")
+            page.screenshot(path=str(SHOTS / "uploads.png"), full_page=True)
+            browser.close()
+    assert (SHOTS / "worklist.png").stat().st_size > 10_000
