@@ -107,6 +107,25 @@ def load_split(root: Path, split: str, *, limit: int | None = None) -> Split:
     return Split(root.name, np.stack(images), np.array(labels, np.int32), formats, names)
 
 
+def cached_split(root: Path, split: str, cache: Path | None, *, limit: int | None = None) -> Split:
+    """:func:`load_split`, through a cache of lossless PNG strips (one per split) when given."""
+    if cache is None:
+        return load_split(root, split, limit=limit)
+    strip, meta = cache / f"{root.name}.{split}.png", cache / f"{root.name}.{split}.json"
+    if strip.is_file() and meta.is_file():
+        info = json.loads(meta.read_text())
+        arr = np.asarray(Image.open(strip), dtype=np.uint8)
+        images = arr.reshape(-1, arr.shape[1], arr.shape[1])
+        return Split(root.name, images, np.array(info["labels"], np.int32), info["formats"],
+                     info["names"])
+    s = load_split(root, split, limit=limit)
+    cache.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(s.images.reshape(-1, s.images.shape[2])).save(strip, optimize=True)
+    meta.write_text(json.dumps({"labels": s.labels.tolist(), "formats": s.formats,
+                                "names": s.names}))
+    return s
+
+
 def jpeg_roundtrip(gray: np.ndarray, quality: int) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(gray, mode="L").save(buf, format="JPEG", quality=quality)
@@ -133,6 +152,42 @@ def _sample_weights(splits: Sequence[Split], balance: bool) -> np.ndarray:
     return w * (len(w) / w.sum())
 
 
+def _batches_class() -> type:
+    import keras
+
+    class _Batches(keras.utils.PyDataset):
+        """Shuffled batches in numpy (any Keras backend): each image is drawn as stored or as
+        its JPEG re-encoding with probability 1/2, so file format carries no label."""
+
+        def __init__(self, x: np.ndarray, x_jpeg: np.ndarray | None, y: np.ndarray,
+                     w: np.ndarray, batch_size: int, rng: np.random.Generator) -> None:
+            super().__init__()
+            self.x, self.x_jpeg, self.y, self.w = x, x_jpeg, y, w
+            self.batch_size, self.rng = batch_size, rng
+            self.order = rng.permutation(len(y))
+
+        def __len__(self) -> int:
+            return (len(self.y) + self.batch_size - 1) // self.batch_size
+
+        def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
+            imgs = self.x[idx]
+            if self.x_jpeg is not None:
+                use = self.rng.random(len(idx)) < 0.5
+                imgs = np.where(use[:, None, None], self.x_jpeg[idx], imgs)
+            batch = np.repeat(imgs[..., None], 3, axis=3).astype(np.float32)
+            return batch, self.y[idx], self.w[idx]
+
+        def on_epoch_end(self) -> None:
+            self.order = self.rng.permutation(len(self.y))
+
+    return _Batches
+
+
+def Batches(*args: Any) -> Any:  # noqa: N802 - a factory standing in for the class
+    return _batches_class()(*args)
+
+
 @dataclass
 class History:
     epochs: list[dict[str, float]] = field(default_factory=list)
@@ -151,7 +206,6 @@ def train(
 ) -> tuple[Any, History]:
     """Fit a model by ``recipe``; return it (best epoch restored when the recipe says so)."""
     import keras
-    import tensorflow as tf
 
     from classifier.architectures import build
 
@@ -169,17 +223,8 @@ def train(
     w = _sample_weights(train_splits, recipe.balance)
     x_jpeg = _jpeg_versions(x, rng) if recipe.augment_jpeg else x
 
-    def make_dataset() -> tf.data.Dataset:
-        ds = tf.data.Dataset.from_tensor_slices((x, x_jpeg, y, w))
-        ds = ds.shuffle(len(y), seed=seed, reshuffle_each_iteration=True)
-
-        def pick(a: tf.Tensor, b: tf.Tensor, target: tf.Tensor, weight: tf.Tensor) -> tuple:
-            use_jpeg = tf.random.uniform(()) < 0.5 if recipe.augment_jpeg else tf.constant(False)
-            img = tf.where(use_jpeg, b, a)
-            img = tf.cast(tf.repeat(img[:, :, None], 3, axis=2), tf.float32)
-            return img, target, weight
-
-        return ds.map(pick, num_parallel_calls=2).batch(recipe.batch_size).prefetch(2)
+    def make_dataset() -> Any:
+        return Batches(x, x_jpeg if recipe.augment_jpeg else None, y, w, recipe.batch_size, rng)
 
     if gated:
         from classifier.architectures import build_covidct, gated_loss
@@ -295,13 +340,21 @@ def summarise(
 
 
 def environment() -> dict[str, str]:
-    import keras
-    import tensorflow as tf
+    import importlib
 
+    import keras
+
+    backend = keras.backend.backend()
+    framework = importlib.import_module({"tensorflow": "tensorflow", "torch": "torch",
+                                         "jax": "jax"}.get(backend, backend))
+    device = "cpu"
+    if backend == "torch" and framework.cuda.is_available():
+        device = framework.cuda.get_device_name(0)
     return {
         "python": platform.python_version(),
-        "tensorflow": tf.__version__,
         "keras": keras.__version__,
+        "backend": f"{backend} {getattr(framework, '__version__', '')}",
+        "device": device,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -18,6 +18,7 @@ from typing import Any
 from core import audit
 from core.db import session_scope
 from core.settings import Settings
+from ingest.part10 import file_meta
 from ingest.records import UnreadableDatasetError, read_header, record_instance
 from ingest.spool import InvalidUIDError, instance_path, write_durable
 
@@ -118,7 +119,10 @@ def handle_store(event: Any, ctx: IngestContext) -> int:
     """C-STORE: parse the header, write the bytes durably, record, then answer."""
     calling, host = _peer(event)
     try:
-        data = event.encoded_dataset(include_meta=True)
+        data = file_meta(
+            str(event.request.AffectedSOPClassUID), str(event.request.AffectedSOPInstanceUID),
+            str(event.context.transfer_syntax), calling,
+        ) + event.encoded_dataset(include_meta=False)
     except Exception:
         logger.exception("cannot encode received dataset from %s", calling)
         return CANNOT_UNDERSTAND

@@ -46,8 +46,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dicom-study", action="append", type=Path, default=[],
                    help="a folder of one real DICOM series to report a study probability for")
     p.add_argument("--limit", type=int, help="at most this many images per class (tests)")
+    p.add_argument("--cache", type=Path, help="folder for preprocessed splits (PNG strips): "
+                   "read if present, else written; lets training run where the data is not")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report-only", action="store_true",
+                   help="do not train: add the --dicom-study results to the existing model card")
     return p.parse_args(argv)
 
 
@@ -87,8 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe = T.RECIPES[args.recipe]
     name = args.name or ("paper" if args.recipe == "paper" else "covidct")
     args.out.mkdir(parents=True, exist_ok=True)
-    train_splits = [T.load_split(d, "train", limit=args.limit) for d in args.data]
-    val_splits = [T.load_split(d, "val", limit=args.limit) for d in args.data]
+    if args.report_only:
+        return report_only(args.out / f"{name}.keras", args.dicom_study)
+    train_splits = [T.cached_split(d, "train", args.cache, limit=args.limit) for d in args.data]
+    val_splits = [T.cached_split(d, "val", args.cache, limit=args.limit) for d in args.data]
     for s in train_splits + val_splits:
         print(f"{s.dataset}: {len(s)} images ({int(s.labels.sum())} COVID)")
 
@@ -162,6 +168,26 @@ def main(argv: list[str] | None = None) -> int:
 
     write_all(card, summary, args.out, name)
     print(f"wrote {model_path} ({model_path.stat().st_size / 1e6:.1f} MB), version {version}")
+    for s in card["dicom_studies"]:
+        print(f"  {s['name']}: {s['probability']:.3f} -> {s['label']}")
+    return 0
+
+
+def report_only(model_path: Path, studies: list[Path]) -> int:
+    """Score the real DICOM studies with a trained model and record them in its card."""
+    import json
+
+    import keras
+
+    from classifier.inference import card_path
+
+    card = json.loads(card_path(model_path).read_text())
+    model = keras.saving.load_model(model_path, compile=False)
+    card["dicom_studies"] = [
+        dicom_study_report(model, card["temperature"], card["threshold"], d) for d in studies
+    ]
+    T.write_json(card, card_path(model_path))
+    T.write_card_markdown(card, model_path.with_name(model_path.stem + ".card.md"))
     for s in card["dicom_studies"]:
         print(f"  {s['name']}: {s['probability']:.3f} -> {s['label']}")
     return 0
