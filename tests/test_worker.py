@@ -337,3 +337,17 @@ def test_worker_killed_mid_task_is_redelivered_and_finished_once(
         except subprocess.TimeoutExpired:
             os.killpg(worker.pid, signal.SIGKILL)
     assert len(pacs.received) == 1
+
+
+def test_sr_for_a_deidentified_study_without_patient_name(tmp_path: Path) -> None:
+    """Real de-identified studies omit PatientName; the SR still builds and validates."""
+    from worker.sr import Finding, build_sr
+
+    study = make_study([SeriesSpec(slices=3, rows=32)])
+    for ds in study:
+        del ds.PatientName, ds.PatientBirthDate, ds.ReferringPhysicianName
+    sr = build_sr(study, [(study[0], None)], Finding(0.2, "Absent", 0.5, 0.05, "rule", "m", 3))
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert pydicom.dcmread(path).PatientName == ""
+    assert dciodvfy_errors(path) == []

@@ -143,6 +143,36 @@ def _frames(slices: list[SliceRef], t: Timings) -> Iterator[tuple[SliceRef, np.n
         yield ref, result
 
 
+def prefetch(items: Iterator[tuple[SliceRef, np.ndarray | str]], depth: int = 64) -> Iterator[
+    tuple[SliceRef, np.ndarray | str]
+]:
+    """Read and preprocess in a background thread while the model runs on the previous
+    batch (decoders and TensorFlow release the GIL); the bounded queue keeps memory flat."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            for item in items:
+                q.put(item)
+        except BaseException as exc:  # handed to the consumer, raised there
+            failure.append(exc)
+        finally:
+            q.put(done)
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    while (item := q.get()) is not done:
+        yield item
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
 def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> Outcome:
     """Run the whole pipeline for one study; see the module docstring."""
     started = time.perf_counter()
@@ -183,7 +213,7 @@ def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> 
         batch_refs.clear()
         heartbeat(settings, study_id)
 
-    for ref, item in _frames(selection.slices, t):
+    for ref, item in prefetch(_frames(selection.slices, t)):
         if isinstance(item, str):
             skipped.append((ref, item))
             continue

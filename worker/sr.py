@@ -88,6 +88,7 @@ def build_sr(
     if not evidence:
         raise ValueError("an SR needs at least one evidence instance")
     study_uid = str(evidence[0].StudyInstanceUID)
+    evidence = [_with_type2_defaults(evidence[0]), *evidence[1:]]
     device = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -152,6 +153,26 @@ def build_sr(
         series_description=SERIES_DESCRIPTION,
         previous_versions=[predecessor] if predecessor is not None else None,
     )
+
+
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                       "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+                       "AccessionNumber")
+
+
+def _with_type2_defaults(ds: Dataset) -> Dataset:
+    """De-identified studies often omit Type 2 patient/study attributes that the SR copies
+    from its first evidence instance; give them the empty value the standard allows."""
+    missing = [kw for kw in TYPE2_PATIENT_STUDY if kw not in ds]
+    if not missing:
+        return ds
+    copy = Dataset()
+    copy.update(ds)
+    if hasattr(ds, "file_meta"):
+        copy.file_meta = ds.file_meta
+    for kw in missing:
+        setattr(copy, kw, "")
+    return copy
 
 
 def read_finding(sr: Dataset) -> tuple[float, str, str]:

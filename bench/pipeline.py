@@ -1,0 +1,155 @@
+#!/usr/bin/env python3
+"""Worker pipeline benchmark: a study from queued to SR delivered, split by stage.
+
+    .venv/bin/python bench/pipeline.py [--slices 300] [--model models/covidct.keras]
+
+For a synthetic study of 512x512 slices (and, when ../shared is present, the two real
+COVID-CT-MD studies, JPEG Lossless), runs the worker's own pipeline in-process with the shipped
+model and a pynetdicom SCP as the PACS, and prints: time per stage (read, preprocess,
+inference, SR, export), slices/s, peak RSS, and the ratio of the whole to a bare forward pass
+of the model over the same slices measured in the same run (target: at most 1.3).  For the
+real studies it prints the verdicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+
+def spool(settings, datasets_or_files) -> int:  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.models import Study, StudyState
+    from ingest.records import read_header, record_instance
+    from ingest.spool import instance_path, write_durable
+
+    uid = None
+    for item in datasets_or_files:
+        if isinstance(item, Path):
+            data = item.read_bytes()
+        else:
+            buf = io.BytesIO()
+            item.save_as(buf, enforce_file_format=True)
+            data = buf.getvalue()
+        h = read_header(data)
+        uid = h.study_uid
+        path = instance_path(settings.spool_dir, h.study_uid, h.series_uid, h.sop_uid)
+        write_durable(path, data)
+        record_instance(settings.database_url, h, path, len(data), "BENCH")
+    with session_scope(settings.database_url) as s:
+        study = s.scalar(select(Study).where(Study.study_instance_uid == uid))
+        assert study is not None
+        study.state = StudyState.QUEUED
+        return study.id
+
+
+def run_one(settings, clf, study_id: int, label: str) -> None:  # type: ignore[no-untyped-def]
+    import tensorflow as tf
+    from sqlalchemy import select
+
+    from classifier.preprocess import to_model_input
+    from core.db import session_scope
+    from core.models import Delivery, Instance
+    from worker.delivery import deliver
+    from worker.pipeline import analyse_study
+
+    t0 = time.perf_counter()
+    out = analyse_study(settings, study_id, clf)
+    t1 = time.perf_counter()
+    with session_scope(settings.database_url) as s:
+        ids = s.scalars(select(Delivery.id)).all()
+        paths = s.scalars(select(Instance.spool_path).where(Instance.study_id == study_id)).all()
+    for delivery_id in ids:
+        deliver(settings, delivery_id)
+    export = time.perf_counter() - t1
+    total = t1 - t0 + export
+    t = out.timings
+    # the reference: a bare forward pass over the same analysed slices, same batch size
+    import pydicom
+
+    from classifier.errors import SliceSkipped
+
+    inputs = []
+    for p in paths:
+        try:
+            inputs.append(to_model_input(pydicom.dcmread(p)))
+        except SliceSkipped:
+            continue
+        except Exception:
+            continue
+    model = clf.model
+
+    @tf.function(reduce_retracing=True)
+    def bare(x: tf.Tensor) -> tf.Tensor:
+        return model(x, training=False)
+
+    x = np.stack(inputs[: t.slices]).astype(np.float32)
+    bare(tf.convert_to_tensor(x[:settings.batch_size]))
+    b0 = time.perf_counter()
+    for i in range(0, len(x), settings.batch_size):
+        bare(tf.convert_to_tensor(x[i:i + settings.batch_size])).numpy()
+    bare_s = time.perf_counter() - b0
+    other = max(0.0, total - (t.read + t.preprocess + t.inference + t.sr + export))
+    print(f"\n{label}: {out.state}, verdict {out.verdict} (p={out.probability:.3f}), "
+          f"{t.slices} slices analysed")
+    print(f"  read {t.read:.2f} s | preprocess {t.preprocess:.2f} s | inference {t.inference:.2f} s"
+          f" | SR {t.sr:.2f} s | export {export:.2f} s | other {other:.2f} s | total {total:.2f} s"
+          " (read+preprocess run in a thread beside inference, so stages overlap)")
+    print(f"  {t.slices / total:.1f} slices/s; bare model inference on the same slices "
+          f"{bare_s:.2f} s; whole / bare = {total / bare_s:.2f}; "
+          f"(read+preprocess) per slice {1000 * (t.read + t.preprocess) / max(t.slices, 1):.1f} ms")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "covidct.keras")
+    args = parser.parse_args()
+
+    from classifier.inference import Classifier
+    from core.db import upgrade
+    from core.settings import load_settings
+    from covidct.synthetic import SeriesSpec, make_study
+    from tests.helpers import TestPACS
+
+    pacs = TestPACS()
+    work = Path(tempfile.mkdtemp(prefix="covidct-pipeline-"))
+    clf = Classifier(args.model)
+    print(f"model {clf.version}; peak RSS after loading: "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    jobs: list[tuple[str, object]] = [
+        (f"synthetic study, {args.slices} slices 512x512", make_study([SeriesSpec(slices=args.slices)])),
+    ]
+    sample = ROOT.parent / "shared" / "datasets" / "covid-ct-md-sample"
+    for sub in ("covid/P001", "normal/normal001"):
+        if (sample / sub).is_dir():
+            jobs.append((f"real study {sub} (JPEG Lossless)", sorted((sample / sub).glob("*.dcm"))))
+    for n, (label, items) in enumerate(jobs):
+        settings = load_settings({
+            "COVIDCT_DATA_DIR": str(work / f"run{n}"), "COVIDCT_MODEL_PATH": str(args.model),
+            "COVIDCT_DESTINATIONS": pacs.destination, "COVIDCT_LOG_LEVEL": "WARNING",
+        })
+        upgrade(settings.database_url)
+        study_id = spool(settings, items)
+        run_one(settings, clf, study_id, label)
+        print(f"  peak RSS so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    pacs.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
