@@ -78,7 +78,6 @@ class Settings:
     task_stale_seconds: float = 120.0
     requeue_seconds: float = 900.0
     indeterminate_band: float = 0.05
-    top_k: int = 10
     min_series_slices: int = 10
     batch_size: int = 32
     sr_max_attempts: int = 6
@@ -289,7 +288,6 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "task_stale_seconds": _float(1.0, 86400.0),
     "requeue_seconds": _float(1.0, 86400.0),
     "indeterminate_band": _float(0.0, 0.5),
-    "top_k": _int(1, 1000),
     "min_series_slices": _int(1, 10000),
     "batch_size": _int(1, 1024),
     "sr_max_attempts": _int(1, 100),
