@@ -73,6 +73,7 @@ def main() -> int:
     def frame_synthetic() -> None:
         ds.PixelData = bytes(data)  # a new object: pydicom decodes again, no cache
         to_model_input(ds)
+
     t = timed(frame_synthetic, args.rounds * 4)
     print(f"DICOM framing, synthetic 512x512 uncompressed: {t * 1000:.2f} ms per slice")
     real = ROOT.parent / "shared" / "datasets" / "covid-ct-md-sample" / "covid" / "P001"

@@ -51,9 +51,15 @@ def send(port: int, aec: str, files: list[Path], connections: int) -> float:
     env = os.environ | {"TCP_NODELAY": "1"}
     chunks = [files[i::connections] for i in range(connections)]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(["storescu", "-aec", aec, "-aet", "BENCH", "127.0.0.1", str(port),
-                               *map(str, chunk)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE) for chunk in chunks]
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aec", aec, "-aet", "BENCH", "127.0.0.1", str(port), *map(str, chunk)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+    ]
     for p in procs:
         _, err = p.communicate()
         if p.returncode != 0:
@@ -73,28 +79,45 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="covidct-bench-"))
     results: dict[tuple[str, int], list[float]] = {}
     cport, sport = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
-        "COVIDCT_DATA_DIR": str(work / "covidct"), "COVIDCT_DICOM_PORT": str(cport),
-        "COVIDCT_LOG_LEVEL": "WARNING", "COVIDCT_STABLE_SECONDS": "3600",
-        "COVIDCT_MIN_FREE_DISK_MB": "100",
-    } | {k: v for k, v in os.environ.items() if k == "COVIDCT_MAX_PDU"}
-    listener = subprocess.Popen([sys.executable, "-m", "covidct.cli", "listener"], env=env,
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = (
+        {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")}
+        | {
+            "COVIDCT_DATA_DIR": str(work / "covidct"),
+            "COVIDCT_DICOM_PORT": str(cport),
+            "COVIDCT_LOG_LEVEL": "WARNING",
+            "COVIDCT_STABLE_SECONDS": "3600",
+            "COVIDCT_MIN_FREE_DISK_MB": "100",
+        }
+        | {k: v for k, v in os.environ.items() if k == "COVIDCT_MAX_PDU"}
+    )
+    listener = subprocess.Popen(
+        [sys.executable, "-m", "covidct.cli", "listener"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     (work / "storescp").mkdir()
-    storescp = subprocess.Popen(["storescp", "-od", str(work / "storescp"), str(sport)],
-                                env=os.environ | {"TCP_NODELAY": "1"},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storescp = subprocess.Popen(
+        ["storescp", "-od", str(work / "storescp"), str(sport)],
+        env=os.environ | {"TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(cport)
         wait_port(sport)
         print(f"{args.slices} slices of 512x512 16-bit CT per study; {args.rounds} rounds")
         for rnd in range(args.rounds):
             for connections in (1, 4):
-                for target, port, aec in (("covidct", cport, "COVIDCT"),
-                                          ("storescp", sport, "ANY-SCP")):
+                for target, port, aec in (
+                    ("covidct", cport, "COVIDCT"),
+                    ("storescp", sport, "ANY-SCP"),
+                ):
                     folder = work / f"study-{rnd}-{connections}-{target}"
-                    files = write_study(make_study([SeriesSpec(slices=args.slices)],
-                                                   seed=rnd), folder)
+                    files = write_study(
+                        make_study([SeriesSpec(slices=args.slices)], seed=rnd), folder
+                    )
                     seconds = send(port, aec, files, connections)
                     results.setdefault((target, connections), []).append(args.slices / seconds)
                     shutil.rmtree(folder)

@@ -98,20 +98,26 @@ def run_one(settings, clf, study_id: int, label: str) -> None:  # type: ignore[n
         return model(x, training=False)
 
     x = np.stack(inputs[: t.slices]).astype(np.float32)
-    bare(tf.convert_to_tensor(x[:settings.batch_size]))
+    bare(tf.convert_to_tensor(x[: settings.batch_size]))
     b0 = time.perf_counter()
     for i in range(0, len(x), settings.batch_size):
-        bare(tf.convert_to_tensor(x[i:i + settings.batch_size])).numpy()
+        bare(tf.convert_to_tensor(x[i : i + settings.batch_size])).numpy()
     bare_s = time.perf_counter() - b0
     other = max(0.0, total - (t.read + t.preprocess + t.inference + t.sr + export))
-    print(f"\n{label}: {out.state}, verdict {out.verdict} (p={out.probability:.3f}), "
-          f"{t.slices} slices analysed")
-    print(f"  read {t.read:.2f} s | preprocess {t.preprocess:.2f} s | inference {t.inference:.2f} s"
-          f" | SR {t.sr:.2f} s | export {export:.2f} s | other {other:.2f} s | total {total:.2f} s"
-          " (read+preprocess run in a thread beside inference, so stages overlap)")
-    print(f"  {t.slices / total:.1f} slices/s; bare model inference on the same slices "
-          f"{bare_s:.2f} s; whole / bare = {total / bare_s:.2f}; "
-          f"(read+preprocess) per slice {1000 * (t.read + t.preprocess) / max(t.slices, 1):.1f} ms")
+    print(
+        f"\n{label}: {out.state}, verdict {out.verdict} (p={out.probability:.3f}), "
+        f"{t.slices} slices analysed"
+    )
+    print(
+        f"  read {t.read:.2f} s | preprocess {t.preprocess:.2f} s | inference {t.inference:.2f} s"
+        f" | SR {t.sr:.2f} s | export {export:.2f} s | other {other:.2f} s | total {total:.2f} s"
+        " (read+preprocess run in a thread beside inference, so stages overlap)"
+    )
+    print(
+        f"  {t.slices / total:.1f} slices/s; bare model inference on the same slices "
+        f"{bare_s:.2f} s; whole / bare = {total / bare_s:.2f}; "
+        f"(read+preprocess) per slice {1000 * (t.read + t.preprocess) / max(t.slices, 1):.1f} ms"
+    )
 
 
 def main() -> int:
@@ -129,24 +135,35 @@ def main() -> int:
     pacs = TestPACS()
     work = Path(tempfile.mkdtemp(prefix="covidct-pipeline-"))
     clf = Classifier(args.model)
-    print(f"model {clf.version}; peak RSS after loading: "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    print(
+        f"model {clf.version}; peak RSS after loading: "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+    )
     jobs: list[tuple[str, object]] = [
-        (f"synthetic study, {args.slices} slices 512x512", make_study([SeriesSpec(slices=args.slices)])),
+        (
+            f"synthetic study, {args.slices} slices 512x512",
+            make_study([SeriesSpec(slices=args.slices)]),
+        ),
     ]
     sample = ROOT.parent / "shared" / "datasets" / "covid-ct-md-sample"
     for sub in ("covid/P001", "normal/normal001"):
         if (sample / sub).is_dir():
             jobs.append((f"real study {sub} (JPEG Lossless)", sorted((sample / sub).glob("*.dcm"))))
     for n, (label, items) in enumerate(jobs):
-        settings = load_settings({
-            "COVIDCT_DATA_DIR": str(work / f"run{n}"), "COVIDCT_MODEL_PATH": str(args.model),
-            "COVIDCT_DESTINATIONS": pacs.destination, "COVIDCT_LOG_LEVEL": "WARNING",
-        })
+        settings = load_settings(
+            {
+                "COVIDCT_DATA_DIR": str(work / f"run{n}"),
+                "COVIDCT_MODEL_PATH": str(args.model),
+                "COVIDCT_DESTINATIONS": pacs.destination,
+                "COVIDCT_LOG_LEVEL": "WARNING",
+            }
+        )
         upgrade(settings.database_url)
         study_id = spool(settings, items)
         run_one(settings, clf, study_id, label)
-        print(f"  peak RSS so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+        print(
+            f"  peak RSS so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+        )
     pacs.stop()
     return 0
 

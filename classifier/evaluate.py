@@ -26,9 +26,16 @@ class EvaluationResult:
     def as_json(self) -> dict[str, Any]:
         m = self.metrics
         return {
-            "accuracy": m.accuracy, "auc": m.auc, "sensitivity": m.sensitivity,
-            "specificity": m.specificity, "f1": m.f1, "n": m.n, "threshold": m.threshold,
-            "model_version": self.model_version, "ci95": m.ci95, "confusion": m.confusion,
+            "accuracy": m.accuracy,
+            "auc": m.auc,
+            "sensitivity": m.sensitivity,
+            "specificity": m.specificity,
+            "f1": m.f1,
+            "n": m.n,
+            "threshold": m.threshold,
+            "model_version": self.model_version,
+            "ci95": m.ci95,
+            "confusion": m.confusion,
             "skipped": len(self.skipped),
         }
 
@@ -38,7 +45,9 @@ def load_folder(data: Path) -> tuple[list[Path], np.ndarray]:
     for sub, label in ((POSITIVE_DIR, 1), (NEGATIVE_DIR, 0)):
         folder = data / sub
         if not folder.is_dir():
-            raise ClassifierError(f"{folder} is missing: expected {POSITIVE_DIR}/ and {NEGATIVE_DIR}/")
+            raise ClassifierError(
+                f"{folder} is missing: expected {POSITIVE_DIR}/ and {NEGATIVE_DIR}/"
+            )
         for path in sorted(folder.iterdir()):
             if path.is_file() and path.suffix.lower() in SUFFIXES:
                 files.append(path)
@@ -48,8 +57,14 @@ def load_folder(data: Path) -> tuple[list[Path], np.ndarray]:
     return files, np.array(labels)
 
 
-def evaluate_folder(data: Path, model_path: Path, *, threshold: float | None = None,
-                    bootstrap: int = 1000, batch_size: int = 32) -> EvaluationResult:
+def evaluate_folder(
+    data: Path,
+    model_path: Path,
+    *,
+    threshold: float | None = None,
+    bootstrap: int = 1000,
+    batch_size: int = 32,
+) -> EvaluationResult:
     files, labels = load_folder(data)
     clf = Classifier(model_path, threshold=threshold)
     probs: list[float] = []

@@ -59,8 +59,12 @@ class Classifier:
         except Exception as exc:
             raise ModelError(f"cannot load model {model_path}: {exc}") from None
         self.model_path = model_path
-        self.version: str = str(self.card.get("version") or f"unversioned-{file_sha256(model_path)[:8]}")
-        self.threshold: float = float(threshold if threshold is not None else self.card.get("threshold", 0.5))
+        self.version: str = str(
+            self.card.get("version") or f"unversioned-{file_sha256(model_path)[:8]}"
+        )
+        self.threshold: float = float(
+            threshold if threshold is not None else self.card.get("threshold", 0.5)
+        )
         self.temperature: float = float(self.card.get("temperature", 1.0))
         model = self.model
 

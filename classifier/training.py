@@ -70,12 +70,20 @@ class Recipe:
 
 RECIPES = {
     "paper": Recipe(
-        "paper", "paper", epochs=9, learning_rate=1e-3,
+        "paper",
+        "paper",
+        epochs=9,
+        learning_rate=1e-3,
         description="the paper's CNN and settings: 200x200 RGB, rescale 1/255, batch 32, "
         "9 epochs, Adam, no augmentation, no model selection",
     ),
     "covidct": Recipe(
-        "covidct", "covidct", epochs=30, learning_rate=3e-4, augment_jpeg=True, balance=True,
+        "covidct",
+        "covidct",
+        epochs=30,
+        learning_rate=3e-4,
+        augment_jpeg=True,
+        balance=True,
         keep_best=True,
         description="our CNN with one expert head per dataset and a gate, dataset- and "
         "class-balanced weights, JPEG "
@@ -116,13 +124,15 @@ def cached_split(root: Path, split: str, cache: Path | None, *, limit: int | Non
         info = json.loads(meta.read_text())
         arr = np.asarray(Image.open(strip), dtype=np.uint8)
         images = arr.reshape(-1, arr.shape[1], arr.shape[1])
-        return Split(root.name, images, np.array(info["labels"], np.int32), info["formats"],
-                     info["names"])
+        return Split(
+            root.name, images, np.array(info["labels"], np.int32), info["formats"], info["names"]
+        )
     s = load_split(root, split, limit=limit)
     cache.mkdir(parents=True, exist_ok=True)
     Image.fromarray(s.images.reshape(-1, s.images.shape[2])).save(strip, optimize=True)
-    meta.write_text(json.dumps({"labels": s.labels.tolist(), "formats": s.formats,
-                                "names": s.names}))
+    meta.write_text(
+        json.dumps({"labels": s.labels.tolist(), "formats": s.formats, "names": s.names})
+    )
     return s
 
 
@@ -159,8 +169,15 @@ def _batches_class() -> type:
         """Shuffled batches in numpy (any Keras backend): each image is drawn as stored or as
         its JPEG re-encoding with probability 1/2, so file format carries no label."""
 
-        def __init__(self, x: np.ndarray, x_jpeg: np.ndarray | None, y: np.ndarray,
-                     w: np.ndarray, batch_size: int, rng: np.random.Generator) -> None:
+        def __init__(
+            self,
+            x: np.ndarray,
+            x_jpeg: np.ndarray | None,
+            y: np.ndarray,
+            w: np.ndarray,
+            batch_size: int,
+            rng: np.random.Generator,
+        ) -> None:
             super().__init__()
             self.x, self.x_jpeg, self.y, self.w = x, x_jpeg, y, w
             self.batch_size, self.rng = batch_size, rng
@@ -345,8 +362,9 @@ def environment() -> dict[str, str]:
     import keras
 
     backend = keras.backend.backend()
-    framework = importlib.import_module({"tensorflow": "tensorflow", "torch": "torch",
-                                         "jax": "jax"}.get(backend, backend))
+    framework = importlib.import_module(
+        {"tensorflow": "tensorflow", "torch": "torch", "jax": "jax"}.get(backend, backend)
+    )
     device = "cpu"
     if backend == "torch" and framework.cuda.is_available():
         device = framework.cuda.get_device_name(0)
@@ -401,8 +419,10 @@ def write_card_markdown(card: dict[str, Any], path: Path) -> None:
     if card.get("seeds"):
         lines += ["", "## Seeds (val AUC per dataset)", ""]
         for row in card["seeds"]:
-            lines.append(f"- seed {row['seed']}: " + ", ".join(
-                f"{k} {v:.3f}" for k, v in row["val_auc"].items()))
+            lines.append(
+                f"- seed {row['seed']}: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in row["val_auc"].items())
+            )
         for k, v in card.get("seed_summary", {}).items():
             lines.append(f"- **{k}: mean {v['mean']:.3f}, min {v['min']:.3f}, max {v['max']:.3f}**")
     if card.get("dicom_studies"):
@@ -412,7 +432,12 @@ def write_card_markdown(card: dict[str, Any], path: Path) -> None:
                 f"- {s['name']} ({s['truth']}): study probability {s['probability']:.3f} "
                 f"-> {s['label']}; {s['analysed']} slices analysed, {s['skipped']} skipped"
             )
-    lines += ["", "## Training history", "", "| epoch | loss | acc | val loss | val acc | val AUC |"]
+    lines += [
+        "",
+        "## Training history",
+        "",
+        "| epoch | loss | acc | val loss | val acc | val AUC |",
+    ]
     lines.append("|---|---|---|---|---|---|")
     for r in card["history"]:
         lines.append(

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     JSON,
-    TypeDecorator,
     BigInteger,
     Boolean,
     DateTime,
@@ -21,6 +20,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.engine import Dialect

@@ -366,9 +366,7 @@ def load_settings(
     if "tls_ca" in values and "tls_cert" not in values:
         raise SettingsError(f"{PREFIX}TLS_CA needs {PREFIX}TLS_CERT and {PREFIX}TLS_KEY")
     if values.get("dimse_timeout", 30.0) >= values.get("network_timeout", 60.0):
-        raise SettingsError(
-            f"{PREFIX}DIMSE_TIMEOUT must be shorter than {PREFIX}NETWORK_TIMEOUT"
-        )
+        raise SettingsError(f"{PREFIX}DIMSE_TIMEOUT must be shorter than {PREFIX}NETWORK_TIMEOUT")
 
     if create_dirs:
         try:

@@ -22,16 +22,32 @@ logger = logging.getLogger(__name__)
 
 def demo_studies(count: int) -> list[list[pydicom.Dataset]]:
     recipes = [
-        ("Demo^GroundGlass", [SeriesSpec(slices=40, ground_glass=True), SeriesSpec(kind="localizer")]),
+        (
+            "Demo^GroundGlass",
+            [SeriesSpec(slices=40, ground_glass=True), SeriesSpec(kind="localizer")],
+        ),
         ("Demo^Clear", [SeriesSpec(slices=40), SeriesSpec(kind="localizer")]),
-        ("Demo^Mixed", [SeriesSpec(slices=30), SeriesSpec(kind="localizer"),
-                        SeriesSpec(slices=10, kind="derived")]),
+        (
+            "Demo^Mixed",
+            [
+                SeriesSpec(slices=30),
+                SeriesSpec(kind="localizer"),
+                SeriesSpec(slices=10, kind="derived"),
+            ],
+        ),
     ]
     studies = []
     for i in range(count):
         name, series = recipes[i % len(recipes)]
-        studies.append(make_study(series, patient_name=name, patient_id=f"DEMO{i + 1:03d}",
-                                  accession=f"DEMO{i + 1:05d}", seed=100 + i))
+        studies.append(
+            make_study(
+                series,
+                patient_name=name,
+                patient_id=f"DEMO{i + 1:03d}",
+                accession=f"DEMO{i + 1:05d}",
+                seed=100 + i,
+            )
+        )
     studies.append([_pydicom_ct()])
     return studies
 
@@ -57,15 +73,21 @@ def run_demo(settings: Settings, *, studies: int = 3) -> int:
     for study in demo_studies(studies):
         assoc = ae.associate(host, settings.dicom_port, ae_title=settings.ae_title)
         if not assoc.is_established:
-            print(f"cannot associate with {settings.ae_title}@{host}:{settings.dicom_port}: "
-                  "is `covidct serve` running?")
+            print(
+                f"cannot associate with {settings.ae_title}@{host}:{settings.dicom_port}: "
+                "is `covidct serve` running?"
+            )
             return 1
         statuses = [assoc.send_c_store(ds) for ds in study]
         assoc.release()
         bad = [s for s in statuses if getattr(s, "Status", 1) != 0]
         failures += len(bad)
-        print(f"sent study {study[0].StudyInstanceUID} ({study[0].PatientName}): "
-              f"{len(statuses) - len(bad)}/{len(statuses)} instances stored")
-    print(f"Results appear on http://{settings.web_host}:{settings.web_port}/ about "
-          f"{settings.stable_seconds:.0f} s after the last instance of each study.")
+        print(
+            f"sent study {study[0].StudyInstanceUID} ({study[0].PatientName}): "
+            f"{len(statuses) - len(bad)}/{len(statuses)} instances stored"
+        )
+    print(
+        f"Results appear on http://{settings.web_host}:{settings.web_port}/ about "
+        f"{settings.stable_seconds:.0f} s after the last instance of each study."
+    )
     return 1 if failures else 0

@@ -26,17 +26,20 @@ STAGES = ("listener", "worker", "web")
 
 
 def banner(settings: Settings) -> str:
-    return "\n".join([
-        "covidct is running. Research and triage support only: not a diagnosis.",
-        f"  DICOM:     AE title {settings.ae_title} on {settings.dicom_host}:{settings.dicom_port}"
-        f" (C-ECHO, C-STORE of CT and Enhanced CT)",
-        f"  Dashboard: http://{settings.web_host}:{settings.web_port}/",
-        f"  Data:      {settings.data_dir}",
-        f"  Results go to: {', '.join(map(str, settings.destinations)) or 'the data directory only'}",
-        "  First user: covidct create-user NAME --admin   (in another terminal)",
-        "  Demo data:  covidct demo",
-        "  Stop:       Ctrl-C",
-    ])
+    return "\n".join(
+        [
+            "covidct is running. Research and triage support only: not a diagnosis.",
+            f"  DICOM:     AE title {settings.ae_title} on "
+            f"{settings.dicom_host}:{settings.dicom_port} (C-ECHO, C-STORE of CT, Enhanced CT)",
+            f"  Dashboard: http://{settings.web_host}:{settings.web_port}/",
+            f"  Data:      {settings.data_dir}",
+            "  Results go to: "
+            + (", ".join(map(str, settings.destinations)) or "the data directory only"),
+            "  First user: covidct create-user NAME --admin   (in another terminal)",
+            "  Demo data:  covidct demo",
+            "  Stop:       Ctrl-C",
+        ]
+    )
 
 
 def serve(settings: Settings, *, workers: int = 1) -> int:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
     generate_uid,
 )
 
@@ -68,9 +68,19 @@ def make_series(
         ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-                   "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
-                   "ReferringPhysicianName"):
+        for kw in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "StudyInstanceUID",
+            "StudyDate",
+            "StudyTime",
+            "AccessionNumber",
+            "StudyID",
+            "StudyDescription",
+            "ReferringPhysicianName",
+        ):
             setattr(ds, kw, getattr(study, kw))
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = sop_uid
@@ -89,8 +99,11 @@ def make_series(
             ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
             ds.ImagePositionPatient = [-250, 0, 0]
         else:
-            ds.ImageType = (["DERIVED", "SECONDARY", "AXIAL"] if spec.kind == "derived"
-                            else ["ORIGINAL", "PRIMARY", "AXIAL"])
+            ds.ImageType = (
+                ["DERIVED", "SECONDARY", "AXIAL"]
+                if spec.kind == "derived"
+                else ["ORIGINAL", "PRIMARY", "AXIAL"]
+            )
             ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
             ds.ImagePositionPatient = [-175.0, -175.0, -100.0 - 2.5 * i]
             ds.SliceLocation = -100.0 - 2.5 * i

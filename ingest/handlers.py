@@ -51,8 +51,9 @@ def _peer(event: Any) -> tuple[str, str]:
     return str(rq.ae_title).strip(), str(rq.address)
 
 
-def _audit(ctx: IngestContext, actor: str, action: str, obj: str, outcome: str,
-           remote: str, **detail: Any) -> None:
+def _audit(
+    ctx: IngestContext, actor: str, action: str, obj: str, outcome: str, remote: str, **detail: Any
+) -> None:
     try:
         with session_scope(ctx.settings.database_url) as s:
             audit.record(s, actor or "?", action, obj, outcome=outcome, remote=remote, **detail)
@@ -75,9 +76,9 @@ def handle_conn_open(event: Any) -> None:
             logger.warning("could not set TCP_NODELAY")
 
 
-def access_decision(ctx: IngestContext, calling: str, called: str, host: str) -> tuple[
-    tuple[int, int, int] | None, str
-]:
+def access_decision(
+    ctx: IngestContext, calling: str, called: str, host: str
+) -> tuple[tuple[int, int, int] | None, str]:
     """The A-ASSOCIATE-RJ reason for a request, or None to go on negotiating."""
     s = ctx.settings
     if s.allowed_aes != ("*",) and calling not in s.allowed_aes:
@@ -120,8 +121,10 @@ def handle_store(event: Any, ctx: IngestContext) -> int:
     calling, host = _peer(event)
     try:
         data = file_meta(
-            str(event.request.AffectedSOPClassUID), str(event.request.AffectedSOPInstanceUID),
-            str(event.context.transfer_syntax), calling,
+            str(event.request.AffectedSOPClassUID),
+            str(event.request.AffectedSOPInstanceUID),
+            str(event.context.transfer_syntax),
+            calling,
         ) + event.encoded_dataset(include_meta=False)
     except Exception:
         logger.exception("cannot encode received dataset from %s", calling)
@@ -150,6 +153,7 @@ def handle_store(event: Any, ctx: IngestContext) -> int:
     except Exception:
         logger.exception("cannot record instance %s", header.sop_uid)
         return OUT_OF_RESOURCES  # the file stays; the start-up scan records it
-    logger.debug("stored %s of study %s%s", header.sop_uid, header.study_uid,
-                 "" if new else " (duplicate)")
+    logger.debug(
+        "stored %s of study %s%s", header.sop_uid, header.study_uid, "" if new else " (duplicate)"
+    )
     return SUCCESS

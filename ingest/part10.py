@@ -24,16 +24,20 @@ def _short(element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
 
 
-def file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str,
-              source_ae: str = "") -> bytes:
+def file_meta(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str = ""
+) -> bytes:
     """Preamble, 'DICM' and the File Meta Information group, ready to prefix a dataset."""
-    body = b"".join([
-        struct.pack("<HH", 0x0002, 0x0001) + b"OB\x00\x00" + struct.pack("<I", 2) + b"\x00\x01",
-        _short(0x0002, b"UI", _pad(sop_class_uid, b"\x00")),
-        _short(0x0003, b"UI", _pad(sop_instance_uid, b"\x00")),
-        _short(0x0010, b"UI", _pad(transfer_syntax_uid, b"\x00")),
-        _short(0x0012, b"UI", _pad(str(PYDICOM_IMPLEMENTATION_UID), b"\x00")),
-        _short(0x0013, b"SH", _pad(IMPLEMENTATION_VERSION, b" ")),
-    ] + ([_short(0x0016, b"AE", _pad(source_ae.strip()[:16], b" "))] if source_ae.strip() else []))
+    body = b"".join(
+        [
+            struct.pack("<HH", 0x0002, 0x0001) + b"OB\x00\x00" + struct.pack("<I", 2) + b"\x00\x01",
+            _short(0x0002, b"UI", _pad(sop_class_uid, b"\x00")),
+            _short(0x0003, b"UI", _pad(sop_instance_uid, b"\x00")),
+            _short(0x0010, b"UI", _pad(transfer_syntax_uid, b"\x00")),
+            _short(0x0012, b"UI", _pad(str(PYDICOM_IMPLEMENTATION_UID), b"\x00")),
+            _short(0x0013, b"SH", _pad(IMPLEMENTATION_VERSION, b" ")),
+        ]
+        + ([_short(0x0016, b"AE", _pad(source_ae.strip()[:16], b" "))] if source_ae.strip() else [])
+    )
     length = struct.pack("<HH", 0x0002, 0x0000) + b"UL" + struct.pack("<HI", 4, len(body))
     return _PREAMBLE + length + body

@@ -52,8 +52,16 @@ def read_header(data: bytes) -> InstanceHeader:
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         ds.StudyInstanceUID  # noqa: B018 - force the parse of the elements we need
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, AttributeError,
-            OSError, NotImplementedError) as exc:
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        TypeError,
+        KeyError,
+        AttributeError,
+        OSError,
+        NotImplementedError,
+    ) as exc:
         raise UnreadableDatasetError(f"cannot parse dataset: {exc}") from None
     meta = getattr(ds, "file_meta", None)
     return InstanceHeader(
@@ -106,10 +114,15 @@ def _record(
         study = s.scalar(select(Study).where(Study.study_instance_uid == h.study_uid))
         if study is None:
             study = Study(
-                study_instance_uid=h.study_uid, patient_id=h.patient_id,
-                patient_name=h.patient_name, accession_number=h.accession_number,
-                study_date=h.study_date, study_description=h.study_description,
-                modality=h.modality, received_at=now, last_instance_at=now,
+                study_instance_uid=h.study_uid,
+                patient_id=h.patient_id,
+                patient_name=h.patient_name,
+                accession_number=h.accession_number,
+                study_date=h.study_date,
+                study_description=h.study_description,
+                modality=h.modality,
+                received_at=now,
+                last_instance_at=now,
                 state=StudyState.RECEIVING,
             )
             s.add(study)
@@ -117,11 +130,19 @@ def _record(
         existing = s.scalar(select(Instance.id).where(Instance.sop_instance_uid == h.sop_uid))
         if existing is not None:
             return False
-        s.add(Instance(
-            study_id=study.id, sop_instance_uid=h.sop_uid, sop_class_uid=h.sop_class_uid,
-            series_instance_uid=h.series_uid, transfer_syntax_uid=h.transfer_syntax_uid,
-            spool_path=str(path), size_bytes=size, calling_ae=calling_ae, received_at=now,
-        ))
+        s.add(
+            Instance(
+                study_id=study.id,
+                sop_instance_uid=h.sop_uid,
+                sop_class_uid=h.sop_class_uid,
+                series_instance_uid=h.series_uid,
+                transfer_syntax_uid=h.transfer_syntax_uid,
+                spool_path=str(path),
+                size_bytes=size,
+                calling_ae=calling_ae,
+                received_at=now,
+            )
+        )
         study.instance_count += 1
         study.last_instance_at = now
         if study.state != StudyState.RECEIVING:

@@ -113,8 +113,7 @@ def reconcile_spool(settings: Settings) -> int:
 class Listener:
     """A running SCP with its sweeper; ``stop()`` shuts both down."""
 
-    def __init__(self, settings: Settings, *, sweeper: bool = True,
-                 publish: Any = None) -> None:
+    def __init__(self, settings: Settings, *, sweeper: bool = True, publish: Any = None) -> None:
         self.settings = settings
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         upgrade(settings.database_url)
@@ -134,8 +133,11 @@ class Listener:
             )
             self.sweeper.start()
         logger.info(
-            "listening as %s on %s:%d (TLS %s)", settings.ae_title, settings.dicom_host,
-            self.port, "on" if settings.tls_enabled else "off",
+            "listening as %s on %s:%d (TLS %s)",
+            settings.ae_title,
+            settings.dicom_host,
+            self.port,
+            "on" if settings.tls_enabled else "off",
         )
 
     @property
@@ -166,8 +168,10 @@ def run_listener(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     listener = Listener(settings)
-    print(f"covidct listener: AE {settings.ae_title} on {settings.dicom_host}:{listener.port}",
-          flush=True)
+    print(
+        f"covidct listener: AE {settings.ae_title} on {settings.dicom_host}:{listener.port}",
+        flush=True,
+    )
     done.wait()
     logger.info("stopping listener")
     listener.stop()

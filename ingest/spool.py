@@ -35,8 +35,11 @@ def validate_uid(value: object, what: str) -> str:
 
 def instance_path(spool: Path, study_uid: str, series_uid: str, sop_uid: str) -> Path:
     """spool/<study>/<series>/<sop>.dcm; every part must be a validated UID."""
-    for uid, what in ((study_uid, "StudyInstanceUID"), (series_uid, "SeriesInstanceUID"),
-                      (sop_uid, "SOPInstanceUID")):
+    for uid, what in (
+        (study_uid, "StudyInstanceUID"),
+        (series_uid, "SeriesInstanceUID"),
+        (sop_uid, "SOPInstanceUID"),
+    ):
         validate_uid(uid, what)
     return spool / study_uid / series_uid / (sop_uid + SUFFIX)
 

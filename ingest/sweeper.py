@@ -56,34 +56,49 @@ class Sweeper:
         s, url, result = self.settings, self.settings.database_url, SweepResult()
         stable_before = now - timedelta(seconds=s.stable_seconds)
         with session_scope(url) as session:
-            ready = session.scalars(select(Study.id).where(
-                Study.state == StudyState.RECEIVING, Study.last_instance_at <= stable_before
-            )).all()
-            waiting = session.scalars(select(Study.id).where(
-                Study.state == StudyState.QUEUED,
-                Study.queued_at <= now - timedelta(seconds=s.requeue_seconds),
-            )).all()
-            stale = session.scalars(select(Study.id).where(
-                Study.state == StudyState.PROCESSING,
-                or_(Study.heartbeat_at.is_(None),
-                    Study.heartbeat_at <= now - timedelta(seconds=s.task_stale_seconds)),
-            )).all()
-            due = session.scalars(select(Delivery.id).where(
-                Delivery.state == DeliveryState.PENDING,
-                or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
-            )).all()
+            ready = session.scalars(
+                select(Study.id).where(
+                    Study.state == StudyState.RECEIVING, Study.last_instance_at <= stable_before
+                )
+            ).all()
+            waiting = session.scalars(
+                select(Study.id).where(
+                    Study.state == StudyState.QUEUED,
+                    Study.queued_at <= now - timedelta(seconds=s.requeue_seconds),
+                )
+            ).all()
+            stale = session.scalars(
+                select(Study.id).where(
+                    Study.state == StudyState.PROCESSING,
+                    or_(
+                        Study.heartbeat_at.is_(None),
+                        Study.heartbeat_at <= now - timedelta(seconds=s.task_stale_seconds),
+                    ),
+                )
+            ).all()
+            due = session.scalars(
+                select(Delivery.id).where(
+                    Delivery.state == DeliveryState.PENDING,
+                    or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+                )
+            ).all()
 
         for study_id in ready:
-            if self._transition(study_id, StudyState.RECEIVING, now,
-                                extra=Study.last_instance_at <= stable_before):
+            if self._transition(
+                study_id, StudyState.RECEIVING, now, extra=Study.last_instance_at <= stable_before
+            ):
                 if self._publish(STUDY_TASK, study_id, result, revert=StudyState.RECEIVING):
                     result.queued += 1
         for study_id in waiting:
             if self._publish(STUDY_TASK, study_id, result, touch=now):
                 result.requeued += 1
         for study_id in stale:
-            if self._transition(study_id, StudyState.PROCESSING, now,
-                                reason="worker stopped answering; queued again"):
+            if self._transition(
+                study_id,
+                StudyState.PROCESSING,
+                now,
+                reason="worker stopped answering; queued again",
+            ):
                 logger.warning("study id %d: worker lost, queued again", study_id)
                 if self._publish(STUDY_TASK, study_id, result, revert=None):
                     result.recovered += 1
@@ -103,8 +118,14 @@ class Sweeper:
                         row.next_attempt_at = now
         return result
 
-    def _transition(self, study_id: int, from_state: StudyState, now: datetime,
-                    extra: object = None, reason: str = "") -> bool:
+    def _transition(
+        self,
+        study_id: int,
+        from_state: StudyState,
+        now: datetime,
+        extra: object = None,
+        reason: str = "",
+    ) -> bool:
         cond = and_(Study.id == study_id, Study.state == from_state)
         if extra is not None:
             cond = and_(cond, extra)
@@ -114,8 +135,14 @@ class Sweeper:
         with session_scope(self.settings.database_url) as session:
             return session.execute(update(Study).where(cond).values(**values)).rowcount == 1
 
-    def _publish(self, task: str, obj_id: int, result: SweepResult,
-                 revert: StudyState | None = None, touch: datetime | None = None) -> bool:
+    def _publish(
+        self,
+        task: str,
+        obj_id: int,
+        result: SweepResult,
+        revert: StudyState | None = None,
+        touch: datetime | None = None,
+    ) -> bool:
         try:
             self.publish(task, obj_id)
         except Exception as exc:
@@ -123,9 +150,11 @@ class Sweeper:
             logger.warning("broker unavailable, %s %d stays in the store: %s", task, obj_id, exc)
             if revert is not None:
                 with session_scope(self.settings.database_url) as session:
-                    session.execute(update(Study).where(
-                        Study.id == obj_id, Study.state == StudyState.QUEUED
-                    ).values(state=revert, queued_at=None))
+                    session.execute(
+                        update(Study)
+                        .where(Study.id == obj_id, Study.state == StudyState.QUEUED)
+                        .values(state=revert, queued_at=None)
+                    )
             return False
         if touch is not None:
             with session_scope(self.settings.database_url) as session:
@@ -148,4 +177,6 @@ class Sweeper:
             try:
                 self.sweep_once()
             except Exception:
-                logger.exception("sweep failed; trying again in %.1f s", self.settings.sweep_seconds)
+                logger.exception(
+                    "sweep failed; trying again in %.1f s", self.settings.sweep_seconds
+                )

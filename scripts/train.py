@@ -36,22 +36,39 @@ LICENSES = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", action="append", required=True, type=Path,
-                   help="dataset folder with train/ and val/ (repeatable)")
+    p.add_argument(
+        "--data",
+        action="append",
+        required=True,
+        type=Path,
+        help="dataset folder with train/ and val/ (repeatable)",
+    )
     p.add_argument("--recipe", choices=sorted(T.RECIPES), default="covidct")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epochs", type=int, help="override the recipe's epochs")
     p.add_argument("--out", type=Path, default=Path("models"))
     p.add_argument("--name", default=None, help="file stem (default: covidct or paper)")
-    p.add_argument("--dicom-study", action="append", type=Path, default=[],
-                   help="a folder of one real DICOM series to report a study probability for")
+    p.add_argument(
+        "--dicom-study",
+        action="append",
+        type=Path,
+        default=[],
+        help="a folder of one real DICOM series to report a study probability for",
+    )
     p.add_argument("--limit", type=int, help="at most this many images per class (tests)")
-    p.add_argument("--cache", type=Path, help="folder for preprocessed splits (PNG strips): "
-                   "read if present, else written; lets training run where the data is not")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        help="folder for preprocessed splits (PNG strips): "
+        "read if present, else written; lets training run where the data is not",
+    )
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--report-only", action="store_true",
-                   help="do not train: add the --dicom-study results to the existing model card")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="do not train: add the --dicom-study results to the existing model card",
+    )
     return p.parse_args(argv)
 
 
@@ -86,8 +103,10 @@ def dicom_study_report(model, temperature: float, threshold: float, folder: Path
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+    )
     recipe = T.RECIPES[args.recipe]
     name = args.name or ("paper" if args.recipe == "paper" else "covidct")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,15 +120,26 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for seed in args.seeds:
         print(f"== seed {seed}")
-        model, history = T.train(recipe, train_splits, val_splits, seed=seed,
-                                 epochs=args.epochs, verbose=0 if args.quiet else 1)
-        summary = T.summarise(model, val_splits, bootstrap=args.bootstrap,
-                              calibrate=args.recipe != "paper")
+        model, history = T.train(
+            recipe,
+            train_splits,
+            val_splits,
+            seed=seed,
+            epochs=args.epochs,
+            verbose=0 if args.quiet else 1,
+        )
+        summary = T.summarise(
+            model, val_splits, bootstrap=args.bootstrap, calibrate=args.recipe != "paper"
+        )
         aucs = {k: v["metrics"]["auc"] for k, v in summary["datasets"].items()}
         print(f"seed {seed}: val AUC {aucs}, best epoch {history.best_epoch}", flush=True)
         (args.out / "seeds").mkdir(exist_ok=True)
-        _save_without_optimizer(model, recipe.architecture, len(train_splits),
-                                args.out / "seeds" / f"{name}-seed{seed}.keras")
+        _save_without_optimizer(
+            model,
+            recipe.architecture,
+            len(train_splits),
+            args.out / "seeds" / f"{name}-seed{seed}.keras",
+        )
         runs.append((seed, model, history, summary, aucs))
 
     seed, model, history, summary, _ = max(runs, key=lambda r: float(np.mean(list(r[4].values()))))
@@ -135,8 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         "seed": seed,
         "seeds": [{"seed": s, "val_auc": a, "best_epoch": h.best_epoch} for s, _, h, _, a in runs],
         "seed_summary": {
-            k: {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v)),
-                "std": float(np.std(v))}
+            k: {
+                "mean": float(np.mean(v)),
+                "min": float(np.min(v)),
+                "max": float(np.max(v)),
+                "std": float(np.std(v)),
+            }
             for k, v in {k: [r[4][k] for r in runs] for k in runs[0][4]}.items()
         },
         "best_epoch": history.best_epoch,
@@ -144,11 +178,18 @@ def main(argv: list[str] | None = None) -> int:
         "history": history.epochs,
         "validation": summary["datasets"],
         "validation_pooled": summary["pooled"],
-        "data": [{"name": s.dataset, "train": len(s), "val": len(v),
-                  "license": LICENSES.get(s.dataset, "see the dataset's README")}
-                 for s, v in zip(train_splits, val_splits, strict=True)],
+        "data": [
+            {
+                "name": s.dataset,
+                "train": len(s),
+                "val": len(v),
+                "license": LICENSES.get(s.dataset, "see the dataset's README"),
+            }
+            for s, v in zip(train_splits, val_splits, strict=True)
+        ],
         "license": "CC BY-NC-SA 4.0 (inherited from sars-cov-2-ct)"
-        if any(s.dataset == "sars-cov-2-ct" for s in train_splits) else "see data",
+        if any(s.dataset == "sars-cov-2-ct" for s in train_splits)
+        else "see data",
         "intended_use": "Research and triage support on axial chest CT. Not a diagnosis.",
         "limits": [
             "Validated on val splits only; the test splits are scored independently.",

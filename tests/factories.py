@@ -12,10 +12,10 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
     RLELossless,
-    ExplicitVRLittleEndian,
     generate_uid,
 )
 
@@ -29,12 +29,32 @@ def enhanced_ct(frames: int = 12, rows: int = 512) -> Dataset:
     slices = make_study([SeriesSpec(slices=frames, rows=rows)])
     first = slices[0]
     ds = Dataset()
-    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-               "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName",
-               "StudyDescription", "Modality", "Manufacturer", "FrameOfReferenceUID",
-               "ContentDate", "ContentTime", "Rows", "Columns", "SamplesPerPixel",
-               "PhotometricInterpretation", "BitsAllocated", "BitsStored", "HighBit",
-               "PixelRepresentation"):
+    for kw in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "ReferringPhysicianName",
+        "StudyDescription",
+        "Modality",
+        "Manufacturer",
+        "FrameOfReferenceUID",
+        "ContentDate",
+        "ContentTime",
+        "Rows",
+        "Columns",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+    ):
         setattr(ds, kw, getattr(first, kw))
     ds.SOPClassUID = ENHANCED_CT
     ds.SOPInstanceUID = generate_uid(prefix=ROOT)

@@ -10,8 +10,14 @@ from typing import Any
 import numpy as np
 
 
-def make_tiny_model(path: Path, *, weight: float = 8.0, bias: float = -4.0,
-                    threshold: float = 0.5, version: str = "tiny-test-1") -> Path:
+def make_tiny_model(
+    path: Path,
+    *,
+    weight: float = 8.0,
+    bias: float = -4.0,
+    threshold: float = 0.5,
+    version: str = "tiny-test-1",
+) -> Path:
     """A model whose output is sigmoid(weight * mean(pixels)/255 + bias): known exactly."""
     import keras
 

@@ -17,6 +17,9 @@ from tests.test_e2e import ROOT, base_env, cli, serve, wait
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 SHOTS = ROOT / "var" / "screenshots"
+ALL_LOADED = (
+    "() => [...document.querySelectorAll('%s')].every(i => i.complete && i.naturalWidth > 0)"
+)
 
 
 def send(env: dict[str, str], datasets: list) -> None:  # type: ignore[type-arg]
@@ -40,10 +43,19 @@ def test_dashboard_in_chromium(tmp_path: Path) -> None:
     env = base_env(tmp_path)
     SHOTS.mkdir(parents=True, exist_ok=True)
     with serve(env, tmp_path / "serve.log"):
-        cli(env, "create-user", "radiologist", "--admin", "--password-stdin",
-            stdin="a good password\n")
-        study = make_study([SeriesSpec(slices=30, ground_glass=True), SeriesSpec(kind="localizer")],
-                           patient_name="<b>Browser</b>^Test", patient_id="BRW001")
+        cli(
+            env,
+            "create-user",
+            "radiologist",
+            "--admin",
+            "--password-stdin",
+            stdin="a good password\n",
+        )
+        study = make_study(
+            [SeriesSpec(slices=30, ground_glass=True), SeriesSpec(kind="localizer")],
+            patient_name="<b>Browser</b>^Test",
+            patient_id="BRW001",
+        )
         send(env, study)
         base = f"http://127.0.0.1:{env['COVIDCT_WEB_PORT']}"
         png = tmp_path / "slice.png"
@@ -52,9 +64,15 @@ def test_dashboard_in_chromium(tmp_path: Path) -> None:
         img.save(png)
         with sync_playwright() as p:
             browser = p.chromium.launch(
-                executable_path=chromium, headless=True,
-                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--disable-component-update", "--no-first-run"],
+                executable_path=chromium,
+                headless=True,
+                args=[
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--no-first-run",
+                ],
             )
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(f"{base}/")
@@ -66,28 +84,32 @@ def test_dashboard_in_chromium(tmp_path: Path) -> None:
             expect(page.locator("p.notice")).to_contain_text("not a diagnosis")
             # the page refreshes itself until the study is done
             row = page.locator("table.worklist tbody tr").first
-            wait(lambda: (page.reload() or True) and "done" in row.inner_text(), 120,
-                 "the study to be done in the worklist")
+            wait(
+                lambda: (page.reload() or True) and "done" in row.inner_text(),
+                120,
+                "the study to be done in the worklist",
+            )
             assert "<b>Browser</b> Test" in row.inner_text()  # HTML shown as text
             page.screenshot(path=str(SHOTS / "worklist.png"), full_page=True)
             row.locator("a").first.click()
             expect(page.locator("section.verdict h2")).to_contain_text("COVID-19:")
             expect(page.locator("svg.chart polyline")).to_have_count(1)
             expect(page.locator(".slices figure")).to_have_count(4)
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('.slices img')].every(i => i.complete && i.naturalWidth > 0)")
+            page.wait_for_function(ALL_LOADED % ".slices img")
             page.screenshot(path=str(SHOTS / "study.png"), full_page=True)
             page.click("text=Uploads")
             page.set_input_files("input[type=file]", str(png))
             page.click("text=Upload and classify")
             expect(page.locator(".flashes")).to_contain_text("1 image(s) queued")
             upload_row = page.locator("table.uploads tbody tr").first
-            wait(lambda: (page.reload() or True) and "done" in upload_row.inner_text(), 120,
-                 "the upload to be classified")
+            wait(
+                lambda: (page.reload() or True) and "done" in upload_row.inner_text(),
+                120,
+                "the upload to be classified",
+            )
             text = upload_row.inner_text()
             assert "slice.png" in text and ("COVID-19" in text or "non-COVID" in text)
-            page.wait_for_function(
-                "() => [...document.querySelectorAll('table.uploads img')].every(i => i.complete && i.naturalWidth > 0)")
+            page.wait_for_function(ALL_LOADED % "table.uploads img")
             page.screenshot(path=str(SHOTS / "uploads.png"), full_page=True)
             browser.close()
     assert (SHOTS / "worklist.png").stat().st_size > 10_000

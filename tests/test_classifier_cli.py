@@ -36,8 +36,15 @@ def make_image_folder(root: Path, per_class: int = 6, seed: int = 0) -> Path:
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | (env or {})
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=full,
-                          timeout=600, check=False, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        env=full,
+        timeout=600,
+        check=False,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.slow
@@ -45,14 +52,32 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def test_train_one_epoch_each_recipe(tmp_path: Path, recipe: str) -> None:
     data = make_image_folder(tmp_path / "toy")
     out = tmp_path / "out"
-    res = run_cli("scripts/train.py", "--data", str(data), "--recipe", recipe, "--epochs", "1",
-                  "--out", str(out), "--bootstrap", "20", "--quiet")
+    res = run_cli(
+        "scripts/train.py",
+        "--data",
+        str(data),
+        "--recipe",
+        recipe,
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+        "--bootstrap",
+        "20",
+        "--quiet",
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     stem = "paper" if recipe == "paper" else "covidct"
     card = json.loads((out / f"{stem}.card.json").read_text())
     assert card["recipe"] == recipe and len(card["history"]) == 1
-    assert set(card["validation"]["toy"]["metrics"]) >= {"accuracy", "auc", "sensitivity",
-                                                         "specificity", "f1", "ci95"}
+    assert set(card["validation"]["toy"]["metrics"]) >= {
+        "accuracy",
+        "auc",
+        "sensitivity",
+        "specificity",
+        "f1",
+        "ci95",
+    }
     assert 0.0 <= card["threshold"] <= 1.0
     for plot in ("accuracy", "loss", "roc", "confusion", "reliability"):
         assert (out / f"{stem}.{plot}.png").stat().st_size > 1000
@@ -64,16 +89,20 @@ def test_train_one_epoch_each_recipe(tmp_path: Path, recipe: str) -> None:
         import h5py
 
         with z.open("model.weights.h5") as fh, h5py.File(fh) as h5:
-            assert "optimizer" not in h5 or len(h5["optimizer"].keys()) == 0 or not any(
-                True for _ in h5["optimizer"].get("vars", {}).keys())
+            assert (
+                "optimizer" not in h5
+                or len(h5["optimizer"].keys()) == 0
+                or not any(True for _ in h5["optimizer"].get("vars", {}).keys())
+            )
 
 
 @pytest.mark.slow
 def test_evaluate_matches_known_outputs(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "toy", per_class=8) / "val"
     model = make_tiny_model(tmp_path / "tiny.keras")
-    res = run_cli("-m", "covidct.cli", "evaluate", "--data", str(data), "--model", str(model),
-                  "--json")
+    res = run_cli(
+        "-m", "covidct.cli", "evaluate", "--data", str(data), "--model", str(model), "--json"
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     got = json.loads(res.stdout)
     files = sorted((data / "CT_COVID").iterdir()) + sorted((data / "CT_NonCOVID").iterdir())
@@ -93,8 +122,9 @@ def test_predict_dicom_and_png(tmp_path: Path) -> None:
     Image.new("L", (300, 300), 200).save(png)
     bad = tmp_path / "fake.png"
     bad.write_text("not an image")
-    res = run_cli("-m", "covidct.cli", "predict", str(dcm), str(png), str(bad),
-                  "--model", str(model))
+    res = run_cli(
+        "-m", "covidct.cli", "predict", str(dcm), str(png), str(bad), "--model", str(model)
+    )
     assert res.returncode == 1  # one file failed
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 3

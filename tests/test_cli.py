@@ -12,16 +12,29 @@ import pytest
 pytestmark = pytest.mark.unit
 
 SUBCOMMANDS = [
-    "serve", "listener", "worker", "web", "evaluate", "predict", "create-user",
-    "create-token", "demo", "db",
+    "serve",
+    "listener",
+    "worker",
+    "web",
+    "evaluate",
+    "predict",
+    "create-user",
+    "create-token",
+    "demo",
+    "db",
 ]
 
 
 def run(args: list[str], env: dict[str, str], stdin: str = "") -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | env
     return subprocess.run(
-        [sys.executable, "-m", "covidct.cli", *args], input=stdin, capture_output=True,
-        text=True, env=full_env, timeout=120, check=False,
+        [sys.executable, "-m", "covidct.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+        check=False,
     )
 
 

@@ -23,8 +23,11 @@ def compose() -> dict:
 
 def substitute(value: str) -> str:
     """Fill ${VAR:?msg} and ${VAR:-default} the way compose would, with sample values."""
-    samples = {"POSTGRES_PASSWORD": "pw", "COVIDCT_SECRET_KEY": "k" * 32,
-               "COVIDCT_ALLOWED_AES": "PACS1,CT1"}
+    samples = {
+        "POSTGRES_PASSWORD": "pw",
+        "COVIDCT_SECRET_KEY": "k" * 32,
+        "COVIDCT_ALLOWED_AES": "PACS1,CT1",
+    }
 
     def fill(m: re.Match) -> str:
         name, op, rest = m.group(1), m.group(2), m.group(3) or ""

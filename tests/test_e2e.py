@@ -44,23 +44,32 @@ def wait(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
 
 def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")}
-    return env | {
-        "COVIDCT_DATA_DIR": str(tmp_path / "var"),
-        "COVIDCT_DICOM_PORT": str(free_port()),
-        "COVIDCT_WEB_PORT": str(free_port()),
-        "COVIDCT_STABLE_SECONDS": str(STABLE),
-        "COVIDCT_SWEEP_SECONDS": "0.3",
-        "COVIDCT_SR_RETRY_BASE_SECONDS": "1",
-        "TCP_NODELAY": "1",
-    } | extra
+    return (
+        env
+        | {
+            "COVIDCT_DATA_DIR": str(tmp_path / "var"),
+            "COVIDCT_DICOM_PORT": str(free_port()),
+            "COVIDCT_WEB_PORT": str(free_port()),
+            "COVIDCT_STABLE_SECONDS": str(STABLE),
+            "COVIDCT_SWEEP_SECONDS": "0.3",
+            "COVIDCT_SR_RETRY_BASE_SECONDS": "1",
+            "TCP_NODELAY": "1",
+        }
+        | extra
+    )
 
 
 @contextmanager
 def serve(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     assert SHIPPED_MODEL.is_file(), "the shipped model is committed under models/"
     with log.open("w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "covidct.cli", "serve"], env=env,
-                                cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "covidct.cli", "serve"],
+            env=env,
+            cwd=ROOT,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
     try:
         web = f"http://127.0.0.1:{env['COVIDCT_WEB_PORT']}/healthz"
 
@@ -87,14 +96,24 @@ def serve(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
 
 
 def cli(env: dict[str, str], *args: str, stdin: str = "") -> str:
-    out = subprocess.run([sys.executable, "-m", "covidct.cli", *args], env=env, cwd=ROOT,
-                         input=stdin, capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "covidct.cli", *args],
+        env=env,
+        cwd=ROOT,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return out.stdout.strip()
 
 
 def api(env: dict[str, str], token: str, path: str) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{env['COVIDCT_WEB_PORT']}{path}",
-                                 headers={"Authorization": f"Bearer {token}"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{env['COVIDCT_WEB_PORT']}{path}",
+        headers={"Authorization": f"Bearer {token}"},
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
 
@@ -105,9 +124,12 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     exe = need_tool("storescp")
     port, folder = free_port(), tmp_path / "pacs"
     folder.mkdir()
-    proc = subprocess.Popen([exe, "-aet", "PACS", "-od", str(folder), "+xa", str(port)],
-                            env=os.environ | {"TCP_NODELAY": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "-aet", "PACS", "-od", str(folder), "+xa", str(port)],
+        env=os.environ | {"TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait(lambda: port_open("127.0.0.1", port), 20, "storescp")
         yield port, folder
@@ -118,12 +140,31 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
 def send_study(env: dict[str, str], tmp_path: Path) -> tuple[str, float]:
     """A multi-series CT study (axial, localizer, derived) sent by DCMTK's storescu."""
-    study = make_study([SeriesSpec(slices=40, ground_glass=True), SeriesSpec(kind="localizer"),
-                        SeriesSpec(slices=6, kind="derived")], patient_name="E2E^Test")
+    study = make_study(
+        [
+            SeriesSpec(slices=40, ground_glass=True),
+            SeriesSpec(kind="localizer"),
+            SeriesSpec(slices=6, kind="derived"),
+        ],
+        patient_name="E2E^Test",
+    )
     files = write_study(study, tmp_path / "study")
-    res = subprocess.run([need_tool("storescu"), "-aec", "COVIDCT", "-aet", "MODALITY",
-                          "127.0.0.1", env["COVIDCT_DICOM_PORT"], *map(str, files)],
-                         env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            need_tool("storescu"),
+            "-aec",
+            "COVIDCT",
+            "-aet",
+            "MODALITY",
+            "127.0.0.1",
+            env["COVIDCT_DICOM_PORT"],
+            *map(str, files),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     return str(study[0].StudyInstanceUID), time.time()
 
@@ -137,10 +178,20 @@ def record_latency(name: str, seconds: float) -> None:
     folder = ROOT / "var" / "measurements"
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / "e2e_latency.jsonl").open("a") as fh:
-        fh.write(json.dumps({"test": name, "seconds": round(seconds, 3),
-                             "at": datetime.now().isoformat(timespec="seconds")}) + "\n")
-    print(f"\n{name}: last instance received -> SR acknowledged, minus the "
-          f"{STABLE:.0f} s stability window: {seconds:.2f} s")
+        fh.write(
+            json.dumps(
+                {
+                    "test": name,
+                    "seconds": round(seconds, 3),
+                    "at": datetime.now().isoformat(timespec="seconds"),
+                }
+            )
+            + "\n"
+        )
+    print(
+        f"\n{name}: last instance received -> SR acknowledged, minus the "
+        f"{STABLE:.0f} s stability window: {seconds:.2f} s"
+    )
 
 
 def latency_sqlite(db: Path, study_uid: str) -> float:
@@ -149,10 +200,14 @@ def latency_sqlite(db: Path, study_uid: str) -> float:
         last, delivered = con.execute(
             "SELECT s.last_instance_at, d.delivered_at FROM studies s "
             "JOIN reports r ON r.study_id = s.id JOIN deliveries d ON d.report_id = r.id "
-            "WHERE s.study_instance_uid = ?", (study_uid,)).fetchone()
+            "WHERE s.study_instance_uid = ?",
+            (study_uid,),
+        ).fetchone()
     finally:
         con.close()
-    return (datetime.fromisoformat(delivered) - datetime.fromisoformat(last)).total_seconds() - STABLE
+    return (
+        datetime.fromisoformat(delivered) - datetime.fromisoformat(last)
+    ).total_seconds() - STABLE
 
 
 def run_full_path(env: dict[str, str], tmp_path: Path, pacs_dir: Path) -> tuple[str, dict]:
@@ -175,6 +230,7 @@ def run_full_path(env: dict[str, str], tmp_path: Path, pacs_dir: Path) -> tuple[
     sr_file = next(p for p in pacs_dir.iterdir() if p.is_file())
     assert dciodvfy_errors(sr_file) == []
     assert sr.StudyInstanceUID == study_uid and sr.Modality == "SR"
+
     def delivered() -> dict | None:
         d = api(env, token, f"/api/studies/{study_uid}")
         return d if d["report_state"] == "delivered" else None
@@ -194,8 +250,10 @@ def test_serve_embedded_with_dcmtk(tmp_path: Path) -> None:
         env = base_env(tmp_path, COVIDCT_DESTINATIONS=f"PACS@127.0.0.1:{pacs_port}")
         with serve(env, tmp_path / "serve.log"):
             study_uid, _ = run_full_path(env, tmp_path, pacs_dir)
-    record_latency("embedded (SQLite, filesystem queue)",
-                   latency_sqlite(tmp_path / "var" / "covidct.sqlite3", study_uid))
+    record_latency(
+        "embedded (SQLite, filesystem queue)",
+        latency_sqlite(tmp_path / "var" / "covidct.sqlite3", study_uid),
+    )
 
 
 def test_serve_with_redis_and_postgresql(tmp_path: Path, pg_url: str) -> None:
@@ -206,17 +264,24 @@ def test_serve_with_redis_and_postgresql(tmp_path: Path, pg_url: str) -> None:
     db = 3
     redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db).flushdb()
     with storescp(tmp_path) as (pacs_port, pacs_dir):
-        env = base_env(tmp_path, COVIDCT_DESTINATIONS=f"PACS@127.0.0.1:{pacs_port}",
-                       COVIDCT_BROKER_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}",
-                       COVIDCT_DATABASE_URL=pg_url)
+        env = base_env(
+            tmp_path,
+            COVIDCT_DESTINATIONS=f"PACS@127.0.0.1:{pacs_port}",
+            COVIDCT_BROKER_URL=f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}",
+            COVIDCT_DATABASE_URL=pg_url,
+        )
         with serve(env, tmp_path / "serve.log"):
             study_uid, _ = run_full_path(env, tmp_path, pacs_dir)
     engine = sa.create_engine(pg_url)
     with engine.connect() as conn:
-        last, delivered = conn.execute(sa.text(
-            "SELECT s.last_instance_at, d.delivered_at FROM studies s JOIN reports r ON "
-            "r.study_id = s.id JOIN deliveries d ON d.report_id = r.id "
-            "WHERE s.study_instance_uid = :u"), {"u": study_uid}).one()
+        last, delivered = conn.execute(
+            sa.text(
+                "SELECT s.last_instance_at, d.delivered_at FROM studies s JOIN reports r ON "
+                "r.study_id = s.id JOIN deliveries d ON d.report_id = r.id "
+                "WHERE s.study_instance_uid = :u"
+            ),
+            {"u": study_uid},
+        ).one()
     engine.dispose()
     record_latency("Redis + PostgreSQL", (delivered - last).total_seconds() - STABLE)
 
@@ -228,20 +293,31 @@ def orthanc(tmp_path: Path, covidct_port: int) -> Iterator[tuple[int, int]]:
     storage = tmp_path / "orthanc"
     storage.mkdir()
     config = {
-        "Name": "covidct-test-pacs", "StorageDirectory": str(storage),
-        "IndexDirectory": str(storage), "HttpPort": http, "DicomPort": dicom,
-        "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
+        "Name": "covidct-test-pacs",
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "HttpPort": http,
+        "DicomPort": dicom,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowStore": True,
         "DicomModalities": {"covidct": ["COVIDCT", "127.0.0.1", covidct_port]},
-        "Plugins": [], "HttpsVerifyPeers": False, "StableAge": 1,
+        "Plugins": [],
+        "HttpsVerifyPeers": False,
+        "StableAge": 1,
     }
     cfg = tmp_path / "orthanc.json"
     cfg.write_text(json.dumps(config))
-    proc = subprocess.Popen([exe, str(cfg)], env=os.environ | {"TCP_NODELAY": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, str(cfg)],
+        env=os.environ | {"TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait(lambda: port_open("127.0.0.1", http) and port_open("127.0.0.1", dicom), 60,
-             "Orthanc")
+        wait(lambda: port_open("127.0.0.1", http) and port_open("127.0.0.1", dicom), 60, "Orthanc")
         yield http, dicom
     finally:
         proc.kill()
@@ -249,8 +325,9 @@ def orthanc(tmp_path: Path, covidct_port: int) -> Iterator[tuple[int, int]]:
 
 
 def orthanc_call(http: int, path: str, body: bytes | None = None) -> object:
-    req = urllib.request.Request(f"http://127.0.0.1:{http}{path}", data=body,
-                                 method="POST" if body is not None else "GET")
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{http}{path}", data=body, method="POST" if body is not None else "GET"
+    )
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read() or b"null")
 
@@ -259,19 +336,27 @@ def test_orthanc_as_the_hospital_pacs(tmp_path: Path) -> None:
     env = base_env(tmp_path, COVIDCT_ALLOWED_AES="ORTHANC")
     with orthanc(tmp_path, int(env["COVIDCT_DICOM_PORT"])) as (http, dicom):
         env["COVIDCT_DESTINATIONS"] = f"ORTHANC@127.0.0.1:{dicom}"
-        study = make_study([SeriesSpec(slices=30, ground_glass=True),
-                            SeriesSpec(kind="localizer")], patient_id="ORTH01")
+        study = make_study(
+            [SeriesSpec(slices=30, ground_glass=True), SeriesSpec(kind="localizer")],
+            patient_id="ORTH01",
+        )
         for path in write_study(study, tmp_path / "study"):
             orthanc_call(http, "/instances", path.read_bytes())
         (orthanc_study,) = orthanc_call(http, "/studies")  # type: ignore[misc]
         with serve(env, tmp_path / "serve.log"):
-            orthanc_call(http, "/modalities/covidct/store", json.dumps(
-                {"Resources": [orthanc_study], "Synchronous": True}).encode())
+            orthanc_call(
+                http,
+                "/modalities/covidct/store",
+                json.dumps({"Resources": [orthanc_study], "Synchronous": True}).encode(),
+            )
 
             def sr_series() -> list:
                 series = orthanc_call(http, f"/studies/{orthanc_study}/series")
-                return [s for s in series  # type: ignore[union-attr]
-                        if s["MainDicomTags"].get("Modality") == "SR"]
+                return [
+                    s
+                    for s in series  # type: ignore[union-attr]
+                    if s["MainDicomTags"].get("Modality") == "SR"
+                ]
 
             (sr,) = wait(sr_series, 180, "the SR filed in the same study in Orthanc")
             assert sr["MainDicomTags"]["SeriesDescription"] == "AI OUTPUT - NOT FOR DIAGNOSTIC USE"

@@ -54,17 +54,23 @@ def listener(tmp_path: Path) -> Iterator[tuple[Listener, Published]]:
     lst.stop()
 
 
-def associate(settings: Settings, calling: str = "PACS", called: str | None = None,
-              contexts: list[str] | None = None, syntaxes: list[str] | None = None,
-              tls: tuple | None = None):  # type: ignore[no-untyped-def]
+def associate(
+    settings: Settings,
+    calling: str = "PACS",
+    called: str | None = None,
+    contexts: list[str] | None = None,
+    syntaxes: list[str] | None = None,
+    tls: tuple | None = None,
+):  # type: ignore[no-untyped-def]
     ae = AE(ae_title=calling)
     for cx in contexts or [CTImageStorage, Verification]:
         if syntaxes:
             ae.add_requested_context(cx, syntaxes)
         else:
             ae.add_requested_context(cx)
-    return ae.associate("127.0.0.1", settings.dicom_port, ae_title=called or settings.ae_title,
-                        tls_args=tls)
+    return ae.associate(
+        "127.0.0.1", settings.dicom_port, ae_title=called or settings.ae_title, tls_args=tls
+    )
 
 
 def count(settings: Settings, model: type, *where: object) -> int:
@@ -82,8 +88,12 @@ def test_echo_and_store_with_pynetdicom(listener: tuple[Listener, Published]) ->
         assert assoc.send_c_store(ds).Status == 0x0000
     assoc.release()
     for ds in study:
-        path = (lst.settings.spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID /
-                f"{ds.SOPInstanceUID}.dcm")
+        path = (
+            lst.settings.spool_dir
+            / ds.StudyInstanceUID
+            / ds.SeriesInstanceUID
+            / f"{ds.SOPInstanceUID}.dcm"
+        )
         assert pydicom.dcmread(path).SOPInstanceUID == ds.SOPInstanceUID
     with session_scope(lst.settings.database_url) as s:
         st = s.scalar(select(Study))
@@ -97,10 +107,21 @@ def test_dcmtk_storescu_and_echoscu(listener: tuple[Listener, Published], tmp_pa
     port = str(lst.settings.dicom_port)
     echo = subprocess.run([echoscu, "-aec", "COVIDCT", "127.0.0.1", port], capture_output=True)
     assert echo.returncode == 0
-    files = write_study(make_study([SeriesSpec(slices=12), SeriesSpec(kind="localizer"),
-                                    SeriesSpec(slices=5, kind="derived")]), tmp_path / "in")
-    res = subprocess.run([storescu, "-aec", "COVIDCT", "-aet", "MODALITY", "127.0.0.1", port,
-                          *map(str, files)], capture_output=True, env=os.environ | {"TCP_NODELAY": "1"})
+    files = write_study(
+        make_study(
+            [
+                SeriesSpec(slices=12),
+                SeriesSpec(kind="localizer"),
+                SeriesSpec(slices=5, kind="derived"),
+            ]
+        ),
+        tmp_path / "in",
+    )
+    res = subprocess.run(
+        [storescu, "-aec", "COVIDCT", "-aet", "MODALITY", "127.0.0.1", port, *map(str, files)],
+        capture_output=True,
+        env=os.environ | {"TCP_NODELAY": "1"},
+    )
     assert res.returncode == 0, res.stderr
     assert count(lst.settings, Instance) == 18
     assert len(list(lst.settings.spool_dir.rglob("*.dcm"))) == 18
@@ -158,8 +179,9 @@ def raw_sending(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
 
 
-def test_corrupt_dataset_answers_c210(listener: tuple[Listener, Published], tmp_path: Path,
-                                      raw_sending: None) -> None:
+def test_corrupt_dataset_answers_c210(
+    listener: tuple[Listener, Published], tmp_path: Path, raw_sending: None
+) -> None:
     lst, _ = listener
     (ds,) = make_study([SeriesSpec(slices=1)])[:1]
     good = to_bytes(ds)
@@ -218,8 +240,9 @@ STORESCU_FLAG = {
 
 
 @pytest.mark.parametrize("syntax", sorted(SYNTAXES))
-def test_each_transfer_syntax_end_to_end(listener: tuple[Listener, Published], tmp_path: Path,
-                                         syntax: str, raw_sending: None) -> None:
+def test_each_transfer_syntax_end_to_end(
+    listener: tuple[Listener, Published], tmp_path: Path, syntax: str, raw_sending: None
+) -> None:
     """Sent in that syntax (DCMTK's storescu where it can propose it, else pynetdicom),
     stored as received, decoded by the worker's path."""
     lst, _ = listener
@@ -237,9 +260,19 @@ def test_each_transfer_syntax_end_to_end(listener: tuple[Listener, Published], t
         assert assoc.send_c_store(path).Status == 0
         assoc.release()
     else:
-        res = subprocess.run([storescu, "-aec", "COVIDCT", "-R", STORESCU_FLAG[syntax],
-                              "127.0.0.1", str(lst.settings.dicom_port), str(path)],
-                             capture_output=True)
+        res = subprocess.run(
+            [
+                storescu,
+                "-aec",
+                "COVIDCT",
+                "-R",
+                STORESCU_FLAG[syntax],
+                "127.0.0.1",
+                str(lst.settings.dicom_port),
+                str(path),
+            ],
+            capture_output=True,
+        )
         assert res.returncode == 0, res.stderr
     with session_scope(lst.settings.database_url) as s:
         inst = s.scalar(select(Instance))
@@ -334,7 +367,9 @@ def test_spool_file_without_record_is_recovered(tmp_path: Path) -> None:
     """A crash between the durable write and the database insert loses nothing."""
     settings = settings_for(tmp_path)
     (ds,) = make_study([SeriesSpec(slices=1)])[:1]
-    target = settings.spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    target = (
+        settings.spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+    )
     target.parent.mkdir(parents=True)
     target.write_bytes(to_bytes(ds))
     (target.parent / f".{target.name}.abc.tmp").write_bytes(b"half a file")
@@ -349,10 +384,28 @@ def test_tls_association(tmp_path: Path) -> None:
 
     openssl = need_tool("openssl")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     settings = settings_for(tmp_path, COVIDCT_TLS_CERT=str(cert), COVIDCT_TLS_KEY=str(key))
     lst = Listener(settings, publish=Published())
     try:
@@ -369,8 +422,9 @@ def test_tls_association(tmp_path: Path) -> None:
         lst.stop()
 
 
-def test_sop_class_mismatch_answers_a900(listener: tuple[Listener, Published],
-                                         raw_sending: None) -> None:
+def test_sop_class_mismatch_answers_a900(
+    listener: tuple[Listener, Published], raw_sending: None
+) -> None:
     lst, _ = listener
     (ds,) = make_study([SeriesSpec(slices=1)])[:1]
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"  # says Enhanced CT, sent as CT context
@@ -403,9 +457,21 @@ def start_redis(port: int, workdir: Path) -> subprocess.Popen:
     import redis
 
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port)
     deadline = time.monotonic() + 10
@@ -418,8 +484,9 @@ def start_redis(port: int, workdir: Path) -> subprocess.Popen:
     raise RuntimeError("redis-server did not start")
 
 
-def test_redis_down_during_transfer_loses_nothing(tmp_path: Path,
-                                                 private_redis: tuple[int, Path]) -> None:
+def test_redis_down_during_transfer_loses_nothing(
+    tmp_path: Path, private_redis: tuple[int, Path]
+) -> None:
     import redis
 
     port, workdir = private_redis

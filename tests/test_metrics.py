@@ -44,7 +44,9 @@ def test_temperature_scaling_reduces_overconfidence() -> None:
     t = M.fit_temperature(y, overconfident)
     assert 3.0 < t < 5.0
     calibrated = M.apply_temperature(overconfident, t)
-    assert M.expected_calibration_error(y, calibrated) < M.expected_calibration_error(y, overconfident)
+    assert M.expected_calibration_error(y, calibrated) < M.expected_calibration_error(
+        y, overconfident
+    )
 
 
 def test_study_aggregation_rule() -> None:

@@ -156,9 +156,18 @@ def test_effective_settings_logged_with_secrets_masked(
 def test_variable_names_cover_the_interface() -> None:
     names = variable_names()
     for required in (
-        "COVIDCT_DATA_DIR", "COVIDCT_DATABASE_URL", "COVIDCT_BROKER_URL", "COVIDCT_AE_TITLE",
-        "COVIDCT_DICOM_HOST", "COVIDCT_DICOM_PORT", "COVIDCT_ALLOWED_AES",
-        "COVIDCT_DESTINATIONS", "COVIDCT_STABLE_SECONDS", "COVIDCT_WEB_HOST",
-        "COVIDCT_WEB_PORT", "COVIDCT_SECRET_KEY", "COVIDCT_MODEL_PATH",
+        "COVIDCT_DATA_DIR",
+        "COVIDCT_DATABASE_URL",
+        "COVIDCT_BROKER_URL",
+        "COVIDCT_AE_TITLE",
+        "COVIDCT_DICOM_HOST",
+        "COVIDCT_DICOM_PORT",
+        "COVIDCT_ALLOWED_AES",
+        "COVIDCT_DESTINATIONS",
+        "COVIDCT_STABLE_SECONDS",
+        "COVIDCT_WEB_HOST",
+        "COVIDCT_WEB_PORT",
+        "COVIDCT_SECRET_KEY",
+        "COVIDCT_MODEL_PATH",
     ):
         assert required in names

@@ -29,8 +29,16 @@ from core.users import UserError, authenticate, create_token, create_user, user_
 pytestmark = pytest.mark.integration
 
 TABLES = {
-    "studies", "instances", "predictions", "reports", "deliveries", "uploads", "users",
-    "api_tokens", "audit_log", "alembic_version",
+    "studies",
+    "instances",
+    "predictions",
+    "reports",
+    "deliveries",
+    "uploads",
+    "users",
+    "api_tokens",
+    "audit_log",
+    "alembic_version",
 }
 
 
@@ -51,23 +59,53 @@ def test_study_round_trip(db_url: str) -> None:
     uid = "1.2.826.0.1.3680043.8.498.1"
     with session_scope(db_url) as s:
         study = Study(
-            study_instance_uid=uid, patient_id="P1", patient_name="Doe^Jane",
-            accession_number="A1", study_date="20260101", modality="CT",
+            study_instance_uid=uid,
+            patient_id="P1",
+            patient_name="Doe^Jane",
+            accession_number="A1",
+            study_date="20260101",
+            modality="CT",
         )
         s.add(study)
         s.flush()
         inst = Instance(
-            study_id=study.id, sop_instance_uid=uid + ".1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            series_instance_uid=uid + ".2", spool_path="spool/x.dcm", size_bytes=525_000,
+            study_id=study.id,
+            sop_instance_uid=uid + ".1",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            series_instance_uid=uid + ".2",
+            spool_path="spool/x.dcm",
+            size_bytes=525_000,
         )
         s.add(inst)
         s.flush()
-        s.add(Prediction(kind="slice", study_id=study.id, instance_id=inst.id, probability=0.8,
-                         label="COVID-19", threshold=0.5, model_version="m1"))
-        s.add(Prediction(kind="study", study_id=study.id, probability=0.7, label="COVID-19",
-                         threshold=0.5, model_version="m1"))
-        report = Report(study_id=study.id, sop_instance_uid=uid + ".9", series_instance_uid=uid + ".8",
-                        model_version="m1", path="reports/x.dcm")
+        s.add(
+            Prediction(
+                kind="slice",
+                study_id=study.id,
+                instance_id=inst.id,
+                probability=0.8,
+                label="COVID-19",
+                threshold=0.5,
+                model_version="m1",
+            )
+        )
+        s.add(
+            Prediction(
+                kind="study",
+                study_id=study.id,
+                probability=0.7,
+                label="COVID-19",
+                threshold=0.5,
+                model_version="m1",
+            )
+        )
+        report = Report(
+            study_id=study.id,
+            sop_instance_uid=uid + ".9",
+            series_instance_uid=uid + ".8",
+            model_version="m1",
+            path="reports/x.dcm",
+        )
         s.add(report)
         s.flush()
         s.add(Delivery(report_id=report.id, destination="PACS@127.0.0.1:104"))
@@ -95,11 +133,25 @@ def test_duplicate_sop_instance_rejected(db_url: str) -> None:
         st = Study(study_instance_uid="1.2.3")
         s.add(st)
         s.flush()
-        s.add(Instance(study_id=st.id, sop_instance_uid="1.2.3.4", sop_class_uid="1.2",
-                       series_instance_uid="1.2.3.5", spool_path="a"))
+        s.add(
+            Instance(
+                study_id=st.id,
+                sop_instance_uid="1.2.3.4",
+                sop_class_uid="1.2",
+                series_instance_uid="1.2.3.5",
+                spool_path="a",
+            )
+        )
     with pytest.raises(IntegrityError), session_scope(db_url) as s:
-        s.add(Instance(study_id=1, sop_instance_uid="1.2.3.4", sop_class_uid="1.2",
-                       series_instance_uid="1.2.3.5", spool_path="b"))
+        s.add(
+            Instance(
+                study_id=1,
+                sop_instance_uid="1.2.3.4",
+                sop_class_uid="1.2",
+                series_instance_uid="1.2.3.5",
+                spool_path="b",
+            )
+        )
     with session_scope(db_url) as s:
         assert len(s.scalars(select(Instance)).all()) == 1  # the failed transaction left nothing
 
@@ -128,8 +180,17 @@ def test_users_and_tokens(db_url: str) -> None:
 
 def test_upload_round_trip(db_url: str) -> None:
     with session_scope(db_url) as s:
-        s.add(Upload(filename="a.png", content_type="image/png", sha256="0" * 64, size_bytes=10,
-                     width=2, height=3, path="uploads/1.png"))
+        s.add(
+            Upload(
+                filename="a.png",
+                content_type="image/png",
+                sha256="0" * 64,
+                size_bytes=10,
+                width=2,
+                height=3,
+                path="uploads/1.png",
+            )
+        )
     with session_scope(db_url) as s:
         up = s.scalar(select(Upload))
         assert up is not None and up.state == "queued" and up.probability is None

@@ -26,9 +26,13 @@ HOSTILE = '<script>alert("x")</script>^<img src=x onerror=alert(1)>'
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    s = load_settings({"COVIDCT_DATA_DIR": str(tmp_path / "var"),
-                       "COVIDCT_MAX_UPLOAD_BYTES": "200000",
-                       "COVIDCT_MAX_UPLOAD_PIXELS": "1000000"})
+    s = load_settings(
+        {
+            "COVIDCT_DATA_DIR": str(tmp_path / "var"),
+            "COVIDCT_MAX_UPLOAD_BYTES": "200000",
+            "COVIDCT_MAX_UPLOAD_PIXELS": "1000000",
+        }
+    )
     upgrade(s.database_url)
     with session_scope(s.database_url) as db:
         create_user(db, "admin", "admin password", admin=True)
@@ -68,20 +72,45 @@ def reader(client: FlaskClient) -> FlaskClient:
 @pytest.fixture
 def study(settings: Settings) -> Iterator[int]:
     with session_scope(settings.database_url) as db:
-        st = Study(study_instance_uid="1.2.826.0.1.3680043.10.1404.77", patient_id="PID-77",
-                   patient_name=HOSTILE, accession_number="ACC77", study_date="20260301",
-                   modality="CT", instance_count=40, state=StudyState.DONE, verdict="Present",
-                   probability=0.91, slices_analysed=38, model_version="m-1")
+        st = Study(
+            study_instance_uid="1.2.826.0.1.3680043.10.1404.77",
+            patient_id="PID-77",
+            patient_name=HOSTILE,
+            accession_number="ACC77",
+            study_date="20260301",
+            modality="CT",
+            instance_count=40,
+            state=StudyState.DONE,
+            verdict="Present",
+            probability=0.91,
+            slices_analysed=38,
+            model_version="m-1",
+        )
         db.add(st)
         db.flush()
-        db.add(Prediction(kind="study", study_id=st.id, probability=0.91, label="Present",
-                          threshold=0.5, model_version="m-1"))
+        db.add(
+            Prediction(
+                kind="study",
+                study_id=st.id,
+                probability=0.91,
+                label="Present",
+                threshold=0.5,
+                model_version="m-1",
+            )
+        )
         study_id = st.id
     yield study_id
 
 
-PAGES = ["/", "/uploads", "/studies/1.2.3", "/slices/1/model.png", "/slices/1/original.png",
-         "/uploads/1/model.png", "/studies/1.2.3/reports/1.dcm"]
+PAGES = [
+    "/",
+    "/uploads",
+    "/studies/1.2.3",
+    "/slices/1/model.png",
+    "/slices/1/original.png",
+    "/uploads/1/model.png",
+    "/studies/1.2.3/reports/1.dcm",
+]
 API = ["/api/studies", "/api/studies/1.2.3", "/api/uploads", "/api/uploads/1"]
 
 
@@ -107,11 +136,15 @@ def test_post_without_csrf_is_refused(client: FlaskClient, settings: Settings) -
     r = client.post("/login", data={"username": "reader", "password": "reader password"})
     assert r.status_code == 400
     login(client)
-    r = client.post("/uploads", data={"file": (io.BytesIO(b"x"), "a.png")},
-                    content_type="multipart/form-data")
+    r = client.post(
+        "/uploads", data={"file": (io.BytesIO(b"x"), "a.png")}, content_type="multipart/form-data"
+    )
     assert r.status_code == 400
-    r = client.post("/api/uploads", data={"file": (io.BytesIO(b"x"), "a.png")},
-                    content_type="multipart/form-data")
+    r = client.post(
+        "/api/uploads",
+        data={"file": (io.BytesIO(b"x"), "a.png")},
+        content_type="multipart/form-data",
+    )
     assert r.status_code == 400
     with session_scope(settings.database_url) as db:
         assert db.scalar(select(func.count()).select_from(Upload)) == 0
@@ -119,8 +152,7 @@ def test_post_without_csrf_is_refused(client: FlaskClient, settings: Settings) -
 
 def test_wrong_password_and_audit(client: FlaskClient, settings: Settings) -> None:
     token = csrf_token(client)
-    r = client.post("/login", data={"username": "reader", "password": "nope",
-                                    "csrf_token": token})
+    r = client.post("/login", data={"username": "reader", "password": "nope", "csrf_token": token})
     assert r.status_code == 401
     assert "Wrong user name or password" in r.get_data(as_text=True)
     login(client)
@@ -131,9 +163,10 @@ def test_wrong_password_and_audit(client: FlaskClient, settings: Settings) -> No
 
 def test_login_redirect_stays_on_site(client: FlaskClient) -> None:
     token = csrf_token(client)
-    r = client.post("/login?next=//evil.example.com/x",
-                    data={"username": "reader", "password": "reader password",
-                          "csrf_token": token})
+    r = client.post(
+        "/login?next=//evil.example.com/x",
+        data={"username": "reader", "password": "reader password", "csrf_token": token},
+    )
     assert r.headers["Location"] == "/"
 
 
@@ -157,8 +190,14 @@ def test_security_headers_and_notice(reader: FlaskClient, study: int) -> None:
 
 def test_worklist_filters_and_search(reader: FlaskClient, study: int, settings: Settings) -> None:
     with session_scope(settings.database_url) as db:
-        db.add(Study(study_instance_uid="1.2.3.4", patient_id="OTHER", accession_number="X1",
-                     state=StudyState.QUEUED))
+        db.add(
+            Study(
+                study_instance_uid="1.2.3.4",
+                patient_id="OTHER",
+                accession_number="X1",
+                state=StudyState.QUEUED,
+            )
+        )
     html = reader.get("/?q=PID-77").get_data(as_text=True)
     assert "ACC77" in html and "OTHER" not in html
     html = reader.get("/?state=queued").get_data(as_text=True)
@@ -191,9 +230,12 @@ def test_bearer_token(client: FlaskClient, settings: Settings, study: int) -> No
     assert client.get("/api/studies", headers={"Authorization": "Bearer wrong"}).status_code == 401
     png = io.BytesIO()
     Image.new("L", (64, 64), 128).save(png, format="PNG")
-    r = client.post("/api/uploads", headers={"Authorization": f"Bearer {token}"},
-                    data={"file": (io.BytesIO(png.getvalue()), "slice.png")},
-                    content_type="multipart/form-data")
+    r = client.post(
+        "/api/uploads",
+        headers={"Authorization": f"Bearer {token}"},
+        data={"file": (io.BytesIO(png.getvalue()), "slice.png")},
+        content_type="multipart/form-data",
+    )
     assert r.status_code == 202 and r.json["state"] == "queued" and r.json["id"] == 1
 
 
@@ -222,12 +264,18 @@ def test_bad_uploads_are_refused_and_nothing_is_stored(
         Image.new("1", (1200, 1200)).save(buf, format="PNG")  # small file, 1.44 Mpx
         data = buf.getvalue()
     token = csrf_token(reader, "/uploads")
-    r = reader.post("/uploads", data={"csrf_token": token, "file": (io.BytesIO(data), "x.png")},
-                    content_type="multipart/form-data")
+    r = reader.post(
+        "/uploads",
+        data={"csrf_token": token, "file": (io.BytesIO(data), "x.png")},
+        content_type="multipart/form-data",
+    )
     assert r.status_code == 400
     assert message in r.get_data(as_text=True)
-    r = reader.post("/api/uploads", data={"csrf_token": token, "file": (io.BytesIO(data), "x.png")},
-                    content_type="multipart/form-data")
+    r = reader.post(
+        "/api/uploads",
+        data={"csrf_token": token, "file": (io.BytesIO(data), "x.png")},
+        content_type="multipart/form-data",
+    )
     assert r.status_code == 400 and message in r.json["error"]
     with session_scope(settings.database_url) as db:
         assert db.scalar(select(func.count()).select_from(Upload)) == 0
@@ -236,10 +284,14 @@ def test_bad_uploads_are_refused_and_nothing_is_stored(
 
 def test_good_upload_is_stored_and_queued(reader: FlaskClient, settings: Settings) -> None:
     token = csrf_token(reader, "/uploads")
-    r = reader.post("/uploads", data={"csrf_token": token,
-                                      "file": [(io.BytesIO(_png()), "a.png"),
-                                               (io.BytesIO(_png()), "b.png")]},
-                    content_type="multipart/form-data")
+    r = reader.post(
+        "/uploads",
+        data={
+            "csrf_token": token,
+            "file": [(io.BytesIO(_png()), "a.png"), (io.BytesIO(_png()), "b.png")],
+        },
+        content_type="multipart/form-data",
+    )
     assert r.status_code == 200
     assert "2 image(s) queued" in r.get_data(as_text=True)
     body = reader.get("/api/uploads").json

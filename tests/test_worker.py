@@ -63,15 +63,18 @@ def pacs() -> Iterator[TestPACS]:
 
 def make_settings(tmp_path: Path, redis_db: int, destinations: str, **extra: str) -> Settings:
     model = make_tiny_model(tmp_path / "model" / "tiny.keras")
-    settings = load_settings({
-        "COVIDCT_DATA_DIR": str(tmp_path / "var"),
-        "COVIDCT_BROKER_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}",
-        "COVIDCT_MODEL_PATH": str(model),
-        "COVIDCT_DESTINATIONS": destinations,
-        "COVIDCT_MIN_SERIES_SLICES": "5",
-        "COVIDCT_SR_RETRY_BASE_SECONDS": "0.2",
-        "COVIDCT_SR_MAX_ATTEMPTS": "20",
-    } | extra)
+    settings = load_settings(
+        {
+            "COVIDCT_DATA_DIR": str(tmp_path / "var"),
+            "COVIDCT_BROKER_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{redis_db}",
+            "COVIDCT_MODEL_PATH": str(model),
+            "COVIDCT_DESTINATIONS": destinations,
+            "COVIDCT_MIN_SERIES_SLICES": "5",
+            "COVIDCT_SR_RETRY_BASE_SECONDS": "0.2",
+            "COVIDCT_SR_MAX_ATTEMPTS": "20",
+        }
+        | extra
+    )
     upgrade(settings.database_url)
     return settings
 
@@ -85,8 +88,9 @@ def spool_study(settings: Settings, datasets: list[pydicom.Dataset]) -> int:
         write_durable(path, data)
         record_instance(settings.database_url, h, path, len(data), "TEST")
     with session_scope(settings.database_url) as s:
-        study = s.scalar(select(Study).where(
-            Study.study_instance_uid == str(datasets[0].StudyInstanceUID)))
+        study = s.scalar(
+            select(Study).where(Study.study_instance_uid == str(datasets[0].StudyInstanceUID))
+        )
         assert study is not None
         study.state = StudyState.QUEUED
         return study.id
@@ -100,8 +104,13 @@ def celery_setup(tmp_path: Path, redis_db: int, pacs: TestPACS) -> Iterator[tupl
 
     settings = make_settings(tmp_path, redis_db, pacs.destination)
     app = create_app(settings)
-    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=30,
-                      queues=["studies", "uploads", "exports"]):
+    with start_worker(
+        app,
+        pool="solo",
+        perform_ping_check=False,
+        shutdown_timeout=30,
+        queues=["studies", "uploads", "exports"],
+    ):
         yield settings, app, pacs
 
 
@@ -119,8 +128,10 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 def test_study_to_validated_sr_in_the_pacs(celery_setup: tuple) -> None:
     settings, app, pacs = celery_setup
-    study = make_study([SeriesSpec(slices=24), SeriesSpec(kind="localizer"),
-                        SeriesSpec(slices=8, kind="derived")], patient_name="<script>x</script>")
+    study = make_study(
+        [SeriesSpec(slices=24), SeriesSpec(kind="localizer"), SeriesSpec(slices=8, kind="derived")],
+        patient_name="<script>x</script>",
+    )
     study_id = spool_study(settings, study)
     publish(app, STUDY_TASK, study_id)
     wait_for(lambda: len(pacs.received) == 1, what="the SR at the PACS")
@@ -138,8 +149,9 @@ def test_study_to_validated_sr_in_the_pacs(celery_setup: tuple) -> None:
     with session_scope(settings.database_url) as s:
         report = s.scalar(select(Report))
         assert report is not None
-        n_slices = s.scalar(select(func.count()).select_from(Prediction).where(
-            Prediction.kind == "slice"))
+        n_slices = s.scalar(
+            select(func.count()).select_from(Prediction).where(Prediction.kind == "slice")
+        )
         assert n_slices == 24
         assert s.scalar(select(Delivery.state)) == "delivered"
     saved = Path(report.path)
@@ -162,8 +174,10 @@ def test_running_twice_sends_one_sr(celery_setup: tuple) -> None:
     with session_scope(settings.database_url) as s:
         assert s.scalar(select(func.count()).select_from(Report)) == 1
         assert s.scalar(select(func.count()).select_from(Delivery)) == 1
-        assert s.scalar(select(func.count()).select_from(Prediction).where(
-            Prediction.kind == "study")) == 1
+        assert (
+            s.scalar(select(func.count()).select_from(Prediction).where(Prediction.kind == "study"))
+            == 1
+        )
     assert len(pacs.received) == 1
 
 
@@ -176,8 +190,13 @@ def test_pacs_down_then_up_delivers_after_retries(tmp_path: Path, redis_db: int)
     settings = make_settings(tmp_path, redis_db, f"PACS@127.0.0.1:{port}")
     app = create_app(settings)
     sweeper = Sweeper(settings, lambda task, obj: publish(app, task, obj))
-    with start_worker(app, pool="solo", perform_ping_check=False, shutdown_timeout=30,
-                      queues=["studies", "uploads", "exports"]):
+    with start_worker(
+        app,
+        pool="solo",
+        perform_ping_check=False,
+        shutdown_timeout=30,
+        queues=["studies", "uploads", "exports"],
+    ):
         study_id = spool_study(settings, make_study([SeriesSpec(slices=6)]))
         publish(app, STUDY_TASK, study_id)
 
@@ -189,6 +208,7 @@ def test_pacs_down_then_up_delivers_after_retries(tmp_path: Path, redis_db: int)
             def step() -> bool:
                 sweeper.sweep_once()
                 return check()
+
             wait_for(step, timeout=60, what=what)
 
         sweep_until(lambda: attempts() >= 2, "two failed attempts")
@@ -208,8 +228,9 @@ def test_pacs_down_then_up_delivers_after_retries(tmp_path: Path, redis_db: int)
 def test_destination_that_stays_down_ends_failed(tmp_path: Path, redis_db: int) -> None:
     from worker.delivery import deliver, resend
 
-    settings = make_settings(tmp_path, redis_db, f"PACS@127.0.0.1:{free_port()}",
-                             COVIDCT_SR_MAX_ATTEMPTS="2")
+    settings = make_settings(
+        tmp_path, redis_db, f"PACS@127.0.0.1:{free_port()}", COVIDCT_SR_MAX_ATTEMPTS="2"
+    )
     from classifier.inference import Classifier
     from worker.pipeline import analyse_study
 
@@ -230,11 +251,14 @@ def test_destination_that_stays_down_ends_failed(tmp_path: Path, redis_db: int) 
 
 def test_only_localizers_is_not_analysable(celery_setup: tuple) -> None:
     settings, app, pacs = celery_setup
-    study_id = spool_study(settings, make_study([SeriesSpec(kind="localizer"),
-                                                 SeriesSpec(kind="localizer")]))
+    study_id = spool_study(
+        settings, make_study([SeriesSpec(kind="localizer"), SeriesSpec(kind="localizer")])
+    )
     publish(app, STUDY_TASK, study_id)
-    wait_for(lambda: study_row(settings, study_id).state == StudyState.NOT_ANALYSABLE,
-             what="not_analysable")
+    wait_for(
+        lambda: study_row(settings, study_id).state == StudyState.NOT_ANALYSABLE,
+        what="not_analysable",
+    )
     assert "localizer" in study_row(settings, study_id).state_reason
     assert pacs.received == []
 
@@ -274,8 +298,15 @@ def test_upload_task(celery_setup: tuple, tmp_path: Path) -> None:
     with session_scope(settings.database_url) as s:
         ids = []
         for p in (good, bad):
-            up = Upload(filename=p.name, content_type="image/png", sha256="0" * 64,
-                        size_bytes=p.stat().st_size, width=64, height=64, path=str(p))
+            up = Upload(
+                filename=p.name,
+                content_type="image/png",
+                sha256="0" * 64,
+                size_bytes=p.stat().st_size,
+                width=64,
+                height=64,
+                path=str(p),
+            )
             s.add(up)
             s.flush()
             ids.append(up.id)
@@ -297,8 +328,9 @@ def test_worker_killed_mid_task_is_redelivered_and_finished_once(
     tmp_path: Path, redis_db: int, pacs: TestPACS
 ) -> None:
     """A real `covidct worker` (prefork); its child is SIGKILLed while it analyses a study."""
-    settings = make_settings(tmp_path, redis_db, pacs.destination,
-                             COVIDCT_TASK_STALE_SECONDS="3", COVIDCT_BATCH_SIZE="4")
+    settings = make_settings(
+        tmp_path, redis_db, pacs.destination, COVIDCT_TASK_STALE_SECONDS="3", COVIDCT_BATCH_SIZE="4"
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
         "COVIDCT_DATA_DIR": str(settings.data_dir),
         "COVIDCT_BROKER_URL": settings.broker_url,
@@ -309,22 +341,34 @@ def test_worker_killed_mid_task_is_redelivered_and_finished_once(
         "COVIDCT_BATCH_SIZE": "4",
     }
     study_id = spool_study(settings, make_study([SeriesSpec(slices=120)]))
-    worker = subprocess.Popen([sys.executable, "-m", "covidct.cli", "worker"], env=env,
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "covidct.cli", "worker"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         from worker.tasks import create_app
 
         publish(create_app(settings), STUDY_TASK, study_id)
-        wait_for(lambda: study_row(settings, study_id).state == StudyState.PROCESSING,
-                 timeout=120, what="processing")
-        children = subprocess.run(["pgrep", "-P", str(worker.pid)], capture_output=True,
-                                  text=True).stdout.split()
+        wait_for(
+            lambda: study_row(settings, study_id).state == StudyState.PROCESSING,
+            timeout=120,
+            what="processing",
+        )
+        children = subprocess.run(
+            ["pgrep", "-P", str(worker.pid)], capture_output=True, text=True
+        ).stdout.split()
         assert children, "the prefork child is running"
         for pid in children:
             os.kill(int(pid), signal.SIGKILL)
-        wait_for(lambda: study_row(settings, study_id).state == StudyState.DONE, timeout=180,
-                 what="finished after redelivery")
+        wait_for(
+            lambda: study_row(settings, study_id).state == StudyState.DONE,
+            timeout=180,
+            what="finished after redelivery",
+        )
         wait_for(lambda: len(pacs.received) == 1, what="one SR")
         row = study_row(settings, study_id)
         assert row.attempts >= 2 and row.slices_analysed == 120

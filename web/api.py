@@ -58,8 +58,14 @@ def create_upload() -> Any:
     if f is None or not f.filename:
         abort(400, "send one image as multipart field 'file'")
     try:
-        accepted = accept_upload(settings(), f.filename, f.read(settings().max_upload_bytes + 1),
-                                 current_user.id, current_user.username, request.remote_addr or "")
+        accepted = accept_upload(
+            settings(),
+            f.filename,
+            f.read(settings().max_upload_bytes + 1),
+            current_user.id,
+            current_user.username,
+            request.remote_addr or "",
+        )
     except UploadRejected as exc:
         abort(400, str(exc))
     queued = queue_upload(settings(), accepted.id)

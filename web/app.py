@@ -21,10 +21,11 @@ from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-NOTICE = ("Research and triage support only: results are unverified AI output, "
-          "not a diagnosis.")
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-       "object-src 'none'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+NOTICE = "Research and triage support only: results are unverified AI output, not a diagnosis."
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "object-src 'none'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+)
 
 csrf = CSRFProtect()
 login_manager = LoginManager()

@@ -25,7 +25,7 @@ def user_from_bearer(s: Settings, header: str) -> Any:
 
     if not header.startswith("Bearer "):
         return None
-    token = header[len("Bearer "):].strip()
+    token = header[len("Bearer ") :].strip()
     if not token:
         return None
     with session_scope(s.database_url) as db:
@@ -34,7 +34,12 @@ def user_from_bearer(s: Settings, header: str) -> Any:
 
 
 def _safe_next(target: str | None) -> str:
-    if target and target.startswith("/") and not target.startswith("//") and not urlsplit(target).netloc:
+    if (
+        target
+        and target.startswith("/")
+        and not target.startswith("//")
+        and not urlsplit(target).netloc
+    ):
         return target
     return url_for("views.worklist")
 
@@ -48,8 +53,13 @@ def login() -> Any:
         password = request.form.get("password", "")
         with session_scope(settings().database_url) as db:
             user = authenticate(db, username, password) if username and password else None
-            audit.record(db, username or "?", "login", outcome="ok" if user else "refused",
-                         remote=request.remote_addr or "")
+            audit.record(
+                db,
+                username or "?",
+                "login",
+                outcome="ok" if user else "refused",
+                remote=request.remote_addr or "",
+            )
             snapshot = SessionUser(user) if user is not None else None
         if snapshot is not None:
             login_user(snapshot)

@@ -42,24 +42,35 @@ class Filters:
         return cls(
             state=args.get("state", "") if args.get("state", "") in STATES else "",
             verdict=args.get("verdict", "") if args.get("verdict", "") in VERDICTS else "",
-            date_from=day("from"), date_to=day("to"),
+            date_from=day("from"),
+            date_to=day("to"),
             q=args.get("q", "").strip()[:64],
             sort=args.get("sort", "newest") if args.get("sort") in SORTS else "newest",
             page=page,
         )
 
     def as_args(self, **override: Any) -> dict[str, Any]:
-        out = {"state": self.state, "verdict": self.verdict, "q": self.q, "sort": self.sort,
-               "from": self.date_from.isoformat() if self.date_from else "",
-               "to": self.date_to.isoformat() if self.date_to else "", "page": self.page}
+        out = {
+            "state": self.state,
+            "verdict": self.verdict,
+            "q": self.q,
+            "sort": self.sort,
+            "from": self.date_from.isoformat() if self.date_from else "",
+            "to": self.date_to.isoformat() if self.date_to else "",
+            "page": self.page,
+        }
         out.update(override)
         return {k: v for k, v in out.items() if v not in ("", None)}
 
 
 def report_state(session: Session, study_id: int) -> str:
     """none | pending | delivered | failed | partial, over the latest report's deliveries."""
-    report = session.scalar(select(Report).where(Report.study_id == study_id)
-                            .order_by(Report.generation.desc(), Report.id.desc()).limit(1))
+    report = session.scalar(
+        select(Report)
+        .where(Report.study_id == study_id)
+        .order_by(Report.generation.desc(), Report.id.desc())
+        .limit(1)
+    )
     if report is None:
         return "none"
     states = set(session.scalars(select(Delivery.state).where(Delivery.report_id == report.id)))
@@ -72,7 +83,9 @@ def report_state(session: Session, study_id: int) -> str:
     return "pending"
 
 
-def list_studies(session: Session, f: Filters, page_size: int = PAGE_SIZE) -> tuple[list[dict], int]:
+def list_studies(
+    session: Session, f: Filters, page_size: int = PAGE_SIZE
+) -> tuple[list[dict], int]:
     query = select(Study)
     if f.state:
         query = query.where(Study.state == f.state)
@@ -87,10 +100,10 @@ def list_studies(session: Session, f: Filters, page_size: int = PAGE_SIZE) -> tu
         query = query.where(or_(Study.patient_id.ilike(like), Study.accession_number.ilike(like)))
     total = int(session.scalar(select(func.count()).select_from(query.subquery())) or 0)
     if f.sort == "positive":
-        rank = case((Study.verdict == "Present", 0), (Study.verdict == "Indeterminate", 1),
-                    else_=2)
-        query = query.order_by(rank, Study.probability.desc().nulls_last(),
-                               Study.received_at.desc())
+        rank = case((Study.verdict == "Present", 0), (Study.verdict == "Indeterminate", 1), else_=2)
+        query = query.order_by(
+            rank, Study.probability.desc().nulls_last(), Study.received_at.desc()
+        )
     else:
         query = query.order_by(Study.received_at.desc(), Study.id.desc())
     rows = session.scalars(query.offset((f.page - 1) * page_size).limit(page_size)).all()
@@ -124,44 +137,83 @@ def study_detail(session: Session, uid: str) -> dict[str, Any] | None:
     if st is None:
         return None
     out = study_dict(session, st)
-    study_pred = session.scalar(select(Prediction).where(
-        Prediction.study_id == st.id, Prediction.kind == "study")
-        .order_by(Prediction.generation.desc(), Prediction.id.desc()).limit(1))
+    study_pred = session.scalar(
+        select(Prediction)
+        .where(Prediction.study_id == st.id, Prediction.kind == "study")
+        .order_by(Prediction.generation.desc(), Prediction.id.desc())
+        .limit(1)
+    )
     out["threshold"] = study_pred.threshold if study_pred else None
     generation = study_pred.generation if study_pred else None
     slices = []
     if study_pred is not None:
-        for p in session.scalars(select(Prediction).where(
-                Prediction.study_id == st.id, Prediction.kind == "slice",
+        for p in session.scalars(
+            select(Prediction)
+            .where(
+                Prediction.study_id == st.id,
+                Prediction.kind == "slice",
                 Prediction.generation == generation,
-                Prediction.model_version == study_pred.model_version)
-                .order_by(Prediction.position)):
-            slices.append({"id": p.id, "position": p.position, "frame": p.frame,
-                           "probability": p.probability, "skipped": p.skipped_reason})
+                Prediction.model_version == study_pred.model_version,
+            )
+            .order_by(Prediction.position)
+        ):
+            slices.append(
+                {
+                    "id": p.id,
+                    "position": p.position,
+                    "frame": p.frame,
+                    "probability": p.probability,
+                    "skipped": p.skipped_reason,
+                }
+            )
     out["slices"] = slices
-    ranked = sorted((s for s in slices if s["probability"] is not None),
-                    key=lambda s: -s["probability"])
+    ranked = sorted(
+        (s for s in slices if s["probability"] is not None), key=lambda s: -s["probability"]
+    )
     out["top_slices"] = ranked[:4]
     reports = []
-    for r in session.scalars(select(Report).where(Report.study_id == st.id)
-                             .order_by(Report.generation.desc())):
-        deliveries = [{"id": d.id, "destination": d.destination, "state": d.state,
-                       "attempts": d.attempts, "last_error": d.last_error,
-                       "delivered_at": d.delivered_at.isoformat(timespec="seconds")
-                       if d.delivered_at else None}
-                      for d in session.scalars(select(Delivery).where(Delivery.report_id == r.id))]
-        reports.append({"id": r.id, "sop_instance_uid": r.sop_instance_uid,
-                        "generation": r.generation, "model_version": r.model_version,
-                        "predecessor_uid": r.predecessor_uid, "deliveries": deliveries})
+    for r in session.scalars(
+        select(Report).where(Report.study_id == st.id).order_by(Report.generation.desc())
+    ):
+        deliveries = [
+            {
+                "id": d.id,
+                "destination": d.destination,
+                "state": d.state,
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+                "delivered_at": d.delivered_at.isoformat(timespec="seconds")
+                if d.delivered_at
+                else None,
+            }
+            for d in session.scalars(select(Delivery).where(Delivery.report_id == r.id))
+        ]
+        reports.append(
+            {
+                "id": r.id,
+                "sop_instance_uid": r.sop_instance_uid,
+                "generation": r.generation,
+                "model_version": r.model_version,
+                "predecessor_uid": r.predecessor_uid,
+                "deliveries": deliveries,
+            }
+        )
     out["reports"] = reports
     return out
 
 
 def upload_dict(up: Upload) -> dict[str, Any]:
     return {
-        "id": up.id, "filename": up.filename, "state": up.state, "reason": up.state_reason,
-        "probability": up.probability, "label": up.label, "model_version": up.model_version,
-        "width": up.width, "height": up.height, "size_bytes": up.size_bytes,
+        "id": up.id,
+        "filename": up.filename,
+        "state": up.state,
+        "reason": up.state_reason,
+        "probability": up.probability,
+        "label": up.label,
+        "model_version": up.model_version,
+        "width": up.width,
+        "height": up.height,
+        "size_bytes": up.size_bytes,
         "created_at": up.created_at.isoformat(timespec="seconds"),
     }
 

@@ -32,14 +32,21 @@ class Accepted:
     filename: str
 
 
-def accept_upload(settings: Settings, filename: str, data: bytes, user_id: int | None,
-                  actor: str, remote: str = "") -> Accepted:
+def accept_upload(
+    settings: Settings,
+    filename: str,
+    data: bytes,
+    user_id: int | None,
+    actor: str,
+    remote: str = "",
+) -> Accepted:
     name = os.path.basename(filename or "upload")[:255] or "upload"
     if not data:
         raise UploadRejected(f"{name}: the file is empty")
     if len(data) > settings.max_upload_bytes:
         raise UploadRejected(
-            f"{name}: {len(data)} bytes exceeds the limit of {settings.max_upload_bytes} bytes")
+            f"{name}: {len(data)} bytes exceeds the limit of {settings.max_upload_bytes} bytes"
+        )
     try:
         img = open_image(data, max_pixels=settings.max_upload_pixels)
     except UnusableInputError as exc:
@@ -53,9 +60,16 @@ def accept_upload(settings: Settings, filename: str, data: bytes, user_id: int |
         tmp.write_bytes(data)
         os.replace(tmp, path)
     with session_scope(settings.database_url) as s:
-        up = Upload(filename=name, content_type=MIME[str(img.format)], sha256=digest,
-                    size_bytes=len(data), width=img.width, height=img.height, path=str(path),
-                    user_id=user_id)
+        up = Upload(
+            filename=name,
+            content_type=MIME[str(img.format)],
+            sha256=digest,
+            size_bytes=len(data),
+            width=img.width,
+            height=img.height,
+            path=str(path),
+            user_id=user_id,
+        )
         s.add(up)
         s.flush()
         audit.record(s, actor, "upload", str(up.id), remote=remote, sha256=digest[:16])

@@ -89,8 +89,17 @@ def worklist() -> Any:
         studies, total = list_studies(s, f)
     in_flight = any(st["state"] in IN_FLIGHT for st in studies)
     pages = max(1, (total + 24) // 25)
-    return render_template("worklist.html", studies=studies, total=total, f=f, pages=pages,
-                           states=STATES, verdicts=VERDICTS, sorts=SORTS, refresh=in_flight)
+    return render_template(
+        "worklist.html",
+        studies=studies,
+        total=total,
+        f=f,
+        pages=pages,
+        states=STATES,
+        verdicts=VERDICTS,
+        sorts=SORTS,
+        refresh=in_flight,
+    )
 
 
 @bp.route("/studies/<uid>")
@@ -100,8 +109,9 @@ def study(uid: str) -> Any:
         detail = study_detail(s, uid)
     if detail is None:
         abort(404, "No such study.")
-    return render_template("study.html", st=detail, chart=_chart(detail),
-                           refresh=detail["state"] in IN_FLIGHT)
+    return render_template(
+        "study.html", st=detail, chart=_chart(detail), refresh=detail["state"] in IN_FLIGHT
+    )
 
 
 def _chart(detail: dict[str, Any]) -> dict[str, Any]:
@@ -116,7 +126,10 @@ def _chart(detail: dict[str, Any]) -> dict[str, Any]:
     t = detail.get("threshold")
     return {
         "points": " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys, strict=True)),
-        "width": width, "height": height, "pad": pad, "n": n,
+        "width": width,
+        "height": height,
+        "pad": pad,
+        "n": n,
         "threshold_y": None if t is None else height - pad - (height - 2 * pad) * t,
     }
 
@@ -175,12 +188,21 @@ def download_report(uid: str, report_id: int) -> Any:
         if report is None or st is None or st.study_instance_uid != uid:
             abort(404, "No such report.")
         path = Path(report.path)
-        audit.record(s, current_user.username, "report.download", report.sop_instance_uid,
-                     remote=request.remote_addr or "")
+        audit.record(
+            s,
+            current_user.username,
+            "report.download",
+            report.sop_instance_uid,
+            remote=request.remote_addr or "",
+        )
     if not path.is_file():
         abort(410, "The report file is missing.")
-    return send_file(path, mimetype="application/dicom", as_attachment=True,
-                     download_name=f"{report.sop_instance_uid}.dcm")
+    return send_file(
+        path,
+        mimetype="application/dicom",
+        as_attachment=True,
+        download_name=f"{report.sop_instance_uid}.dcm",
+    )
 
 
 @bp.route("/studies/<uid>/rerun", methods=["POST"])
@@ -196,10 +218,12 @@ def rerun(uid: str) -> Any:
         if st.state in (StudyState.QUEUED, StudyState.PROCESSING):
             flash("The study is already queued or being processed.")
             return redirect(url_for("views.study", uid=uid))
-        s.execute(update(Study).where(Study.id == st.id).values(
-            state=StudyState.QUEUED, queued_at=utcnow(), state_reason="re-run requested"))
-        audit.record(s, current_user.username, "study.rerun", uid,
-                     remote=request.remote_addr or "")
+        s.execute(
+            update(Study)
+            .where(Study.id == st.id)
+            .values(state=StudyState.QUEUED, queued_at=utcnow(), state_reason="re-run requested")
+        )
+        audit.record(s, current_user.username, "study.rerun", uid, remote=request.remote_addr or "")
         study_id = st.id
     try:
         publish(celery_for(settings()), STUDY_TASK, study_id)
@@ -244,9 +268,16 @@ def uploads() -> Any:
         accepted = []
         for f in files:
             try:
-                accepted.append(accept_upload(
-                    settings(), f.filename or "upload", f.read(settings().max_upload_bytes + 1),
-                    current_user.id, current_user.username, request.remote_addr or ""))
+                accepted.append(
+                    accept_upload(
+                        settings(),
+                        f.filename or "upload",
+                        f.read(settings().max_upload_bytes + 1),
+                        current_user.id,
+                        current_user.username,
+                        request.remote_addr or "",
+                    )
+                )
             except UploadRejected as exc:
                 errors.append(str(exc))
         for a in accepted:
@@ -263,8 +294,12 @@ def _uploads_page() -> Any:
     with session_scope(settings().database_url) as s:
         rows = list_uploads(s)
     refresh = any(r["state"] in ("queued", "processing") for r in rows)
-    return render_template("uploads.html", uploads=rows, refresh=refresh,
-                           max_mb=settings().max_upload_bytes // (1024 * 1024))
+    return render_template(
+        "uploads.html",
+        uploads=rows,
+        refresh=refresh,
+        max_mb=settings().max_upload_bytes // (1024 * 1024),
+    )
 
 
 @bp.route("/uploads/<int:upload_id>/model.png")

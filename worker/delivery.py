@@ -84,14 +84,25 @@ def deliver(settings: Settings, delivery_id: int) -> str:
             if row.attempts >= settings.sr_max_attempts:
                 row.state = DeliveryState.FAILED
                 row.next_attempt_at = None
-                audit.record(s, "worker", "report.export", destination, outcome="failed",
-                             report=report.sop_instance_uid, error=error[:200])
+                audit.record(
+                    s,
+                    "worker",
+                    "report.export",
+                    destination,
+                    outcome="failed",
+                    report=report.sop_instance_uid,
+                    error=error[:200],
+                )
             else:
                 wait = settings.sr_retry_base_seconds * 2 ** (row.attempts - 1)
                 row.next_attempt_at = utcnow() + timedelta(seconds=wait)
-        logger.log(logging.INFO if not error else logging.WARNING,
-                   "report %s to %s: %s", report.sop_instance_uid, destination,
-                   "delivered" if not error else f"attempt {row.attempts} failed: {error}")
+        logger.log(
+            logging.INFO if not error else logging.WARNING,
+            "report %s to %s: %s",
+            report.sop_instance_uid,
+            destination,
+            "delivered" if not error else f"attempt {row.attempts} failed: {error}",
+        )
         return str(row.state)
 
 

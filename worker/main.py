@@ -8,7 +8,9 @@ from core.db import upgrade
 from core.settings import Settings
 
 
-def run_worker(settings: Settings, *, concurrency: int = 1, queues: str = "studies,uploads,exports") -> int:
+def run_worker(
+    settings: Settings, *, concurrency: int = 1, queues: str = "studies,uploads,exports"
+) -> int:
     from worker.tasks import create_app
 
     upgrade(settings.database_url)

@@ -36,7 +36,8 @@ from core.models import (
     utcnow,
 )
 from core.settings import Settings
-from worker.selection import SliceRef, select as select_slices
+from worker.selection import SliceRef
+from worker.selection import select as select_slices
 from worker.sr import Finding, build_sr
 
 logger = logging.getLogger(__name__)
@@ -77,17 +78,29 @@ def claim(settings: Settings, study_id: int) -> int | None:
         if study is None:
             logger.warning("study id %d does not exist", study_id)
             return None
-        if study.state == StudyState.PROCESSING and study.heartbeat_at and study.heartbeat_at > stale:
+        if (
+            study.state == StudyState.PROCESSING
+            and study.heartbeat_at
+            and study.heartbeat_at > stale
+        ):
             raise StudyBusy(f"study {study.study_instance_uid} is being processed")
         taken = s.execute(
             update(Study)
-            .where(Study.id == study_id, or_(
-                Study.state == StudyState.QUEUED,
-                (Study.state == StudyState.PROCESSING)
-                & (or_(Study.heartbeat_at.is_(None), Study.heartbeat_at <= stale)),
-            ))
-            .values(state=StudyState.PROCESSING, started_at=now, heartbeat_at=now,
-                    attempts=Study.attempts + 1, state_reason="")
+            .where(
+                Study.id == study_id,
+                or_(
+                    Study.state == StudyState.QUEUED,
+                    (Study.state == StudyState.PROCESSING)
+                    & (or_(Study.heartbeat_at.is_(None), Study.heartbeat_at <= stale)),
+                ),
+            )
+            .values(
+                state=StudyState.PROCESSING,
+                started_at=now,
+                heartbeat_at=now,
+                attempts=Study.attempts + 1,
+                state_reason="",
+            )
         ).rowcount
         if taken != 1:
             logger.info("study %s is %s: nothing to do", study.study_instance_uid, study.state)
@@ -100,21 +113,38 @@ def heartbeat(settings: Settings, study_id: int) -> None:
         s.execute(update(Study).where(Study.id == study_id).values(heartbeat_at=utcnow()))
 
 
-def finish(settings: Settings, study_id: int, generation: int, state: StudyState,
-           reason: str = "", **values: object) -> str:
+def finish(
+    settings: Settings,
+    study_id: int,
+    generation: int,
+    state: StudyState,
+    reason: str = "",
+    **values: object,
+) -> str:
     """Set the final state unless new instances arrived meanwhile (then they win)."""
     with session_scope(settings.database_url) as s:
         done = s.execute(
             update(Study)
-            .where(Study.id == study_id, Study.state == StudyState.PROCESSING,
-                   Study.generation == generation)
-            .values(state=state, state_reason=reason, finished_at=utcnow(),
-                    processed_generation=generation, **values)
+            .where(
+                Study.id == study_id,
+                Study.state == StudyState.PROCESSING,
+                Study.generation == generation,
+            )
+            .values(
+                state=state,
+                state_reason=reason,
+                finished_at=utcnow(),
+                processed_generation=generation,
+                **values,
+            )
         ).rowcount
         if done != 1:
             study = s.get(Study, study_id)
-            logger.info("study id %d changed while processed; left %s", study_id,
-                        study.state if study else "missing")
+            logger.info(
+                "study id %d changed while processed; left %s",
+                study_id,
+                study.state if study else "missing",
+            )
             return str(study.state) if study else "missing"
     return str(state)
 
@@ -133,8 +163,9 @@ def _frames(slices: list[SliceRef], t: Timings) -> Iterator[tuple[SliceRef, np.n
         t1 = time.perf_counter()
         t.read += t1 - t0
         try:
-            result: np.ndarray | str = to_model_input(cache[1], frame=ref.frame,
-                                                      framing=DEFAULT_FRAMING)
+            result: np.ndarray | str = to_model_input(
+                cache[1], frame=ref.frame, framing=DEFAULT_FRAMING
+            )
         except SliceSkipped as exc:
             result = str(exc)
         except UnusableInputError as exc:
@@ -143,9 +174,9 @@ def _frames(slices: list[SliceRef], t: Timings) -> Iterator[tuple[SliceRef, np.n
         yield ref, result
 
 
-def prefetch(items: Iterator[tuple[SliceRef, np.ndarray | str]], depth: int = 64) -> Iterator[
-    tuple[SliceRef, np.ndarray | str]
-]:
+def prefetch(
+    items: Iterator[tuple[SliceRef, np.ndarray | str]], depth: int = 64
+) -> Iterator[tuple[SliceRef, np.ndarray | str]]:
     """Read and preprocess in a background thread while the model runs on the previous
     batch (decoders and TensorFlow release the GIL); the bounded queue keeps memory flat."""
     import queue
@@ -183,18 +214,21 @@ def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> 
         study = s.get(Study, study_id)
         assert study is not None
         study_uid = study.study_instance_uid
-        rows = s.execute(select(Instance.id, Instance.spool_path)
-                         .where(Instance.study_id == study_id)).all()
-    logger.info("analysing study %s (generation %d, %d instances)", study_uid, generation,
-                len(rows))
+        rows = s.execute(
+            select(Instance.id, Instance.spool_path).where(Instance.study_id == study_id)
+        ).all()
+    logger.info(
+        "analysing study %s (generation %d, %d instances)", study_uid, generation, len(rows)
+    )
     t = Timings()
     t0 = time.perf_counter()
     selection = select_slices([(r[0], r[1]) for r in rows], settings.min_series_slices)
     t.read += time.perf_counter() - t0
     if not selection.slices:
         reason = selection.reason()
-        state = finish(settings, study_id, generation, StudyState.NOT_ANALYSABLE, reason,
-                       slices_analysed=0)
+        state = finish(
+            settings, study_id, generation, StudyState.NOT_ANALYSABLE, reason, slices_analysed=0
+        )
         logger.info("study %s not analysable: %s", study_uid, reason)
         return Outcome(study_id, state, reason, timings=t)
 
@@ -227,29 +261,63 @@ def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> 
 
     if not analysed:
         reason = "no slice shows enough lung: " + (skipped[0][1] if skipped else "")
-        state = finish(settings, study_id, generation, StudyState.NOT_ANALYSABLE, reason,
-                       slices_analysed=0)
+        state = finish(
+            settings, study_id, generation, StudyState.NOT_ANALYSABLE, reason, slices_analysed=0
+        )
         return Outcome(study_id, state, reason, timings=t)
 
     probability, top = study_probability(probs)
     call = verdict(probability, classifier.threshold, settings.indeterminate_band)
     t1 = time.perf_counter()
-    report_id = _store_results(settings, study_id, generation, classifier, analysed, probs,
-                               skipped, probability, call, top, selection)
+    report_id = _store_results(
+        settings,
+        study_id,
+        generation,
+        classifier,
+        analysed,
+        probs,
+        skipped,
+        probability,
+        call,
+        top,
+        selection,
+    )
     t.sr += time.perf_counter() - t1
-    state = finish(settings, study_id, generation, StudyState.DONE, "",
-                   verdict=call, probability=probability, slices_analysed=len(analysed),
-                   model_version=classifier.version)
+    state = finish(
+        settings,
+        study_id,
+        generation,
+        StudyState.DONE,
+        "",
+        verdict=call,
+        probability=probability,
+        slices_analysed=len(analysed),
+        model_version=classifier.version,
+    )
     t.total = time.perf_counter() - started
-    logger.info("study %s: %s (p=%.3f, %d slices, %.1f s)", study_uid, call, probability,
-                len(analysed), t.total)
+    logger.info(
+        "study %s: %s (p=%.3f, %d slices, %.1f s)",
+        study_uid,
+        call,
+        probability,
+        len(analysed),
+        t.total,
+    )
     return Outcome(study_id, state, "", probability, call, report_id, t)
 
 
 def _store_results(
-    settings: Settings, study_id: int, generation: int, classifier: Classifier,
-    analysed: list[SliceRef], probs: list[float], skipped: list[tuple[SliceRef, str]],
-    probability: float, call: str, top: list[int], selection: object,
+    settings: Settings,
+    study_id: int,
+    generation: int,
+    classifier: Classifier,
+    analysed: list[SliceRef],
+    probs: list[float],
+    skipped: list[tuple[SliceRef, str]],
+    probability: float,
+    call: str,
+    top: list[int],
+    selection: object,
 ) -> int:
     """Predictions, the SR file, the report and its outbox rows, in one transaction."""
     from worker.selection import Selection
@@ -259,52 +327,109 @@ def _store_results(
     with session_scope(settings.database_url) as s:
         study = s.get(Study, study_id)
         assert study is not None
-        s.execute(delete(Prediction).where(
-            Prediction.study_id == study_id, Prediction.generation == generation,
-            Prediction.model_version == version))
-        for ref, p in zip(analysed, probs, strict=True):
-            s.add(Prediction(kind="slice", study_id=study_id, instance_id=ref.instance_id,
-                             frame=ref.frame, position=ref.position, probability=p,
-                             label=classifier.label(p), threshold=threshold,
-                             model_version=version, generation=generation))
-        for ref, why in skipped:
-            s.add(Prediction(kind="slice", study_id=study_id, instance_id=ref.instance_id,
-                             frame=ref.frame, position=ref.position, probability=None,
-                             label="skipped", threshold=threshold, model_version=version,
-                             generation=generation, skipped_reason=why[:256]))
-        s.add(Prediction(kind="study", study_id=study_id, probability=probability,
-                         label=call, threshold=threshold, model_version=version,
-                         generation=generation))
+        s.execute(
+            delete(Prediction).where(
+                Prediction.study_id == study_id,
+                Prediction.generation == generation,
+                Prediction.model_version == version,
+            )
+        )
+        rows = [(ref, p, classifier.label(p), "") for ref, p in zip(analysed, probs, strict=True)]
+        rows += [(ref, None, "skipped", why[:256]) for ref, why in skipped]
+        for ref, p, label, why in rows:
+            s.add(
+                Prediction(
+                    kind="slice",
+                    study_id=study_id,
+                    instance_id=ref.instance_id,
+                    frame=ref.frame,
+                    position=ref.position,
+                    probability=p,
+                    label=label,
+                    threshold=threshold,
+                    model_version=version,
+                    generation=generation,
+                    skipped_reason=why,
+                )
+            )
+        s.add(
+            Prediction(
+                kind="study",
+                study_id=study_id,
+                probability=probability,
+                label=call,
+                threshold=threshold,
+                model_version=version,
+                generation=generation,
+            )
+        )
 
-        report = s.scalar(select(Report).where(
-            Report.study_id == study_id, Report.model_version == version,
-            Report.generation == generation))
+        report = s.scalar(
+            select(Report).where(
+                Report.study_id == study_id,
+                Report.model_version == version,
+                Report.generation == generation,
+            )
+        )
         if report is None:
-            previous = s.scalar(select(Report).where(Report.study_id == study_id)
-                                .order_by(Report.generation.desc(), Report.id.desc()).limit(1))
-            predecessor = pydicom.dcmread(previous.path) if previous and Path(previous.path).is_file() else None
+            previous = s.scalar(
+                select(Report)
+                .where(Report.study_id == study_id)
+                .order_by(Report.generation.desc(), Report.id.desc())
+                .limit(1)
+            )
+            predecessor = (
+                pydicom.dcmread(previous.path)
+                if previous and Path(previous.path).is_file()
+                else None
+            )
             used = {ref.instance_id for ref in analysed}
             evidence = [selection.headers[i] for i in sorted(used)]
-            key = [(selection.headers[analysed[i].instance_id],
-                    analysed[i].frame + 1 if int(selection.headers[analysed[i].instance_id]
-                                                 .get("NumberOfFrames", 1) or 1) > 1 else None)
-                   for i in top]
-            sr = build_sr(evidence, key, Finding(
-                probability=probability, verdict=call, threshold=threshold,
-                band=settings.indeterminate_band, aggregation=RULE, model_version=version,
-                slices_analysed=len(analysed)), generation=generation, predecessor=predecessor)
+            key = [
+                (
+                    selection.headers[analysed[i].instance_id],
+                    analysed[i].frame + 1
+                    if int(selection.headers[analysed[i].instance_id].get("NumberOfFrames", 1) or 1)
+                    > 1
+                    else None,
+                )
+                for i in top
+            ]
+            sr = build_sr(
+                evidence,
+                key,
+                Finding(
+                    probability=probability,
+                    verdict=call,
+                    threshold=threshold,
+                    band=settings.indeterminate_band,
+                    aggregation=RULE,
+                    model_version=version,
+                    slices_analysed=len(analysed),
+                ),
+                generation=generation,
+                predecessor=predecessor,
+            )
             path = settings.reports_dir / study.study_instance_uid / f"{sr.SOPInstanceUID}.dcm"
             path.parent.mkdir(parents=True, exist_ok=True)
             sr.save_as(path, enforce_file_format=True)
-            report = Report(study_id=study_id, sop_instance_uid=str(sr.SOPInstanceUID),
-                            series_instance_uid=str(sr.SeriesInstanceUID),
-                            predecessor_uid=previous.sop_instance_uid if previous else None,
-                            model_version=version, generation=generation, path=str(path))
+            report = Report(
+                study_id=study_id,
+                sop_instance_uid=str(sr.SOPInstanceUID),
+                series_instance_uid=str(sr.SeriesInstanceUID),
+                predecessor_uid=previous.sop_instance_uid if previous else None,
+                model_version=version,
+                generation=generation,
+                path=str(path),
+            )
             s.add(report)
             s.flush()
         for dest in settings.destinations:
-            exists = s.scalar(select(Delivery.id).where(
-                Delivery.report_id == report.id, Delivery.destination == str(dest)))
+            exists = s.scalar(
+                select(Delivery.id).where(
+                    Delivery.report_id == report.id, Delivery.destination == str(dest)
+                )
+            )
             if exists is None:
                 s.add(Delivery(report_id=report.id, destination=str(dest)))
         return report.id

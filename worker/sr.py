@@ -130,7 +130,8 @@ def build_sr(
                 ds, referenced_frame_numbers=[frame] if frame else None
             )
             for ds, frame in key_images
-        ] or None,
+        ]
+        or None,
     )
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=device),
@@ -142,9 +143,7 @@ def build_sr(
         content=report,
         series_instance_uid=deterministic_uid("series", study_uid, finding.model_version),
         series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=deterministic_uid(
-            "sr", study_uid, finding.model_version, str(generation)
-        ),
+        sop_instance_uid=deterministic_uid("sr", study_uid, finding.model_version, str(generation)),
         instance_number=generation + 1,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -155,9 +154,17 @@ def build_sr(
     )
 
 
-TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-                       "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
-                       "AccessionNumber")
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def _with_type2_defaults(ds: Dataset) -> Dataset:
@@ -196,4 +203,3 @@ def _algorithm_version(items: Sequence[Dataset]) -> str:
         if found:
             return found
     return ""
-

@@ -30,6 +30,18 @@ logger = logging.getLogger(__name__)
 
 _classifiers: dict[str, Classifier] = {}
 
+# Every task: idempotent, acknowledged after it ran, re-queued if its worker process dies,
+# retried with backoff only for transient database errors.
+TASK_OPTIONS: dict[str, Any] = {
+    "bind": True,
+    "shared": False,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "autoretry_for": (OperationalError,),
+    "retry_backoff": True,
+    "max_retries": 5,
+}
+
 
 def get_classifier(settings: Settings) -> Classifier:
     key = str(settings.model_path)
@@ -55,9 +67,13 @@ def send_pending_deliveries(app: Celery, settings: Settings, report_id: int) -> 
     """Publish the outbox rows of a new report now rather than at the next sweep."""
     hold = utcnow() + timedelta(seconds=settings.requeue_seconds)
     with session_scope(settings.database_url) as s:
-        rows = s.scalars(select(Delivery).where(
-            Delivery.report_id == report_id, Delivery.state == DeliveryState.PENDING,
-            Delivery.next_attempt_at.is_(None))).all()
+        rows = s.scalars(
+            select(Delivery).where(
+                Delivery.report_id == report_id,
+                Delivery.state == DeliveryState.PENDING,
+                Delivery.next_attempt_at.is_(None),
+            )
+        ).all()
         ids = [r.id for r in rows]
         for r in rows:
             r.next_attempt_at = hold
@@ -82,14 +98,14 @@ def register_tasks(app: Celery) -> None:
         except ClassifierError:
             logger.exception("cannot load the model; tasks will fail with the reason")
 
-    @app.task(name=STUDY_TASK, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True,
-              autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
+    @app.task(name=STUDY_TASK, **TASK_OPTIONS)
     def analyse_study_task(self: Task, study_id: int) -> str:
         try:
             outcome = analyse_study(settings, study_id, get_classifier(settings))
         except StudyBusy as exc:
-            raise self.retry(countdown=settings.task_stale_seconds / 2, exc=exc,
-                             max_retries=20) from exc
+            raise self.retry(
+                countdown=settings.task_stale_seconds / 2, exc=exc, max_retries=20
+            ) from exc
         except OperationalError:
             raise
         except SoftTimeLimitExceeded:
@@ -101,19 +117,19 @@ def register_tasks(app: Celery) -> None:
             return "failed"
         except Exception as exc:
             logger.exception("study id %d failed unexpectedly", study_id)
-            _fail_study(settings, study_id, f"internal error: {exc.__class__.__name__}: {exc}"[:2000])
+            _fail_study(
+                settings, study_id, f"internal error: {exc.__class__.__name__}: {exc}"[:2000]
+            )
             raise
         if outcome.report_id is not None:
             send_pending_deliveries(app, settings, outcome.report_id)
         return outcome.state
 
-    @app.task(name=UPLOAD_TASK, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True,
-              autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
+    @app.task(name=UPLOAD_TASK, **TASK_OPTIONS)
     def analyse_upload_task(self: Task, upload_id: int) -> str:
         return analyse_upload(settings, upload_id, get_classifier(settings))
 
-    @app.task(name=DELIVER_TASK, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True,
-              autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
+    @app.task(name=DELIVER_TASK, **TASK_OPTIONS)
     def deliver_task(self: Task, delivery_id: int) -> str:
         return deliver(settings, delivery_id)
 
@@ -142,7 +158,11 @@ def analyse_upload(settings: Settings, upload_id: int, classifier: Classifier) -
         up = s.get(Upload, upload_id)
         assert up is not None
         up.state, up.finished_at = UploadState.DONE, utcnow()
-        up.probability, up.label, up.model_version = pred.probability, pred.label, classifier.version
+        up.probability, up.label, up.model_version = (
+            pred.probability,
+            pred.label,
+            classifier.version,
+        )
     return "done"
 
 
