@@ -200,6 +200,7 @@ class Upload(Base):
     model_version: Mapped[str | None] = mapped_column(String(64), default=None)
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    queued_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
 

@@ -9,7 +9,8 @@ Every ``sweep_seconds`` the sweeper:
    by a transport, or a broker restarted without persistence);
 3. re-queues a ``processing`` study whose worker has not sent a heartbeat for
    ``task_stale_seconds`` (a worker killed mid-task);
-4. re-publishes report deliveries that are due.
+4. re-publishes report deliveries that are due;
+5. re-publishes uploads still ``queued`` after ``requeue_seconds`` (broker down at upload).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select, update
 
 from core.db import session_scope
-from core.models import Delivery, DeliveryState, Study, StudyState, utcnow
+from core.models import Delivery, DeliveryState, Study, StudyState, Upload, UploadState, utcnow
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class SweepResult:
     requeued: int = 0
     recovered: int = 0
     deliveries: int = 0
+    uploads: int = 0
     publish_failures: int = 0
 
 
@@ -50,7 +52,7 @@ class Sweeper:
     # --- one pass ------------------------------------------------------------------------
 
     def sweep_once(self, now: datetime | None = None) -> SweepResult:
-        from worker.app import DELIVER_TASK, STUDY_TASK
+        from worker.app import DELIVER_TASK, STUDY_TASK, UPLOAD_TASK
 
         now = now or utcnow()
         s, url, result = self.settings, self.settings.database_url, SweepResult()
@@ -83,6 +85,20 @@ class Sweeper:
                 )
             ).all()
 
+        with session_scope(url) as session:
+            uploads = session.scalars(
+                select(Upload.id).where(
+                    Upload.state == UploadState.QUEUED,
+                    Upload.queued_at <= now - timedelta(seconds=s.requeue_seconds),
+                )
+            ).all()
+        for upload_id in uploads:
+            if self._publish(UPLOAD_TASK, upload_id, result):
+                result.uploads += 1
+                with session_scope(url) as session:
+                    session.execute(
+                        update(Upload).where(Upload.id == upload_id).values(queued_at=now)
+                    )
         for study_id in ready:
             if self._transition(
                 study_id, StudyState.RECEIVING, now, extra=Study.last_instance_at <= stable_before

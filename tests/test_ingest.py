@@ -518,3 +518,26 @@ def test_redis_down_during_transfer_loses_nothing(
             proc.wait()
     finally:
         lst.stop()
+
+
+def test_sweeper_republishes_a_stale_upload_once(listener: tuple[Listener, Published]) -> None:
+    from core.models import Upload
+
+    lst, published = listener
+    with session_scope(lst.settings.database_url) as s:
+        s.add(
+            Upload(
+                filename="a.png",
+                content_type="image/png",
+                sha256="0" * 64,
+                size_bytes=1,
+                width=1,
+                height=1,
+                path="x",
+            )
+        )
+    assert lst.sweeper is not None
+    later = utcnow() + timedelta(seconds=lst.settings.requeue_seconds + 1)
+    assert lst.sweeper.sweep_once(later).uploads == 1
+    assert lst.sweeper.sweep_once(later).uploads == 0
+    assert published == [("covidct.analyse_upload", 1)]

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-26 14:31:23.331298
+Create Date: 2026-11-26 15:17:18.739243
 """
 
 from collections.abc import Sequence
@@ -163,6 +163,7 @@ def upgrade() -> None:
         sa.Column("model_version", sa.String(length=64), nullable=True),
         sa.Column("user_id", sa.Integer(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("queued_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["user_id"],
