@@ -10,7 +10,7 @@ import pytest
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("core", "classifier", "worker", "ingest", "web", "covidct")
-# what each package may import from the project (covidct -> web, ingest -> worker -> classifier, core)
+# what each package may import: covidct -> web, ingest -> worker -> classifier, core
 ALLOWED = {
     "core": set(),
     "classifier": set(),
