@@ -291,6 +291,7 @@ def test_good_upload_is_stored_and_queued(reader: FlaskClient, settings: Setting
             "file": [(io.BytesIO(_png()), "a.png"), (io.BytesIO(_png()), "b.png")],
         },
         content_type="multipart/form-data",
+        follow_redirects=True,
     )
     assert r.status_code == 200
     assert "2 image(s) queued" in r.get_data(as_text=True)

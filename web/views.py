@@ -284,9 +284,10 @@ def uploads() -> Any:
             queue_upload(settings(), a.id)
         for e in errors:
             flash(e)
-        if accepted:
-            flash(f"{len(accepted)} image(s) queued.")
-        return _uploads_page(), 400 if errors and not accepted else 200
+        if not accepted:
+            return _uploads_page(), 400
+        flash(f"{len(accepted)} image(s) queued.")
+        return redirect(url_for("views.uploads"), code=303)  # a reload must not re-post
     return _uploads_page()
 
 
