@@ -390,7 +390,8 @@ def write_card_markdown(card: dict[str, Any], path: Path) -> None:
         f"- Operating threshold (chosen on val): {card['threshold']:.4f}",
         f"- Temperature (fitted on val): {card['temperature']:.3f}",
         f"- Study aggregation: {card.get('aggregation', '')}",
-        f"- Seeds: {card.get('seed')} shipped; trained in {card['training_seconds']:.0f} s",
+        f"- Shipped seed: {card.get('seed')} (best mean val AUC of {len(card.get('seeds', []))}); "
+        f"training took {card['training_seconds']:.0f} s",
         "",
         "## Data and licenses",
         "",
