@@ -22,6 +22,20 @@ from pydicom.uid import (
 )
 
 ROOT = "1.2.826.0.1.3680043.10.1404."  # covidct's synthetic-data UID prefix
+# patient and study attributes every instance of a study repeats
+STUDY_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
+)
 
 
 @dataclass
@@ -68,19 +82,7 @@ def make_series(
         ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        for kw in (
-            "PatientName",
-            "PatientID",
-            "PatientBirthDate",
-            "PatientSex",
-            "StudyInstanceUID",
-            "StudyDate",
-            "StudyTime",
-            "AccessionNumber",
-            "StudyID",
-            "StudyDescription",
-            "ReferringPhysicianName",
-        ):
+        for kw in STUDY_KEYWORDS:
             setattr(ds, kw, getattr(study, kw))
         ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = sop_uid

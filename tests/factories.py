@@ -19,7 +19,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from covidct.synthetic import ROOT, SeriesSpec, make_study
+from covidct.synthetic import ROOT, STUDY_KEYWORDS, SeriesSpec, make_study
 
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 
@@ -30,17 +30,7 @@ def enhanced_ct(frames: int = 12, rows: int = 512) -> Dataset:
     first = slices[0]
     ds = Dataset()
     for kw in (
-        "PatientName",
-        "PatientID",
-        "PatientBirthDate",
-        "PatientSex",
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyTime",
-        "AccessionNumber",
-        "StudyID",
-        "ReferringPhysicianName",
-        "StudyDescription",
+        *STUDY_KEYWORDS,
         "Modality",
         "Manufacturer",
         "FrameOfReferenceUID",
