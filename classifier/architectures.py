@@ -11,14 +11,14 @@ three Dense layers) mostly predicts the majority class.
 
 ``covidct``: a small VGG-style CNN for 2 CPU cores with one expert head per training dataset
 and a gate.  The datasets pull against each other (COVID-CT is figures from papers, the other
-real scanner crops; a linear probe tells them apart at AUC 0.98), so a single head learns a
-compromise that fits neither.  Here a shared trunk feeds (a) one sigmoid expert per dataset and
-(b) a softmax gate that recognises which kind of image it sees; the output is the gate-weighted
-mix of the experts.  Each expert is trained only on its own dataset, the gate on the dataset
-labels, the mix on everything.  Trunk: resized to 144x144 inside the model, a
-stride-2 stem, four blocks of
-two 3x3 conv + BatchNorm (momentum 0.9: an epoch is only tens of steps) + ReLU with max pooling,
-global average pooling, dropout, sigmoid.  Augmentation layers (flip, rotation, zoom, contrast,
+real scanner crops; a linear probe tells them apart at AUC 0.98, ../shared/NOTES.md), so a
+single head learns a compromise that fits neither.  Here a shared trunk feeds (a) one sigmoid
+expert per dataset and (b) a softmax gate that recognises which kind of image it sees; the
+output is the gate-weighted mix of the experts.  Each expert is trained only on its own
+dataset, the gate on the dataset labels, the mix on everything.  Trunk: resized to 144x144
+inside the model, a stride-2 stem, four blocks of two 3x3 conv + BatchNorm (momentum 0.9: an
+epoch is only tens of steps) + ReLU with max pooling, global average pooling, dropout, sigmoid.
+Augmentation layers (flip, rotation, zoom, contrast,
 translation) are part of the model and only active in training.
 """
 

@@ -3,7 +3,8 @@
 Each handler gets what it needs as an extra argument (:class:`IngestContext`), never a global.
 Every failure becomes a DICOM status after it is logged: unreadable data 0xC210, a bad UID
 0xC210, a SOP class that does not match its context 0xA900, a failed write 0xA700.  Anything
-unexpected reaches the peer as 0xC211.  UIDs are logged, patient names never.
+unexpected reaches the peer as 0xC211 (pynetdicom's own translation).  UIDs are logged,
+patient names never.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
-PROCESSING_FAILURE = 0xC211
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 RJ_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE not recognised
@@ -62,7 +62,7 @@ def _audit(
 
 
 def free_disk_mb(path: Path) -> float:
-    path.mkdir(parents=True, exist_ok=True)
+    """Free space where ``path`` lives (the spool, created by the Listener at start-up)."""
     return shutil.disk_usage(path).free / (1024 * 1024)
 
 

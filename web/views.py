@@ -38,7 +38,6 @@ from web.queries import (
     list_studies,
     list_uploads,
     study_detail,
-    upload_dict,
 )
 from web.uploads import UploadRejected, accept_upload, queue_upload
 
@@ -310,9 +309,8 @@ def upload_model_png(upload_id: int) -> Any:
         up = s.get(Upload, upload_id)
         if up is None:
             abort(404, "No such upload.")
-        data = upload_dict(up)
-        path = Path(up.path)
+        path, filename = Path(up.path), up.filename
     try:
         return _png(to_model_input(path, max_pixels=settings().max_upload_pixels))
     except UnusableInputError as exc:
-        abort(422, f"{data['filename']}: {exc}")
+        abort(422, f"{filename}: {exc}")

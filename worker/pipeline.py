@@ -36,7 +36,7 @@ from core.models import (
     utcnow,
 )
 from core.settings import Settings
-from worker.selection import SliceRef
+from worker.selection import Selection, SliceRef
 from worker.selection import select as select_slices
 from worker.sr import Finding, build_sr
 
@@ -317,12 +317,9 @@ def _store_results(
     probability: float,
     call: str,
     top: list[int],
-    selection: object,
+    selection: Selection,
 ) -> int:
     """Predictions, the SR file, the report and its outbox rows, in one transaction."""
-    from worker.selection import Selection
-
-    assert isinstance(selection, Selection)
     version, threshold = classifier.version, classifier.threshold
     with session_scope(settings.database_url) as s:
         study = s.get(Study, study_id)
