@@ -11,6 +11,7 @@ import logging
 import signal
 import ssl
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -20,6 +21,7 @@ from sqlalchemy import select
 from core.db import session_scope, upgrade
 from core.models import Instance
 from core.settings import Settings
+from ingest import tuning
 from ingest.handlers import (
     IngestContext,
     handle_accepted,
@@ -118,7 +120,11 @@ class Listener:
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         upgrade(settings.database_url)
         reconcile_spool(settings)
-        self.ctx = IngestContext(settings)
+        self.ctx = IngestContext(
+            settings,
+            ThreadPoolExecutor(settings.max_associations, thread_name_prefix="spool-write"),
+        )
+        tuning.install()
         self.ae = build_ae(settings)
         self.server = self.ae.start_server(
             (settings.dicom_host, settings.dicom_port),
@@ -149,6 +155,7 @@ class Listener:
             self.sweeper.stop()
         self.server.shutdown()
         self.ae.shutdown()
+        self.ctx.writer.shutdown(wait=True)
 
 
 def _celery_publisher(settings: Settings) -> Any:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +24,7 @@ from core.models import AuditEvent, Instance, Study, StudyState, utcnow
 from core.settings import Settings, load_settings
 from covidct.synthetic import SeriesSpec, make_study, write_study
 from ingest.server import Listener
+from ingest.spool import INCOMING
 from tests.conftest import free_port, need_tool
 from tests.factories import LOSSY, SYNTAXES, in_syntax, to_bytes
 
@@ -195,6 +198,7 @@ def test_corrupt_dataset_answers_c210(
     assert status.Status == 0xC210
     assert count(lst.settings, Instance) == 0
     assert not list(lst.settings.spool_dir.rglob("*.dcm"))
+    assert not list(lst.settings.spool_dir.rglob("*.tmp"))  # the early write was discarded
 
 
 @pytest.mark.parametrize(
@@ -373,6 +377,9 @@ def test_spool_file_without_record_is_recovered(tmp_path: Path) -> None:
     target.parent.mkdir(parents=True)
     target.write_bytes(to_bytes(ds))
     (target.parent / f".{target.name}.abc.tmp").write_bytes(b"half a file")
+    incoming = settings.spool_dir / INCOMING
+    incoming.mkdir()
+    (incoming / ".def.tmp").write_bytes(b"written, never renamed")
     lst = Listener(settings, publish=Published())
     lst.stop()
     assert count(settings, Instance) == 1
@@ -438,6 +445,7 @@ def test_sop_class_mismatch_answers_a900(
     assoc.release()
     assert status.Status == 0xA900
     assert count(lst.settings, Instance) == 0
+    assert not list(lst.settings.spool_dir.rglob("*.tmp"))
 
 
 @pytest.fixture
@@ -541,3 +549,44 @@ def test_sweeper_republishes_a_stale_upload_once(listener: tuple[Listener, Publi
     assert lst.sweeper.sweep_once(later).uploads == 1
     assert lst.sweeper.sweep_once(later).uploads == 0
     assert published == [("covidct.analyse_upload", 1)]
+
+
+def test_tuned_recv_reads_whole_pdus_and_stops_at_close() -> None:
+    """The large-read replacement returns exactly what was asked, across partial sends, and
+    what came before a close; install() is idempotent and keeps other time functions."""
+    import pynetdicom.association
+    import pynetdicom.dul
+
+    from ingest import tuning
+
+    tuning.install()
+    tuning.install()
+    assert pynetdicom.dul.time.sleep is tuning._sleep
+    assert pynetdicom.association.time.monotonic is time.monotonic
+    a, b = socket.socketpair()
+    holder = type("S", (), {"socket": b})()
+    payload = bytes(range(256)) * 1000
+    sender = threading.Thread(
+        target=lambda: [a.sendall(payload[i : i + 7000]) for i in range(0, len(payload), 7000)]
+    )
+    sender.start()
+    got = tuning._recv(holder, len(payload) - 10)
+    sender.join()
+    assert bytes(got) == payload[:-10]
+    a.close()
+    rest = tuning._recv(holder, 100)
+    assert bytes(rest) == payload[-10:]
+    b.close()
+
+
+def test_busy_nap_only_after_activity(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ingest import tuning
+
+    naps: list[float] = []
+    monkeypatch.setattr(tuning.time, "sleep", naps.append)
+    monkeypatch.setattr(tuning, "_last_activity", 0.0)
+    tuning._sleep(0.001)
+    tuning.mark_activity()
+    tuning._sleep(0.001)
+    tuning._sleep(0.25)  # other naps are left alone
+    assert naps == [0.001, tuning.BUSY_NAP, 0.25]
