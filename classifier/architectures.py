@@ -16,13 +16,16 @@ neither, and a shared trunk with one head per dataset still scored only 0.69 on 
 each dataset gets its own expert, a small VGG-style CNN trained on that dataset alone (resized
 to 144x144 inside the model, a stride-2 stem, four blocks of two 3x3 conv + BatchNorm (momentum
 0.9: an epoch is only tens of steps) + ReLU with max pooling, global average pooling, dropout,
-sigmoid), and a tiny gate CNN (64x64) learns which kind of image it sees.  The output is the
+sigmoid), and a gate (softmax on the experts' concatenated pooled features) learns which kind of
+image it sees.  The output is the
 gate-weighted mix of the expert probabilities.  A DICOM slice, framed like the real-scan
 training crops, is routed to the real-scan expert.  Augmentation layers (flip, rotation, zoom,
 contrast, translation) are part of each network and only active in training.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import keras
 from keras import layers
@@ -36,7 +39,7 @@ def build(name: str, *, seed: int = 0, domains: int = 1) -> keras.Model:
     if name == "paper":
         return build_paper()
     if name == "covidct":
-        return build_covidct(seed=seed, domains=domains)[0]
+        return build_covidct(seed=seed, domains=domains).serving
     raise ValueError(f"unknown architecture {name!r}; choose from {', '.join(ARCHITECTURES)}")
 
 
@@ -67,8 +70,8 @@ def _augment(x: keras.KerasTensor, seed: int) -> keras.KerasTensor:
     return layers.RandomContrast(0.25, seed=seed + 4)(x)
 
 
-def build_expert(*, seed: int = 0, width: int = 32, name: str = "expert") -> keras.Model:
-    """One dataset's expert: image in, P(COVID-19) out."""
+def build_trunk(*, seed: int = 0, width: int = 32, name: str = "trunk") -> keras.Model:
+    """One expert's feature extractor: image in, pooled features (``width * 8``) out."""
     inputs = keras.Input(INPUT_SHAPE, name="image")
     x = _augment(layers.Rescaling(1.0 / 255)(inputs), seed)
     x = layers.Resizing(144, 144)(x)  # halves the cost on 2 CPU cores; 200x200 stays the API
@@ -77,37 +80,43 @@ def build_expert(*, seed: int = 0, width: int = 32, name: str = "expert") -> ker
         x = _conv_bn(x, width * mult)
         x = _conv_bn(x, width * mult)
         x = layers.MaxPooling2D(2)(x)  # 36, 18, 9, 4
-    x = layers.GlobalAveragePooling2D()(x)
-    x = layers.Dropout(0.4, seed=seed + 5)(x)
-    outputs = layers.Dense(1, activation="sigmoid", name="p")(x)
-    return keras.Model(inputs, outputs, name=name)
+    return keras.Model(inputs, layers.GlobalAveragePooling2D()(x), name=name)
 
 
-def build_gate(*, seed: int = 0, domains: int = 2, width: int = 16) -> keras.Model:
-    """Which dataset an image looks like: softmax over ``domains``."""
+@dataclass
+class Experts:
+    """The parts of ``covidct``.  ``serving`` shares its weights with the other models:
+    ``experts[i]`` (image -> P(COVID-19), trained on dataset i), ``trunks[i]`` (image ->
+    features) and ``gate`` (concatenated trunk features -> softmax over datasets)."""
+
+    serving: keras.Model
+    experts: list[keras.Model]
+    trunks: list[keras.Model]
+    gate: keras.Model
+
+
+def build_covidct(*, seed: int = 0, width: int = 32, domains: int = 1) -> Experts:
+    """One expert per dataset and a gate on the experts' own features: recognising which
+    kind of image it sees is easy for features that were trained on both kinds."""
     inputs = keras.Input(INPUT_SHAPE, name="image")
-    x = _augment(layers.Rescaling(1.0 / 255)(inputs), seed)
-    x = layers.Resizing(64, 64)(x)
-    x = _conv_bn(x, width, stride=2)  # 32x32
-    for mult in (2, 4):
-        x = _conv_bn(x, width * mult)
-        x = layers.MaxPooling2D(2)(x)  # 16, 8
-    x = layers.GlobalAveragePooling2D()(x)
-    outputs = layers.Dense(domains, activation="softmax", name="domain")(x)
-    return keras.Model(inputs, outputs, name="gate")
-
-
-def build_covidct(
-    *, seed: int = 0, width: int = 32, domains: int = 1
-) -> tuple[keras.Model, list[keras.Model], keras.Model]:
-    """(serving model, experts, gate).  The experts and the gate are trained on their own and
-    share their weights with the serving model."""
-    experts = [
-        build_expert(seed=seed + 10 * i, width=width, name=f"expert_{i}") for i in range(domains)
-    ]
-    gate = build_gate(seed=seed + 100, domains=domains)
-    inputs = keras.Input(INPUT_SHAPE, name="image")
-    probs = [m(inputs) for m in experts]
-    stacked = layers.Concatenate(name="experts")(probs) if domains > 1 else probs[0]
-    mixed = layers.Dot(axes=1, name="p_covid")([stacked, gate(inputs)])
-    return keras.Model(inputs, mixed, name="covidct"), experts, gate
+    trunks, heads, experts = [], [], []
+    for i in range(domains):
+        trunk = build_trunk(seed=seed + 10 * i, width=width, name=f"trunk_{i}")
+        drop = layers.Dropout(0.4, seed=seed + 10 * i + 5, name=f"dropout_{i}")
+        dense = layers.Dense(1, activation="sigmoid", name=f"expert_{i}")
+        trunks.append(trunk)
+        heads.append((drop, dense))
+        experts.append(keras.Model(inputs, dense(drop(trunk(inputs))), name=f"covidct_expert_{i}"))
+    gate_dense = layers.Dense(domains, activation="softmax", name="gate")
+    feature_size = width * 8 * domains
+    gate_in = keras.Input((feature_size,), name="features")
+    gate = keras.Model(gate_in, gate_dense(gate_in), name="covidct_gate")
+    features = [t(inputs) for t in trunks]
+    probs = [dense(drop(f)) for f, (drop, dense) in zip(features, heads, strict=True)]
+    if domains > 1:
+        stacked = layers.Concatenate(name="experts")(probs)
+        weights = gate_dense(layers.Concatenate(name="expert_features")(features))
+    else:
+        stacked, weights = probs[0], gate_dense(features[0])
+    mixed = layers.Dot(axes=1, name="p_covid")([stacked, weights])
+    return Experts(keras.Model(inputs, mixed, name="covidct"), experts, trunks, gate)

@@ -311,7 +311,6 @@ class _ExpertRun:
 
 
 EARLY_STOP_EPOCHS = 8
-GATE_EPOCHS = 4
 
 
 def _train_experts(
@@ -331,9 +330,9 @@ def _train_experts(
 
     rng = np.random.default_rng(seed)
     domains = len(train_splits)
-    serving, experts, gate = build_covidct(seed=seed, domains=domains)
+    parts = build_covidct(seed=seed, domains=domains)
     runs = []
-    for model, s, v in zip(experts, train_splits, val_splits, strict=True):
+    for model, s, v in zip(parts.experts, train_splits, val_splits, strict=True):
         model.compile(
             optimizer=keras.optimizers.Adam(recipe.learning_rate),
             loss="binary_crossentropy",
@@ -342,7 +341,9 @@ def _train_experts(
         x_jpeg = _jpeg_versions(s.images, rng) if recipe.augment_jpeg else None
         y = s.labels.astype(np.float32)[:, None]
         runs.append(
-            _ExpertRun(model, s.images, x_jpeg, y, _sample_weights([s], True), v, recipe.learning_rate)
+            _ExpertRun(
+                model, s.images, x_jpeg, y, _sample_weights([s], True), v, recipe.learning_rate
+            )
         )
     history = History()
     started = time.perf_counter()
@@ -384,34 +385,44 @@ def _train_experts(
     history.best_epoch = max(r.best_epoch for r in runs)
     history.expert_epochs = {r.val.dataset: r.best_epoch for r in runs}
     if domains > 1:
-        history.gate_accuracy = _train_gate(gate, train_splits, val_splits, recipe, rng, verbose)
+        history.gate_accuracy = _train_gate(parts, train_splits, val_splits, rng)
     history.seconds = time.perf_counter() - started
-    return serving, history
+    return parts.serving, history
+
+
+GATE_EPOCHS = 60
 
 
 def _train_gate(
-    gate: Any,
+    parts: Any,
     train_splits: Sequence[Split],
     val_splits: Sequence[Split],
-    recipe: Recipe,
     rng: np.random.Generator,
-    verbose: int,
 ) -> float:
-    """Fit the gate on dataset labels (dataset-balanced); return its val accuracy."""
+    """Fit the gate on the trained experts' features (as stored and as JPEG, so file format
+    cannot route) to predict each image's dataset, balanced; return its val accuracy."""
     import keras
 
-    domains = len(train_splits)
-    x = np.concatenate([s.images for s in train_splits])
-    y = np.eye(domains, dtype=np.float32)[
-        np.concatenate([np.full(len(s), i) for i, s in enumerate(train_splits)])
-    ]
-    w = np.concatenate([np.full(len(s), len(x) / (domains * len(s))) for s in train_splits])
-    x_jpeg = _jpeg_versions(x, rng) if recipe.augment_jpeg else None
-    gate.compile(optimizer=keras.optimizers.Adam(1e-3), loss="categorical_crossentropy")
-    for _ in range(GATE_EPOCHS):
-        gate.fit(Batches(x, x_jpeg, y, w.astype(np.float32), recipe.batch_size, rng), verbose=verbose)
+    def features(images: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [t.predict(_rgb(images), batch_size=64, verbose=0) for t in parts.trunks], axis=1
+        )
+
+    x, y, w = [], [], []
+    for i, s in enumerate(train_splits):
+        for images in (s.images, _jpeg_versions(s.images, rng)):
+            x.append(features(images))
+            y.append(np.full(len(s), i))
+            w.append(np.full(len(s), 1.0 / len(s), np.float32))
+    xs, ys, ws = np.concatenate(x), np.concatenate(y), np.concatenate(w)
+    parts.gate.compile(
+        optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy"
+    )
+    parts.gate.fit(
+        xs, ys, sample_weight=ws * len(ws) / ws.sum(), epochs=GATE_EPOCHS, batch_size=64, verbose=0
+    )
     hits = [
-        np.argmax(gate.predict(_rgb(s.images), batch_size=64, verbose=0), axis=1) == i
+        np.argmax(parts.gate.predict(features(s.images), verbose=0), axis=1) == i
         for i, s in enumerate(val_splits)
     ]
     acc = float(np.mean(np.concatenate(hits)))
