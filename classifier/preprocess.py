@@ -20,6 +20,7 @@ import io
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -208,7 +209,43 @@ def _dicom_frame_input(ds: Dataset, frame: int, framing: Framing) -> np.ndarray:
         arr = arr[frame]
     elif frame != 0:
         raise UnusableInputError(f"frame {frame} does not exist (1 frame)")
+    if arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2 and framing.crop:
+        return _frame_by_lookup(ds, arr, frame, framing)
     return _frame_from_hu(ds, _to_hu(ds, arr, frame), framing)
+
+
+def _frame_by_lookup(ds: Dataset, raw: np.ndarray, frame: int, framing: Framing) -> np.ndarray:
+    """:func:`_frame_from_hu` for 8/16-bit stored values, same result, a third of the time:
+    the lung box is found on a small HU copy and one table maps stored values in the crop
+    straight to windowed (and, for MONOCHROME1, inverted) gray."""
+    slope, intercept = _modality_lut(ds, frame)
+    step = _box_step(raw.shape)
+    small = raw[::step, ::step].astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    r0, r1, c0, c1 = lung_box(small, framing, step=step, full_shape=raw.shape)
+    table = _gray_table(
+        raw.dtype.str,
+        slope,
+        intercept,
+        framing.window_center,
+        framing.window_width,
+        ds.get("PhotometricInterpretation") == "MONOCHROME1",
+    )
+    crop = raw[r0:r1, c0:c1]
+    offset = -np.iinfo(raw.dtype).min
+    index = crop.astype(np.int32) + offset if offset else crop
+    return gray_to_input(table[index])
+
+
+@lru_cache(maxsize=16)
+def _gray_table(
+    dtype: str, slope: float, intercept: float, center: float, width: float, invert: bool
+) -> np.ndarray:
+    """Stored value (shifted to start at 0) -> gray, by the same float32 arithmetic."""
+    info = np.iinfo(np.dtype(dtype))
+    values = np.arange(info.min, info.max + 1, dtype=np.int64).astype(np.dtype(dtype))
+    hu = values.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    gray = window(hu, center, width)
+    return 255 - gray if invert else gray
 
 
 def _rescale(ds: Dataset, frame: int) -> tuple[float, float] | None:
@@ -226,15 +263,18 @@ def _rescale(ds: Dataset, frame: int) -> tuple[float, float] | None:
     return None
 
 
-def _to_hu(ds: Dataset, raw: np.ndarray, frame: int) -> np.ndarray:
-    """Modality LUT: stored values to Hounsfield units (float32)."""
+def _modality_lut(ds: Dataset, frame: int) -> tuple[float, float]:
     rescale = _rescale(ds, frame)
     if rescale is None:
         if ds.get("Modality") == "CT":
-            rescale = (1.0, 0.0)
-        else:
-            raise UnusableInputError("no modality LUT: pixel values are not Hounsfield units")
-    slope, intercept = rescale
+            return 1.0, 0.0
+        raise UnusableInputError("no modality LUT: pixel values are not Hounsfield units")
+    return rescale
+
+
+def _to_hu(ds: Dataset, raw: np.ndarray, frame: int) -> np.ndarray:
+    """Modality LUT: stored values to Hounsfield units (float32)."""
+    slope, intercept = _modality_lut(ds, frame)
     return raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
@@ -245,21 +285,36 @@ def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def lung_box(hu: np.ndarray, framing: Framing = DEFAULT_FRAMING) -> tuple[int, int, int, int]:
+def _box_step(shape: tuple[int, ...]) -> int:
+    return max(1, min(shape[0], shape[1]) // 128)
+
+
+def lung_box(
+    hu: np.ndarray,
+    framing: Framing = DEFAULT_FRAMING,
+    *,
+    step: int | None = None,
+    full_shape: tuple[int, ...] | None = None,
+) -> tuple[int, int, int, int]:
     """Bounding box (r0, r1, c0, c1) of the lungs with a margin; :class:`SliceSkipped` if few.
 
-    Works on a copy downsampled to about 128 pixels a side: 0.8 ms on a 512x512 slice here.
+    Works on a copy downsampled to about 128 pixels a side (or on ``hu`` itself when it is
+    already that copy: pass its ``step`` and the ``full_shape``): under 1 ms on 512x512.
     """
-    rows, cols = hu.shape
-    step = max(1, min(rows, cols) // 128)
-    small = hu[::step, ::step]
+    if step is None:
+        step = _box_step(hu.shape)
+        small = hu[::step, ::step]
+        rows, cols = hu.shape
+    else:
+        small = hu
+        rows, cols = (full_shape or hu.shape)[:2]
     body = small > framing.body_hu
     labels, count = ndimage.label(body)
     if count == 0:
         raise SliceSkipped("no body in the slice")
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    body = ndimage.binary_fill_holes(labels == int(sizes.argmax()))
+    body = _fill_holes(labels == int(sizes.argmax()))
     lungs = body & (small < framing.lung_hu)
     lungs = ndimage.binary_opening(lungs, iterations=1)
     fraction = float(lungs.mean())
@@ -272,6 +327,16 @@ def lung_box(hu: np.ndarray, framing: Framing = DEFAULT_FRAMING) -> tuple[int, i
     r0, r1, c0, c1 = r[0] * step, (r[-1] + 1) * step, c[0] * step, (c[-1] + 1) * step
     mr, mc = int((r1 - r0) * framing.margin), int((c1 - c0) * framing.margin)
     return max(0, r0 - mr), min(rows, r1 + mr), max(0, c0 - mc), min(cols, c1 + mc)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes`` (4-connected background) by one labelling instead of an
+    iterated dilation: background components that do not touch the border are holes."""
+    background, _ = ndimage.label(~mask)
+    edge = np.unique(
+        np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+    )
+    return mask | ~np.isin(background, edge)
 
 
 def _frame_from_hu(ds: Dataset, hu: np.ndarray, framing: Framing) -> np.ndarray:

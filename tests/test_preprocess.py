@@ -13,6 +13,7 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from classifier.errors import SliceSkipped, UnusableInputError
 from classifier.preprocess import (
+    DEFAULT_FRAMING,
     Framing,
     dicom_inputs,
     lung_box,
@@ -198,3 +199,52 @@ def test_multiframe_frames_are_yielded_one_by_one() -> None:
     assert [i.frame for i in items] == [0, 1, 2, 3]
     assert all(i.array is not None and i.array.shape == (200, 200, 3) for i in items)
     assert np.array_equal(items[1].array, to_model_input(ds, frame=1))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "slope", "intercept", "photometric"),
+    [
+        ("<i2", 1.0, 0.0, "MONOCHROME2"),
+        ("<u2", 1.0, -1024.0, "MONOCHROME2"),
+        ("<u2", 0.5, -1024.0, "MONOCHROME1"),
+        ("<i2", 2.0, -3.5, "MONOCHROME1"),
+    ],
+)
+def test_lookup_framing_equals_the_hounsfield_path(
+    dtype: str, slope: float, intercept: float, photometric: str
+) -> None:
+    """The fast path (a stored-value table on the crop) gives the same bytes as converting
+    the whole slice to Hounsfield units first, for every kind of 16-bit storage."""
+    from classifier.preprocess import _frame_by_lookup, _frame_from_hu, _to_hu
+
+    (axial,) = make_study([SeriesSpec(slices=1)], seed=3)[:1]
+    hu = axial.pixel_array.astype(np.float64) * float(axial.RescaleSlope) + float(
+        axial.RescaleIntercept
+    )
+    rng = np.random.default_rng(0)
+    hu = hu + rng.normal(0, 30, hu.shape)  # every stored value differs from its neighbours
+    stored = np.rint((hu - intercept) / slope)
+    info = np.iinfo(np.dtype(dtype))
+    stored = np.clip(stored, info.min, info.max).astype(dtype)
+    ds = ct_dataset(np.zeros((2, 2)), photometric=photometric)
+    ds.Rows, ds.Columns = stored.shape
+    ds.PixelRepresentation = 1 if dtype == "<i2" else 0
+    ds.PixelData = stored.tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    raw = ds.pixel_array
+    assert raw.dtype == np.dtype(dtype)
+    fast = _frame_by_lookup(ds, raw, 0, DEFAULT_FRAMING)
+    slow = _frame_from_hu(ds, _to_hu(ds, raw, 0), DEFAULT_FRAMING)
+    assert np.array_equal(fast, slow)
+    assert np.array_equal(to_model_input(ds), fast)
+
+
+def test_fill_holes_equals_scipy() -> None:
+    from scipy import ndimage
+
+    from classifier.preprocess import _fill_holes
+
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        mask = ndimage.binary_opening(rng.random((128, 128)) > 0.45)
+        assert np.array_equal(_fill_holes(mask), ndimage.binary_fill_holes(mask))
