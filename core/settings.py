@@ -80,6 +80,7 @@ class Settings:
     indeterminate_band: float = 0.05
     min_series_slices: int = 10
     batch_size: int = 32
+    read_threads: int = 2
     sr_max_attempts: int = 6
     sr_retry_base_seconds: float = 10.0
     max_upload_bytes: int = 20 * 1024 * 1024
@@ -290,6 +291,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "indeterminate_band": _float(0.0, 0.5),
     "min_series_slices": _int(1, 10000),
     "batch_size": _int(1, 1024),
+    "read_threads": _int(1, 64),
     "sr_max_attempts": _int(1, 100),
     "sr_retry_base_seconds": _float(0.0, 3600.0),
     "max_upload_bytes": _int(1024, 1024**3),

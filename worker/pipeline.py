@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -149,59 +152,55 @@ def finish(
     return str(state)
 
 
-def _frames(slices: list[SliceRef], t: Timings) -> Iterator[tuple[SliceRef, np.ndarray | str]]:
-    """Read and preprocess slice by slice: memory stays flat whatever the study size."""
-    cache: tuple[Path, pydicom.Dataset] | None = None
-    for ref in slices:
-        t0 = time.perf_counter()
-        if cache is None or cache[0] != ref.path:
-            try:
-                cache = (ref.path, pydicom.dcmread(ref.path))
-            except Exception as exc:  # unreadable file in the spool: skip that slice
-                yield ref, f"unreadable: {exc}"
-                continue
-        t1 = time.perf_counter()
-        t.read += t1 - t0
+@dataclass
+class _Read:
+    """One file read and preprocessed: (slice, model input or why it was skipped) per frame."""
+
+    items: list[tuple[SliceRef, np.ndarray | str]]
+    read: float
+    preprocess: float
+
+
+def _read_file(refs: list[SliceRef]) -> _Read:
+    """Read one file once and preprocess the frames the selection kept."""
+    t0 = time.perf_counter()
+    try:
+        ds = pydicom.dcmread(refs[0].path)
+    except Exception as exc:  # unreadable file in the spool: skip its slices
+        return _Read([(ref, f"unreadable: {exc}") for ref in refs], time.perf_counter() - t0, 0.0)
+    t1 = time.perf_counter()
+    items: list[tuple[SliceRef, np.ndarray | str]] = []
+    for ref in refs:
         try:
-            result: np.ndarray | str = to_model_input(
-                cache[1], frame=ref.frame, framing=DEFAULT_FRAMING
-            )
+            items.append((ref, to_model_input(ds, frame=ref.frame, framing=DEFAULT_FRAMING)))
         except SliceSkipped as exc:
-            result = str(exc)
+            items.append((ref, str(exc)))
         except UnusableInputError as exc:
-            result = f"unusable: {exc}"
-        t.preprocess += time.perf_counter() - t1
-        yield ref, result
+            items.append((ref, f"unusable: {exc}"))
+    return _Read(items, t1 - t0, time.perf_counter() - t1)
 
 
-def prefetch(
-    items: Iterator[tuple[SliceRef, np.ndarray | str]], depth: int = 64
+def read_ahead(
+    slices: list[SliceRef], t: Timings, *, threads: int = 2, depth: int = 64
 ) -> Iterator[tuple[SliceRef, np.ndarray | str]]:
-    """Read and preprocess in a background thread while the model runs on the previous
-    batch (decoders and TensorFlow release the GIL); the bounded queue keeps memory flat."""
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            for item in items:
-                q.put(item)
-        except BaseException as exc:  # handed to the consumer, raised there
-            failure.append(exc)
-        finally:
-            q.put(done)
-
-    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
-    thread.start()
-    while (item := q.get()) is not done:
-        yield item
-    thread.join()
-    if failure:
-        raise failure[0]
+    """Read and preprocess, in order, on ``threads`` threads while the model runs on the
+    previous batch: decoders (GDCM), NumPy, Pillow and TensorFlow release the GIL.  At most
+    ``depth`` files are in flight, so memory stays flat whatever the study size.  Frames of
+    one multi-frame file are read together, once."""
+    groups = [list(g) for _, g in groupby(slices, key=lambda ref: ref.path)]
+    pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="read-ahead")
+    try:
+        pending: deque[Future[_Read]] = deque(pool.submit(_read_file, g) for g in groups[:depth])
+        following = iter(groups[depth:])
+        while pending:
+            done = pending.popleft().result()
+            t.read += done.read
+            t.preprocess += done.preprocess
+            if (group := next(following, None)) is not None:
+                pending.append(pool.submit(_read_file, group))
+            yield from done.items
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> Outcome:
@@ -247,7 +246,7 @@ def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> 
         batch_refs.clear()
         heartbeat(settings, study_id)
 
-    for ref, item in prefetch(_frames(selection.slices, t)):
+    for ref, item in read_ahead(selection.slices, t, threads=settings.read_threads):
         if isinstance(item, str):
             skipped.append((ref, item))
             continue
