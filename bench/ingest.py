@@ -5,14 +5,16 @@
 
 DCMTK's storescu (TCP_NODELAY=1) sends a study of 512x512 16-bit CT slices (built here, fresh
 UIDs each round) to (a) `covidct listener` (durable writes: fsync, rename, database record
-before 0x0000) and (b) DCMTK's storescp (TCP_NODELAY=1, plain writes), alternating, with one
-association and with four parallel associations.  Prints instances/s and the ratio
-covidct / storescp for each (target: at least 0.5 on one connection).
+before 0x0000), (b) DCMTK's storescp (TCP_NODELAY=1, plain writes) and (c) Orthanc when it is
+installed (TCP_NODELAY=1, its own fsync and SQLite index), in turn, with one association and
+with four parallel associations.  Prints instances/s and the ratios covidct / storescp (target:
+at least 0.5 on one connection) and covidct / Orthanc (target: above 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -67,6 +69,31 @@ def send(port: int, aec: str, files: list[Path], connections: int) -> float:
     return time.perf_counter() - t0
 
 
+def start_orthanc(exe: str, storage: Path, dicom_port: int) -> subprocess.Popen:
+    """Orthanc as a store SCP with its defaults (fsync on, SQLite index), HTTP on a free
+    port, local only (Orthanc 1.10 has no bind-address setting: ../shared/NOTES.md)."""
+    storage.mkdir(parents=True)
+    config = {
+        "Name": "bench",
+        "StorageDirectory": str(storage),
+        "IndexDirectory": str(storage),
+        "HttpPort": free_port(),
+        "DicomPort": dicom_port,
+        "DicomAet": "ORTHANC",
+        "RemoteAccessAllowed": False,
+        "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowStore": True,
+        "Plugins": [],
+    }
+    (storage / "orthanc.json").write_text(json.dumps(config))
+    return subprocess.Popen(
+        [exe, str(storage / "orthanc.json")],
+        env=os.environ | {"TCP_NODELAY": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -104,16 +131,20 @@ def main() -> int:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    servers = [listener, storescp]
+    targets = [("covidct", cport, "COVIDCT"), ("storescp", sport, "ANY-SCP")]
+    orthanc_exe = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
+    if orthanc_exe:
+        oport = free_port()
+        servers.append(start_orthanc(orthanc_exe, work / "orthanc", oport))
+        targets.append(("orthanc", oport, "ORTHANC"))
     try:
-        wait_port(cport)
-        wait_port(sport)
+        for _, port, _ in targets:
+            wait_port(port)
         print(f"{args.slices} slices of 512x512 16-bit CT per study; {args.rounds} rounds")
         for rnd in range(args.rounds):
             for connections in (1, 4):
-                for target, port, aec in (
-                    ("covidct", cport, "COVIDCT"),
-                    ("storescp", sport, "ANY-SCP"),
-                ):
+                for target, port, aec in targets:
                     folder = work / f"study-{rnd}-{connections}-{target}"
                     files = write_study(
                         make_study([SeriesSpec(slices=args.slices)], seed=rnd), folder
@@ -121,16 +152,24 @@ def main() -> int:
                     seconds = send(port, aec, files, connections)
                     results.setdefault((target, connections), []).append(args.slices / seconds)
                     shutil.rmtree(folder)
-        print(f"{'connections':>11} {'covidct/s':>10} {'storescp/s':>11} {'ratio':>6}")
+        names = [t for t, _, _ in targets]
+        print(f"{'connections':>11} " + " ".join(f"{n + '/s':>11}" for n in names), end="")
+        print(" covidct/storescp" + (" covidct/orthanc" if "orthanc" in names else ""))
         for connections in (1, 4):
-            ours = statistics.median(results[("covidct", connections)])
-            ref = statistics.median(results[("storescp", connections)])
-            print(f"{connections:>11} {ours:>10.1f} {ref:>11.1f} {ours / ref:>6.2f}")
+            rates = {n: statistics.median(results[(n, connections)]) for n in names}
+            line = f"{connections:>11} " + " ".join(f"{rates[n]:>11.1f}" for n in names)
+            line += f" {rates['covidct'] / rates['storescp']:>16.2f}"
+            if "orthanc" in rates:
+                line += f" {rates['covidct'] / rates['orthanc']:>15.2f}"
+            print(line)
     finally:
-        listener.terminate()
-        storescp.terminate()
-        listener.wait(30)
-        storescp.wait(30)
+        for proc in servers:
+            proc.terminate()
+        for proc in servers:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -81,13 +81,19 @@ def free_disk_mb(path: Path) -> float:
 
 
 def handle_conn_open(event: Any) -> None:
-    """Turn Nagle's algorithm off: it costs a store SCP about 20x on loopback."""
+    """Turn Nagle's algorithm off (it costs a store SCP about 20x on loopback) and let the
+    association's loops wake on work instead of polling (:mod:`ingest.tuning`)."""
+    tuning.attach(event.assoc)
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             logger.warning("could not set TCP_NODELAY")
+
+
+def handle_conn_close(event: Any) -> None:
+    tuning.detach(event.assoc)
 
 
 def access_decision(
@@ -122,7 +128,6 @@ def handle_requested(event: Any, ctx: IngestContext) -> None:
 
 
 def handle_accepted(event: Any, ctx: IngestContext) -> None:
-    tuning.mark_activity()
     calling, host = _peer(event)
     _audit(ctx, calling, "association.accept", ctx.settings.ae_title, "ok", host)
 
@@ -132,17 +137,18 @@ def handle_echo(event: Any) -> int:
 
 
 def handle_store(event: Any, ctx: IngestContext) -> int:
-    """C-STORE: write the bytes durably while parsing the header, move them where their UIDs
-    say, record, then answer."""
-    tuning.mark_activity()
+    """C-STORE: write and fsync the bytes in a thread while the header is parsed and the
+    database statements run; move the file where its UIDs say; COMMIT; then answer."""
     calling, host = _peer(event)
     try:
-        data = file_meta(
+        syntax = str(event.context.transfer_syntax)
+        meta = file_meta(
             str(event.request.AffectedSOPClassUID),
             str(event.request.AffectedSOPInstanceUID),
-            str(event.context.transfer_syntax),
+            syntax,
             calling,
-        ) + event.encoded_dataset(include_meta=False)
+        )
+        data = meta + event.encoded_dataset(include_meta=False)
     except Exception:
         logger.exception("cannot encode received dataset from %s", calling)
         return CANNOT_UNDERSTAND
@@ -154,7 +160,7 @@ def handle_store(event: Any, ctx: IngestContext) -> int:
         return OUT_OF_RESOURCES
     pending = ctx.writer.submit(write_pending, ctx.spool / INCOMING, data)
     try:
-        header = read_header(data)
+        header = read_header(data, dataset_offset=len(meta), transfer_syntax=syntax)
     except (UnreadableDatasetError, InvalidUIDError) as exc:
         _discard(pending)
         logger.warning("refusing instance from %s@%s: %s", calling, host, exc)
@@ -166,15 +172,30 @@ def handle_store(event: Any, ctx: IngestContext) -> int:
         return DATASET_MISMATCH
     try:
         path = instance_path(ctx.spool, header.study_uid, header.series_uid, header.sop_uid)
+    except InvalidUIDError:  # pragma: no cover - read_header validated them
+        _discard(pending)
+        return CANNOT_UNDERSTAND
+
+    def finish_write() -> None:  # inside the transaction, before COMMIT
         commit_pending(pending.result(), path)
+
+    try:
+        new = record_instance(
+            ctx.settings.database_url,
+            header,
+            path,
+            len(data),
+            calling,
+            before_commit=finish_write,
+        )
     except OSError:
+        _discard(pending)
         logger.exception("cannot write instance %s", header.sop_uid)
         return OUT_OF_RESOURCES
-    try:
-        new = record_instance(ctx.settings.database_url, header, path, len(data), calling)
     except Exception:
+        _discard(pending)
         logger.exception("cannot record instance %s", header.sop_uid)
-        return OUT_OF_RESOURCES  # the file stays; the start-up scan records it
+        return OUT_OF_RESOURCES  # a file already in place is recorded by the start-up scan
     logger.debug(
         "stored %s of study %s%s", header.sop_uid, header.study_uid, "" if new else " (duplicate)"
     )
@@ -182,7 +203,7 @@ def handle_store(event: Any, ctx: IngestContext) -> int:
 
 
 def _discard(pending: Future[Path]) -> None:
-    """Remove the temporary file of an instance we refuse."""
+    """Remove the temporary file of an instance we refuse (if it is still there)."""
     try:
         pending.result().unlink(missing_ok=True)
     except OSError:

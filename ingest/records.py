@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from core.db import get_engine
 from core.models import Instance, Study, StudyState, utcnow
+from ingest.header import scan
 from ingest.spool import validate_uid
 
 logger = logging.getLogger(__name__)
@@ -53,11 +55,19 @@ def _past_needed(tag: Any, vr: Any, length: Any) -> bool:
     return bool(tag > _LAST_NEEDED_TAG)
 
 
-def read_header(data: bytes) -> InstanceHeader:
-    """Parse the header of a Part 10 byte string (pixel data not decoded); validate its UIDs.
+def read_header(
+    data: bytes, *, dataset_offset: int = 0, transfer_syntax: str = ""
+) -> InstanceHeader:
+    """The header fields of a Part 10 byte string; its UIDs validated.
 
-    Raises :class:`UnreadableDatasetError` or :class:`ingest.spool.InvalidUIDError`.
+    With the dataset's offset and transfer syntax, :func:`ingest.header.scan` reads them
+    without pydicom when it can.  Raises :class:`UnreadableDatasetError` or
+    :class:`ingest.spool.InvalidUIDError`.
     """
+    if transfer_syntax:
+        fields = scan(memoryview(data)[dataset_offset:], transfer_syntax)
+        if fields is not None:
+            return _header(fields.get, transfer_syntax)
     try:
         ds = read_partial(io.BytesIO(data), stop_when=_past_needed)
     except (
@@ -72,28 +82,52 @@ def read_header(data: bytes) -> InstanceHeader:
     ) as exc:
         raise UnreadableDatasetError(f"cannot parse dataset: {exc}") from None
     meta = getattr(ds, "file_meta", None)
+    values = {
+        name: _text(ds, keyword)
+        for name, keyword in (
+            ("study_uid", "StudyInstanceUID"),
+            ("series_uid", "SeriesInstanceUID"),
+            ("sop_uid", "SOPInstanceUID"),
+            ("sop_class_uid", "SOPClassUID"),
+            ("patient_id", "PatientID"),
+            ("patient_name", "PatientName"),
+            ("accession_number", "AccessionNumber"),
+            ("study_date", "StudyDate"),
+            ("study_description", "StudyDescription"),
+            ("modality", "Modality"),
+        )
+    }
+    return _header(values.get, str(getattr(meta, "TransferSyntaxUID", "") or ""))
+
+
+LIMITS = {
+    "patient_id": 64,
+    "patient_name": 324,
+    "accession_number": 16,
+    "study_date": 8,
+    "study_description": 64,
+    "modality": 16,
+}
+
+
+def _header(get: Callable[[str], str | None], transfer_syntax: str) -> InstanceHeader:
     return InstanceHeader(
-        study_uid=validate_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-        series_uid=validate_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-        sop_uid=validate_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
-        sop_class_uid=validate_uid(ds.get("SOPClassUID"), "SOPClassUID"),
-        transfer_syntax_uid=str(getattr(meta, "TransferSyntaxUID", "") or ""),
-        patient_id=_text(ds, "PatientID", 64),
-        patient_name=_text(ds, "PatientName", 324),
-        accession_number=_text(ds, "AccessionNumber", 16),
-        study_date=_text(ds, "StudyDate", 8),
-        study_description=_text(ds, "StudyDescription", 64),
-        modality=_text(ds, "Modality", 16),
+        study_uid=validate_uid(get("study_uid"), "StudyInstanceUID"),
+        series_uid=validate_uid(get("series_uid"), "SeriesInstanceUID"),
+        sop_uid=validate_uid(get("sop_uid"), "SOPInstanceUID"),
+        sop_class_uid=validate_uid(get("sop_class_uid"), "SOPClassUID"),
+        transfer_syntax_uid=transfer_syntax,
+        **{name: (get(name) or "")[:limit] for name, limit in LIMITS.items()},
     )
 
 
-def _text(ds: pydicom.Dataset, keyword: str, limit: int) -> str:
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
     try:
         value = ds.get(keyword, "")
     except Exception:  # a malformed optional element must not lose the instance
         logger.warning("unreadable %s in dataset", keyword)
         return ""
-    return str(value or "").replace("\x00", "").strip()[:limit]
+    return str(value or "").replace("\x00", "").strip()
 
 
 def record_instance(
@@ -103,11 +137,20 @@ def record_instance(
     size: int,
     calling_ae: str = "",
     now: datetime | None = None,
+    *,
+    before_commit: Callable[[], None] | None = None,
 ) -> bool:
-    """Record one stored instance; return False when it was a duplicate (idempotent)."""
+    """Record one stored instance; return False when it was a duplicate (idempotent).
+
+    ``before_commit`` runs inside the transaction, after its statements and before COMMIT:
+    the listener finishes the durable write of the file there, so that the statements overlap
+    the fsync and the row still never exists without its file (if it raises, nothing is
+    recorded).  It runs once even when the transaction is retried.
+    """
+    pending = _Once(before_commit)
     for attempt in range(3):
         try:
-            return _record(database_url, header, path, size, calling_ae, now or utcnow())
+            return _record(database_url, header, path, size, calling_ae, now or utcnow(), pending)
         except IntegrityError:
             # two associations created the same study at once (PostgreSQL): retry
             if attempt == 2:
@@ -135,8 +178,24 @@ _REOPEN_STUDY = _TOUCH_STUDY.values(
 )
 
 
+class _Once:
+    def __init__(self, action: Callable[[], None] | None) -> None:
+        self.action = action
+
+    def __call__(self) -> None:
+        action, self.action = self.action, None
+        if action is not None:
+            action()
+
+
 def _record(
-    url: str, h: InstanceHeader, path: Path, size: int, calling_ae: str, now: datetime
+    url: str,
+    h: InstanceHeader,
+    path: Path,
+    size: int,
+    calling_ae: str,
+    now: datetime,
+    before_commit: Callable[[], None],
 ) -> bool:
     """Prepared Core statements on one connection: this runs per C-STORE before the answer,
     so it avoids the ORM session and statement building (2.4 ms -> 0.4 ms per instance)."""
@@ -162,6 +221,7 @@ def _record(
         else:
             study_id, state, generation = row
         if conn.execute(_FIND_INSTANCE, {"uid": h.sop_uid}).first() is not None:
+            before_commit()
             return False
         conn.execute(
             _ADD_INSTANCE,
@@ -184,4 +244,5 @@ def _record(
             conn.execute(
                 _REOPEN_STUDY, {"sid": study_id, "now": now, "next_generation": generation + 1}
             )
+        before_commit()
         return True

@@ -25,6 +25,7 @@ from ingest import tuning
 from ingest.handlers import (
     IngestContext,
     handle_accepted,
+    handle_conn_close,
     handle_conn_open,
     handle_echo,
     handle_requested,
@@ -81,6 +82,7 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 def handlers(ctx: IngestContext) -> list[tuple[Any, ...]]:
     return [
         (evt.EVT_CONN_OPEN, handle_conn_open),
+        (evt.EVT_CONN_CLOSE, handle_conn_close),
         (evt.EVT_REQUESTED, handle_requested, [ctx]),
         (evt.EVT_ACCEPTED, handle_accepted, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),

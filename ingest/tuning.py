@@ -1,45 +1,105 @@
 """Changes to pynetdicom's receive path that a store SCP needs (measured in bench/ingest.py).
 
-pynetdicom is pure Python and polls.  Measured here with a handler that stores nothing (300
-slices of 512x512 from DCMTK's storescu, 128 KiB PDUs): 245-260 instances/s as shipped,
-310-370/s with the changes below.
+pynetdicom is pure Python and polls: its DUL loop (socket <-> state machine) and its acceptor
+loop (complete DIMSE messages -> handlers) each sleep 1 ms whenever they find nothing to do
+(pynetdicom issues #120, #650).  A C-STORE crosses both loops twice, so it waits up to 4 ms for
+nothing, and shorter sleeps would make idle associations spin.  Instead, per association:
 
-1. Shorter naps while instances are flowing.  Its DUL loop and its acceptor loop each sleep
-   1 ms between checks (pynetdicom issues #120, #650), so every C-STORE waits up to 2 ms for
-   nothing.  While a C-STORE arrived in the last ``BUSY_SECONDS`` the naps are ``BUSY_NAP``;
-   otherwise they stay at 1 ms, so idle associations cost no CPU.  Only the two modules' view
-   of ``time.sleep(0.001)`` changes.
-2. A shorter GIL switch interval (``GIL_SWITCH_SECONDS``), so the thread that reads the socket
-   is not kept waiting 5 ms by the one that runs the handler.
-3. Large reads.  pynetdicom reads a PDU 4 KiB per ``recv`` call, appending to a bytearray; we
+1. The DUL loop waits in ``select`` on its socket and on a wake-up socket that is written
+   whenever a primitive is queued for sending: it wakes the moment there is work, and sleeps
+   the full 1 ms when there is none.
+2. The acceptor loop waits on the condition of its DIMSE message queue: it wakes the moment a
+   complete message arrives, and otherwise after 1 ms as before (releases and aborts are
+   noticed as before).
+3. Large reads: pynetdicom reads a PDU 4 KiB per ``recv`` call, appending to a bytearray; we
    read into one preallocated buffer, as much as the kernel has per call.
+
+Only the two modules' view of ``time.sleep(0.001)`` and ``AssociationSocket.recv`` change;
+:func:`attach` and :func:`detach` run at connection open and close.
 """
 
 from __future__ import annotations
 
-import sys
+import select
+import socket
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any
 
-BUSY_NAP = 0.0001
-BUSY_SECONDS = 0.5
-PYNETDICOM_NAP = 0.001
-GIL_SWITCH_SECONDS = 0.0005  # CPython's default is 5 ms: too long for a hand-off per PDU
-
-_last_activity = 0.0
+PYNETDICOM_NAP = 0.001  # the sleep of both loops in pynetdicom 3.0
+_WAKE = "_covidct_wake"
 
 
-def mark_activity() -> None:
-    """Called per C-STORE (and at association start): stay in the busy regime."""
-    global _last_activity
-    _last_activity = time.monotonic()
+def attach(assoc: Any) -> None:
+    """Give an association's DUL a wake-up socket, written when a primitive is queued."""
+    dul = assoc.dul
+    if getattr(dul, _WAKE, None) is not None:
+        return
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    outgoing = dul.to_provider_queue
+    put = outgoing.put
+
+    def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        try:
+            writer.send(b"\0")
+        except OSError:  # buffer full (the loop is awake anyway) or already closed
+            pass
+
+    outgoing.put = put_and_wake
+    setattr(dul, _WAKE, (reader, writer))
+
+
+def detach(assoc: Any) -> None:
+    dul = getattr(assoc, "dul", None)
+    pair = getattr(dul, _WAKE, None)
+    if pair is not None:
+        setattr(dul, _WAKE, None)
+        for s in pair:
+            s.close()
 
 
 def _sleep(seconds: float) -> None:
-    if seconds == PYNETDICOM_NAP and time.monotonic() - _last_activity < BUSY_SECONDS:
-        seconds = BUSY_NAP
+    if seconds != PYNETDICOM_NAP:
+        time.sleep(seconds)
+        return
+    thread = threading.current_thread()
+    pair = getattr(thread, _WAKE, None)
+    if pair is not None:
+        _wait_for_socket(thread, pair[0], seconds)
+        return
+    dimse = getattr(thread, "dimse", None)
+    messages = getattr(dimse, "msg_queue", None)
+    if messages is not None:
+        with messages.not_empty:
+            if not messages.queue:
+                messages.not_empty.wait(seconds)
+        return
     time.sleep(seconds)
+
+
+def _wait_for_socket(dul: Any, wake: socket.socket, seconds: float) -> None:
+    """The DUL's nap: until its socket is readable, a primitive is queued, or ``seconds``."""
+    raw = getattr(getattr(dul, "socket", None), "socket", None)
+    waitables: list[Any] = [wake]
+    if raw is not None and raw.fileno() >= 0:
+        if getattr(raw, "pending", lambda: 0)():  # TLS: bytes already decrypted
+            return
+        waitables.append(raw)
+    try:
+        ready, _, _ = select.select(waitables, [], [], seconds)
+    except (OSError, ValueError):  # closed under us: let pynetdicom notice
+        time.sleep(seconds)
+        return
+    if wake in ready:
+        try:
+            while wake.recv(4096):
+                pass
+        except OSError:
+            pass
 
 
 def _recv(self: Any, nr_bytes: int) -> bytearray:
@@ -60,7 +120,7 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
 
 def _clock() -> Any:
     names = {n: getattr(time, n) for n in dir(time) if not n.startswith("_")}
-    return SimpleNamespace(**(names | {"sleep": _sleep}))
+    return SimpleNamespace(**(names | {"sleep": _sleep, "covidct_tuning": True}))
 
 
 def install() -> None:
@@ -71,8 +131,5 @@ def install() -> None:
 
     AssociationSocket.recv = _recv  # type: ignore[method-assign]
     for module in (pynetdicom.association, pynetdicom.dul):
-        if not getattr(module.time, "covidct_reactor", False):
-            clock = _clock()
-            clock.covidct_reactor = True
-            module.time = clock  # type: ignore[attr-defined]
-    sys.setswitchinterval(GIL_SWITCH_SECONDS)
+        if not getattr(module.time, "covidct_tuning", False):
+            module.time = _clock()  # type: ignore[attr-defined]

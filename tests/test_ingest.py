@@ -579,14 +579,45 @@ def test_tuned_recv_reads_whole_pdus_and_stops_at_close() -> None:
     b.close()
 
 
-def test_busy_nap_only_after_activity(monkeypatch: pytest.MonkeyPatch) -> None:
+class _FakeLoop(threading.Thread):
+    """Stands in for pynetdicom's DUL or acceptor thread: naps once, records that it woke."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.woke = threading.Event()
+
+    def run(self) -> None:
+        from ingest import tuning
+
+        tuning._sleep(tuning.PYNETDICOM_NAP)
+        self.woke.set()
+
+
+def test_loops_wake_on_work_not_on_a_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A nap ends when a primitive is queued for sending (DUL) or a complete message arrives
+    (acceptor), long before its timeout; detach() closes the wake-up sockets."""
+    import queue
+    from types import SimpleNamespace
+
     from ingest import tuning
 
-    naps: list[float] = []
-    monkeypatch.setattr(tuning.time, "sleep", naps.append)
-    monkeypatch.setattr(tuning, "_last_activity", 0.0)
-    tuning._sleep(0.001)
-    tuning.mark_activity()
-    tuning._sleep(0.001)
-    tuning._sleep(0.25)  # other naps are left alone
-    assert naps == [0.001, tuning.BUSY_NAP, 0.25]
+    monkeypatch.setattr(tuning, "PYNETDICOM_NAP", 30.0)  # a nap that would outlast the test
+    dul = _FakeLoop()
+    dul.to_provider_queue = queue.Queue()
+    dul.socket = None
+    assoc = SimpleNamespace(dul=dul)
+    tuning.attach(assoc)
+    dul.start()
+    dul.to_provider_queue.put("A-RELEASE-RP")
+    dul.join(10)
+    assert dul.woke.is_set() and dul.to_provider_queue.get_nowait() == "A-RELEASE-RP"
+    reader, writer = dul._covidct_wake
+    tuning.detach(assoc)
+    assert reader.fileno() == -1 and writer.fileno() == -1
+
+    acceptor = _FakeLoop()
+    acceptor.dimse = SimpleNamespace(msg_queue=queue.Queue())
+    acceptor.start()
+    acceptor.dimse.msg_queue.put((1, "C-STORE-RQ"))
+    acceptor.join(10)
+    assert acceptor.woke.is_set()
