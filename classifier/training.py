@@ -8,12 +8,11 @@ Recipes:
 
 * ``paper``: the paper exactly: its CNN, 200x200 RGB, rescale 1/255, batch 32, 9 epochs, Adam,
   no augmentation, no early stopping, trained on the given folders as they are.
-* ``covidct`` (default): one expert CNN per given folder, each trained on its own dataset
-  alone with class-balanced weights, the JPEG/PNG shortcut closed by re-encoding every training
-  image as JPEG (random quality) half of the time, augmentation, Adam 3e-4 with plateau decay
-  and early stopping on that dataset's val AUC, its best epoch kept; then a small gate CNN
-  learns which dataset an image resembles.  Threshold (Youden on the pooled validation sets)
-  and temperature are chosen on val only, on the assembled model.
+* ``covidct`` (default): our CNN on every given folder at once, each example weighted so that
+  each dataset and each class count the same; the JPEG/PNG shortcut closed by re-encoding every
+  training image as JPEG (random quality) half of the time; augmentation; Adam 3e-4 with
+  plateau decay on the mean validation AUC across datasets; the best epoch by that AUC kept.
+  Threshold (Youden on the pooled validation sets) and temperature are chosen on val only.
 """
 
 from __future__ import annotations
@@ -86,10 +85,10 @@ RECIPES = {
         augment_jpeg=True,
         balance=True,
         keep_best=True,
-        description="one expert CNN per dataset, each trained on its own data, and a gate "
-        "CNN that recognises the dataset; class-balanced weights, JPEG re-encoding half of the "
-        "time, flips/rotation/zoom/translation/contrast, Adam 3e-4 with plateau decay and "
-        "early stopping, each expert's best epoch by its own val AUC",
+        description="our CNN with one expert head per dataset and a gate, dataset- and "
+        "class-balanced weights, JPEG "
+        "re-encoding half of the time, flips/rotation/zoom/translation/contrast, Adam 3e-4 "
+        "with plateau decay, best epoch by mean val AUC",
     ),
 }
 
@@ -211,8 +210,6 @@ class History:
     epochs: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     seconds: float = 0.0
-    expert_epochs: dict[str, int] = field(default_factory=dict)
-    gate_accuracy: float | None = None
 
 
 def train(
@@ -227,215 +224,99 @@ def train(
     """Fit a model by ``recipe``; return it (best epoch restored when the recipe says so)."""
     import keras
 
-    keras.utils.set_random_seed(seed)
-    if recipe.architecture == "covidct":
-        return _train_experts(recipe, train_splits, val_splits, seed, epochs, verbose)
     from classifier.architectures import build
 
+    keras.utils.set_random_seed(seed)
     rng = np.random.default_rng(seed)
     x = np.concatenate([s.images for s in train_splits])
-    y = np.concatenate([s.labels for s in train_splits]).astype(np.float32)[:, None]
+    labels = np.concatenate([s.labels for s in train_splits]).astype(np.float32)
+    domain = np.concatenate([np.full(len(s), i) for i, s in enumerate(train_splits)])
+    domains = len(train_splits)
+    gated = recipe.architecture == "covidct"
+    if gated:
+        y = np.concatenate([labels[:, None], np.eye(domains, dtype=np.float32)[domain]], axis=1)
+    else:
+        y = labels[:, None]
     w = _sample_weights(train_splits, recipe.balance)
-    x_jpeg = _jpeg_versions(x, rng) if recipe.augment_jpeg else None
-    model = build(recipe.architecture, seed=seed)
-    model.compile(
-        optimizer=keras.optimizers.Adam(recipe.learning_rate),
-        loss="binary_crossentropy",
-        metrics=["accuracy"],
+    x_jpeg = _jpeg_versions(x, rng) if recipe.augment_jpeg else x
+
+    def make_dataset() -> Any:
+        return Batches(x, x_jpeg if recipe.augment_jpeg else None, y, w, recipe.batch_size, rng)
+
+    if gated:
+        from classifier.architectures import build_covidct, gated_loss
+
+        model, fit_model = build_covidct(seed=seed, domains=domains)
+        loss: Any = gated_loss(domains)
+    else:
+        model = fit_model = build(recipe.architecture, seed=seed)
+        loss = "binary_crossentropy"
+
+    def accuracy(y_true: Any, y_pred: Any) -> Any:
+        from keras import ops
+
+        hit = ops.equal(y_pred[:, 0] >= 0.5, y_true[:, 0] >= 0.5)
+        return ops.mean(ops.cast(hit, "float32"))
+
+    fit_model.compile(
+        optimizer=keras.optimizers.Adam(recipe.learning_rate), loss=loss, metrics=[accuracy]
     )
+    val_x = [np.repeat(s.images[..., None], 3, axis=3).astype(np.float32) for s in val_splits]
     history = History()
+    best_auc, best_weights, lr, patience = -1.0, None, recipe.learning_rate, 0
     started = time.perf_counter()
     for epoch in range(epochs or recipe.epochs):
-        fit = model.fit(Batches(x, x_jpeg, y, w, recipe.batch_size, rng), epochs=1, verbose=verbose)
-        row = {
+        fit = fit_model.fit(make_dataset(), epochs=1, verbose=verbose)
+        row: dict[str, float] = {
             "epoch": epoch + 1,
             "loss": float(fit.history["loss"][0]),
             "accuracy": float(fit.history["accuracy"][0]),
-            "lr": recipe.learning_rate,
+            "lr": lr,
         }
-        row.update(_val_row([(s, model) for s in val_splits]))
+        vl, va, aucs = [], [], []
+        for s, vx in zip(val_splits, val_x, strict=True):
+            p = model.predict(vx, batch_size=64, verbose=0).reshape(-1)
+            yv = s.labels
+            pc = np.clip(p, 1e-7, 1 - 1e-7)
+            loss = float(-np.mean(yv * np.log(pc) + (1 - yv) * np.log(1 - pc)))
+            acc = float(np.mean((p >= 0.5) == yv))
+            a = M.auc(yv, p)
+            row[f"val_loss/{s.dataset}"], row[f"val_accuracy/{s.dataset}"] = loss, acc
+            row[f"val_auc/{s.dataset}"] = a
+            vl.append(loss)
+            va.append(acc)
+            aucs.append(a)
+        row["val_loss"], row["val_accuracy"] = float(np.mean(vl)), float(np.mean(va))
+        row["val_auc"] = float(np.mean(aucs))
         history.epochs.append(row)
-        history.best_epoch = epoch + 1
-        _log_epoch(seed, row, verbose)
+        logger.info("epoch %d: %s", epoch + 1, {k: round(v, 4) for k, v in row.items()})
+        if verbose >= 0:
+            print(
+                f"seed {seed} epoch {epoch + 1}: loss {row['loss']:.4f} acc {row['accuracy']:.4f} "
+                + " ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_")),
+                flush=True,
+            )
+        if recipe.keep_best:
+            if row["val_auc"] > best_auc:
+                best_auc, best_weights, patience = row["val_auc"], model.get_weights(), 0
+                history.best_epoch = epoch + 1
+            else:
+                patience += 1
+                if patience >= 3 and lr > 2e-5:
+                    lr /= 3.0
+                    fit_model.optimizer.learning_rate.assign(lr)
+                    patience = 0
+        else:
+            history.best_epoch = epoch + 1
+    if best_weights is not None:
+        model.set_weights(best_weights)
     history.seconds = time.perf_counter() - started
     return model, history
 
 
-def _val_row(pairs: Sequence[tuple[Split, Any]]) -> dict[str, float]:
-    """Val loss, accuracy and AUC of each split under its model, and their means."""
-    row: dict[str, float] = {}
-    vl, va, aucs = [], [], []
-    for s, model in pairs:
-        p = predict_arrays(model, s.images)
-        yv = s.labels
-        pc = np.clip(p, 1e-7, 1 - 1e-7)
-        loss = float(-np.mean(yv * np.log(pc) + (1 - yv) * np.log(1 - pc)))
-        acc = float(np.mean((p >= 0.5) == yv))
-        a = M.auc(yv, p)
-        row[f"val_loss/{s.dataset}"], row[f"val_accuracy/{s.dataset}"] = loss, acc
-        row[f"val_auc/{s.dataset}"] = a
-        vl.append(loss)
-        va.append(acc)
-        aucs.append(a)
-    row["val_loss"], row["val_accuracy"] = float(np.mean(vl)), float(np.mean(va))
-    row["val_auc"] = float(np.mean(aucs))
-    return row
-
-
-def _log_epoch(seed: int, row: dict[str, float], verbose: int) -> None:
-    logger.info("epoch %d: %s", row["epoch"], {k: round(v, 4) for k, v in row.items()})
-    if verbose >= 0:
-        print(
-            f"seed {seed} epoch {row['epoch']}: loss {row['loss']:.4f} acc {row['accuracy']:.4f} "
-            + " ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_")),
-            flush=True,
-        )
-
-
-@dataclass
-class _ExpertRun:
-    """One expert's training state: its own data, best weights and learning-rate schedule."""
-
-    model: Any
-    x: np.ndarray
-    x_jpeg: np.ndarray | None
-    y: np.ndarray
-    w: np.ndarray
-    val: Split
-    lr: float
-    best_auc: float = -1.0
-    best_weights: list[Any] | None = None
-    best_epoch: int = 0
-    patience: int = 0
-    stale: int = 0
-
-
-EARLY_STOP_EPOCHS = 8
-
-
-def _train_experts(
-    recipe: Recipe,
-    train_splits: Sequence[Split],
-    val_splits: Sequence[Split],
-    seed: int,
-    epochs: int | None,
-    verbose: int,
-) -> tuple[Any, History]:
-    """Each dataset's expert on that dataset alone (class-balanced, best epoch by its own val
-    AUC, learning rate /3 after 3 epochs without progress, stopped after
-    ``EARLY_STOP_EPOCHS``), then the gate on every image's dataset label."""
-    import keras
-
-    from classifier.architectures import build_covidct
-
-    rng = np.random.default_rng(seed)
-    domains = len(train_splits)
-    parts = build_covidct(seed=seed, domains=domains)
-    runs = []
-    for model, s, v in zip(parts.experts, train_splits, val_splits, strict=True):
-        model.compile(
-            optimizer=keras.optimizers.Adam(recipe.learning_rate),
-            loss="binary_crossentropy",
-            metrics=["accuracy"],
-        )
-        x_jpeg = _jpeg_versions(s.images, rng) if recipe.augment_jpeg else None
-        y = s.labels.astype(np.float32)[:, None]
-        runs.append(
-            _ExpertRun(
-                model, s.images, x_jpeg, y, _sample_weights([s], True), v, recipe.learning_rate
-            )
-        )
-    history = History()
-    started = time.perf_counter()
-    for epoch in range(epochs or recipe.epochs):
-        losses, accs = [], []
-        for r in runs:
-            if r.stale >= EARLY_STOP_EPOCHS:
-                continue
-            data = Batches(r.x, r.x_jpeg, r.y, r.w, recipe.batch_size, rng)
-            fit = r.model.fit(data, epochs=1, verbose=verbose)
-            losses.append(float(fit.history["loss"][0]))
-            accs.append(float(fit.history["accuracy"][0]))
-        if not losses:
-            break
-        row = {
-            "epoch": epoch + 1,
-            "loss": float(np.mean(losses)),
-            "accuracy": float(np.mean(accs)),
-            "lr": float(np.mean([r.lr for r in runs])),
-        }
-        row.update(_val_row([(r.val, r.model) for r in runs]))
-        history.epochs.append(row)
-        _log_epoch(seed, row, verbose)
-        for r in runs:
-            auc = row[f"val_auc/{r.val.dataset}"]
-            if auc > r.best_auc:
-                r.best_auc, r.best_weights, r.best_epoch = auc, r.model.get_weights(), epoch + 1
-                r.patience = r.stale = 0
-                continue
-            r.patience += 1
-            r.stale += 1
-            if r.patience >= 3 and r.lr > 2e-5:
-                r.lr /= 3.0
-                r.model.optimizer.learning_rate.assign(r.lr)
-                r.patience = 0
-    for r in runs:
-        if r.best_weights is not None:
-            r.model.set_weights(r.best_weights)
-    history.best_epoch = max(r.best_epoch for r in runs)
-    history.expert_epochs = {r.val.dataset: r.best_epoch for r in runs}
-    if domains > 1:
-        history.gate_accuracy = _train_gate(parts, train_splits, val_splits, rng)
-    history.seconds = time.perf_counter() - started
-    return parts.serving, history
-
-
-GATE_EPOCHS = 60
-
-
-def _train_gate(
-    parts: Any,
-    train_splits: Sequence[Split],
-    val_splits: Sequence[Split],
-    rng: np.random.Generator,
-) -> float:
-    """Fit the gate on the trained experts' features (as stored and as JPEG, so file format
-    cannot route) to predict each image's dataset, balanced; return its val accuracy."""
-    import keras
-
-    def features(images: np.ndarray) -> np.ndarray:
-        return np.concatenate(
-            [t.predict(_rgb(images), batch_size=64, verbose=0) for t in parts.trunks], axis=1
-        )
-
-    x, y, w = [], [], []
-    for i, s in enumerate(train_splits):
-        for images in (s.images, _jpeg_versions(s.images, rng)):
-            x.append(features(images))
-            y.append(np.full(len(s), i))
-            w.append(np.full(len(s), 1.0 / len(s), np.float32))
-    xs, ys, ws = np.concatenate(x), np.concatenate(y), np.concatenate(w)
-    parts.gate.compile(
-        optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy"
-    )
-    parts.gate.fit(
-        xs, ys, sample_weight=ws * len(ws) / ws.sum(), epochs=GATE_EPOCHS, batch_size=64, verbose=0
-    )
-    hits = [
-        np.argmax(parts.gate.predict(features(s.images), verbose=0), axis=1) == i
-        for i, s in enumerate(val_splits)
-    ]
-    acc = float(np.mean(np.concatenate(hits)))
-    print(f"gate val accuracy {acc:.4f}", flush=True)
-    return acc
-
-
-def _rgb(images: np.ndarray) -> np.ndarray:
-    return np.repeat(images[..., None], 3, axis=3).astype(np.float32)
-
-
 def predict_arrays(model: Any, images: np.ndarray) -> np.ndarray:
-    return model.predict(_rgb(images), batch_size=64, verbose=0).reshape(-1).astype(np.float64)
+    x = np.repeat(images[..., None], 3, axis=3).astype(np.float32)
+    return model.predict(x, batch_size=64, verbose=0).reshape(-1).astype(np.float64)
 
 
 def summarise(

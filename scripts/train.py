@@ -174,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in {k: [r[4][k] for r in runs] for k in runs[0][4]}.items()
         },
         "best_epoch": history.best_epoch,
-        "expert_best_epochs": history.expert_epochs,
-        "gate_val_accuracy": history.gate_accuracy,
         "training_seconds": history.seconds,
         "history": history.epochs,
         "validation": summary["datasets"],

@@ -51,14 +51,11 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 @pytest.mark.parametrize("recipe", ["paper", "covidct"])
 def test_train_one_epoch_each_recipe(tmp_path: Path, recipe: str) -> None:
     data = make_image_folder(tmp_path / "toy")
-    # the default recipe trains one expert per dataset and a gate: give it two
-    extra = [] if recipe == "paper" else ["--data", str(make_image_folder(tmp_path / "toy2", 4, 1))]
     out = tmp_path / "out"
     res = run_cli(
         "scripts/train.py",
         "--data",
         str(data),
-        *extra,
         "--recipe",
         recipe,
         "--epochs",
@@ -82,10 +79,6 @@ def test_train_one_epoch_each_recipe(tmp_path: Path, recipe: str) -> None:
         "ci95",
     }
     assert 0.0 <= card["threshold"] <= 1.0
-    if recipe == "covidct":
-        assert set(card["validation"]) == {"toy", "toy2"}
-        assert set(card["expert_best_epochs"]) == {"toy", "toy2"}
-        assert 0.0 <= card["gate_val_accuracy"] <= 1.0
     for plot in ("accuracy", "loss", "roc", "confusion", "reliability"):
         assert (out / f"{stem}.{plot}.png").stat().st_size > 1000
     assert (out / f"{stem}.card.md").read_text().startswith("# Model card")
