@@ -66,6 +66,7 @@ class Settings:
     model_path: Path = SHIPPED_MODEL
     sop_classes: tuple[str, ...] = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)
     max_associations: int = 10
+    listener_processes: int = 2
     acse_timeout: float = 30.0
     dimse_timeout: float = 30.0
     network_timeout: float = 60.0
@@ -277,6 +278,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "model_path": _path,
     "sop_classes": _uid_list,
     "max_associations": _int(1, 1000),
+    "listener_processes": _int(1, 64),
     "acse_timeout": _float(1.0, 3600.0),
     "dimse_timeout": _float(1.0, 3600.0),
     "network_timeout": _float(1.0, 3600.0),

@@ -8,10 +8,12 @@ of interrupted writes are removed, and the sweeper starts.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import signal
 import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -117,17 +119,29 @@ def reconcile_spool(settings: Settings) -> int:
 class Listener:
     """A running SCP with its sweeper; ``stop()`` shuts both down."""
 
-    def __init__(self, settings: Settings, *, sweeper: bool = True, publish: Any = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        sweeper: bool = True,
+        publish: Any = None,
+        primary: bool = True,
+        share_port: bool = False,
+    ) -> None:
+        """``primary``: migrate the store and reconcile the spool first (one process does);
+        ``share_port``: bind with SO_REUSEPORT beside other listener processes."""
         self.settings = settings
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
-        upgrade(settings.database_url)
-        reconcile_spool(settings)
+        if primary:
+            upgrade(settings.database_url)
+            reconcile_spool(settings)
         self.ctx = IngestContext(
             settings,
             ThreadPoolExecutor(settings.max_associations, thread_name_prefix="spool-write"),
         )
         tuning.install()
         self.ae = build_ae(settings)
+        self.ae.covidct_share_port = share_port  # read by tuning's server_bind
         self.server = self.ae.start_server(
             (settings.dicom_host, settings.dicom_port),
             block=False,
@@ -172,16 +186,60 @@ def _celery_publisher(settings: Settings) -> Any:
 
 
 def run_listener(settings: Settings) -> int:
-    """``covidct listener``: serve until SIGINT or SIGTERM."""
+    """``covidct listener``: serve until SIGINT or SIGTERM.
+
+    With ``listener_processes`` > 1 the first process migrates, reconciles and sweeps, and
+    the others (spawned, restarted if they die) share the port through SO_REUSEPORT: the
+    kernel spreads associations over them, so parallel associations use every core instead
+    of one GIL.
+    """
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    listener = Listener(settings)
+    processes = settings.listener_processes
+    listener = Listener(settings, share_port=processes > 1)
     print(
-        f"covidct listener: AE {settings.ae_title} on {settings.dicom_host}:{listener.port}",
+        f"covidct listener: AE {settings.ae_title} on {settings.dicom_host}:{listener.port}"
+        f" ({processes} process{'es' if processes > 1 else ''})",
         flush=True,
     )
-    done.wait()
+    ctx = multiprocessing.get_context("spawn")
+    helpers: list[Any] = []
+    while not done.is_set():
+        helpers = [h for h in helpers if h.is_alive() or _report_exit(h)]
+        while len(helpers) < processes - 1:
+            helper = ctx.Process(
+                target=_helper,
+                args=(replace(settings, dicom_port=listener.port),),  # port 0 -> the one bound
+                name="covidct-listener",
+            )
+            helper.start()
+            helpers.append(helper)
+        done.wait(1.0)
     logger.info("stopping listener")
+    for helper in helpers:
+        helper.terminate()
+    for helper in helpers:
+        helper.join(30)
     listener.stop()
     return 0
+
+
+def _report_exit(process: Any) -> bool:
+    logger.error(
+        "listener process %s exited with %s: starting another", process.pid, process.exitcode
+    )
+    return False
+
+
+def _helper(settings: Settings) -> None:
+    """A further listener process: same port, no sweeper, no start-up reconciliation."""
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(processName)s %(message)s"
+    )
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    listener = Listener(settings, sweeper=False, primary=False, share_port=True)
+    done.wait()
+    listener.stop()

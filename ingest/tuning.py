@@ -11,11 +11,13 @@ nothing, and shorter sleeps would make idle associations spin.  Instead, per ass
 2. The acceptor loop waits on the condition of its DIMSE message queue: it wakes the moment a
    complete message arrives, and otherwise after 1 ms as before (releases and aborts are
    noticed as before).
-3. Large reads: pynetdicom reads a PDU 4 KiB per ``recv`` call, appending to a bytearray; we
+3. Several processes on one port: ``server_bind`` sets SO_REUSEPORT when the AE asks.
+4. Large reads: pynetdicom reads a PDU 4 KiB per ``recv`` call, appending to a bytearray; we
    read into one preallocated buffer, as much as the kernel has per call.
 
-Only the two modules' view of ``time.sleep(0.001)`` and ``AssociationSocket.recv`` change;
-:func:`attach` and :func:`detach` run at connection open and close.
+Only the two modules' view of ``time.sleep(0.001)``, ``AssociationSocket.recv`` and
+``AssociationServer.server_bind`` change; :func:`attach` and :func:`detach` run at connection
+open and close.
 """
 
 from __future__ import annotations
@@ -118,6 +120,19 @@ def _recv(self: Any, nr_bytes: int) -> bytearray:
     return buffer
 
 
+def _server_bind(bind: Any) -> Any:
+    """pynetdicom's ``server_bind`` plus SO_REUSEPORT when the AE asks for it (several
+    listener processes on one port)."""
+
+    def server_bind(self: Any) -> None:
+        if getattr(self.ae, "covidct_share_port", False):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        bind(self)
+
+    server_bind.covidct_tuning = True  # type: ignore[attr-defined]
+    return server_bind
+
+
 def _clock() -> Any:
     names = {n: getattr(time, n) for n in dir(time) if not n.startswith("_")}
     return SimpleNamespace(**(names | {"sleep": _sleep, "covidct_tuning": True}))
@@ -127,9 +142,11 @@ def install() -> None:
     """Patch pynetdicom's socket reads and its two loops' naps (idempotent)."""
     import pynetdicom.association
     import pynetdicom.dul
-    from pynetdicom.transport import AssociationSocket
+    from pynetdicom.transport import AssociationServer, AssociationSocket
 
     AssociationSocket.recv = _recv  # type: ignore[method-assign]
+    if not getattr(AssociationServer.server_bind, "covidct_tuning", False):
+        AssociationServer.server_bind = _server_bind(AssociationServer.server_bind)
     for module in (pynetdicom.association, pynetdicom.dul):
         if not getattr(module.time, "covidct_tuning", False):
             module.time = _clock()  # type: ignore[attr-defined]

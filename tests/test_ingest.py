@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -621,3 +622,73 @@ def test_loops_wake_on_work_not_on_a_timer(monkeypatch: pytest.MonkeyPatch) -> N
     acceptor.dimse.msg_queue.put((1, "C-STORE-RQ"))
     acceptor.join(10)
     assert acceptor.woke.is_set()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_listener_processes_share_the_port(tmp_path: Path) -> None:
+    """`covidct listener` with two processes on one port (SO_REUSEPORT): parallel
+    associations from DCMTK's storescu are each stored once, and SIGTERM stops them all."""
+    storescu = need_tool("storescu")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
+        "COVIDCT_DATA_DIR": str(tmp_path / "var"),
+        "COVIDCT_DICOM_PORT": str(port),
+        "COVIDCT_LISTENER_PROCESSES": "2",
+        "COVIDCT_STABLE_SECONDS": "3600",
+        "COVIDCT_MIN_FREE_DISK_MB": "1",
+    }
+    log = tmp_path / "listener.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "covidct.cli", "listener"], env=env, stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (
+            _children(proc.pid) and "(2 processes)" in log.read_text()
+        ):
+            time.sleep(0.1)  # waiting for the processes to start, not timing anything
+        assert "(2 processes)" in log.read_text(), log.read_text()[-2000:]
+        assert _children(proc.pid), "the second listener process did not start"
+        files = write_study(make_study([SeriesSpec(slices=40, rows=64)], seed=9), tmp_path / "in")
+        senders = [
+            subprocess.Popen(
+                [
+                    storescu,
+                    "-aec",
+                    "COVIDCT",
+                    "-aet",
+                    "PACS",
+                    "127.0.0.1",
+                    str(port),
+                    *map(str, part),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for part in (files[i::8] for i in range(8))
+        ]
+        for sender in senders:
+            _, err = sender.communicate(timeout=120)
+            assert sender.returncode == 0, err
+        settings = settings_for(tmp_path, COVIDCT_DICOM_PORT=str(port))
+        assert count(settings, Instance) == 40
+        assert len(list(settings.spool_dir.rglob("*.dcm"))) == 40
+    finally:
+        helpers = _children(proc.pid)
+        proc.terminate()
+        proc.wait(60)
+    assert proc.returncode == 0
+    assert not [pid for pid in helpers if Path(f"/proc/{pid}").exists()]
