@@ -137,8 +137,9 @@ def handle_echo(event: Any) -> int:
 
 
 def handle_store(event: Any, ctx: IngestContext) -> int:
-    """C-STORE: write and fsync the bytes in a thread while the header is parsed and the
-    database statements run; move the file where its UIDs say; COMMIT; then answer."""
+    """C-STORE: write and fsync the bytes in a thread while the header is parsed, move the
+    file where its UIDs say, record it, then answer.  The record never exists without its
+    file; a file without a record (a crash between the two) is recorded at start-up."""
     calling, host = _peer(event)
     try:
         syntax = str(event.context.transfer_syntax)
@@ -176,26 +177,17 @@ def handle_store(event: Any, ctx: IngestContext) -> int:
         _discard(pending)
         return CANNOT_UNDERSTAND
 
-    def finish_write() -> None:  # inside the transaction, before COMMIT
-        commit_pending(pending.result(), path)
-
     try:
-        new = record_instance(
-            ctx.settings.database_url,
-            header,
-            path,
-            len(data),
-            calling,
-            before_commit=finish_write,
-        )
+        commit_pending(pending.result(), path)
     except OSError:
         _discard(pending)
         logger.exception("cannot write instance %s", header.sop_uid)
         return OUT_OF_RESOURCES
+    try:
+        new = record_instance(ctx.settings.database_url, header, path, len(data), calling)
     except Exception:
-        _discard(pending)
         logger.exception("cannot record instance %s", header.sop_uid)
-        return OUT_OF_RESOURCES  # a file already in place is recorded by the start-up scan
+        return OUT_OF_RESOURCES  # the file stays; the start-up scan records it
     logger.debug(
         "stored %s of study %s%s", header.sop_uid, header.study_uid, "" if new else " (duplicate)"
     )

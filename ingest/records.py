@@ -137,20 +137,11 @@ def record_instance(
     size: int,
     calling_ae: str = "",
     now: datetime | None = None,
-    *,
-    before_commit: Callable[[], None] | None = None,
 ) -> bool:
-    """Record one stored instance; return False when it was a duplicate (idempotent).
-
-    ``before_commit`` runs inside the transaction, after its statements and before COMMIT:
-    the listener finishes the durable write of the file there, so that the statements overlap
-    the fsync and the row still never exists without its file (if it raises, nothing is
-    recorded).  It runs once even when the transaction is retried.
-    """
-    pending = _Once(before_commit)
+    """Record one stored instance; return False when it was a duplicate (idempotent)."""
     for attempt in range(3):
         try:
-            return _record(database_url, header, path, size, calling_ae, now or utcnow(), pending)
+            return _record(database_url, header, path, size, calling_ae, now or utcnow())
         except IntegrityError:
             # two associations created the same study at once (PostgreSQL): retry
             if attempt == 2:
@@ -178,16 +169,6 @@ _REOPEN_STUDY = _TOUCH_STUDY.values(
 )
 
 
-class _Once:
-    def __init__(self, action: Callable[[], None] | None) -> None:
-        self.action = action
-
-    def __call__(self) -> None:
-        action, self.action = self.action, None
-        if action is not None:
-            action()
-
-
 def _record(
     url: str,
     h: InstanceHeader,
@@ -195,7 +176,6 @@ def _record(
     size: int,
     calling_ae: str,
     now: datetime,
-    before_commit: Callable[[], None],
 ) -> bool:
     """Prepared Core statements on one connection: this runs per C-STORE before the answer,
     so it avoids the ORM session and statement building (2.4 ms -> 0.4 ms per instance)."""
@@ -221,7 +201,6 @@ def _record(
         else:
             study_id, state, generation = row
         if conn.execute(_FIND_INSTANCE, {"uid": h.sop_uid}).first() is not None:
-            before_commit()
             return False
         conn.execute(
             _ADD_INSTANCE,
@@ -244,5 +223,4 @@ def _record(
             conn.execute(
                 _REOPEN_STUDY, {"sid": study_id, "now": now, "next_generation": generation + 1}
             )
-        before_commit()
         return True
