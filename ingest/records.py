@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -141,6 +142,11 @@ def record_instance(
     """Record one stored instance; return False when it was a duplicate (idempotent)."""
     for attempt in range(3):
         try:
+            if database_url.startswith("sqlite"):
+                # one writer at a time in this process: threads queue on a lock, not in
+                # SQLite's busy handler, which sleeps 1, 2, 5... ms between tries
+                with _SQLITE_WRITER:
+                    return _record(database_url, header, path, size, calling_ae, now or utcnow())
             return _record(database_url, header, path, size, calling_ae, now or utcnow())
         except IntegrityError:
             # two associations created the same study at once (PostgreSQL): retry
@@ -149,6 +155,7 @@ def record_instance(
     return False  # pragma: no cover
 
 
+_SQLITE_WRITER = threading.Lock()
 _STUDIES, _INSTANCES = Study.__table__, Instance.__table__
 # Built once: constructing statements per call cost more than executing them.
 _FIND_STUDY = select(_STUDIES.c.id, _STUDIES.c.state, _STUDIES.c.generation).where(
