@@ -29,6 +29,7 @@ import pydicom
 from PIL import Image, ImageFile, UnidentifiedImageError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
 from scipy import ndimage
 
 from classifier.errors import SliceSkipped, UnusableInputError
@@ -187,13 +188,18 @@ def read_dicom(data: bytes | str | Path) -> Dataset:
     return ds
 
 
-def _pixel_array(ds: Dataset) -> np.ndarray:
+def _pixel_array(ds: Dataset, frame: int | None = None) -> np.ndarray:
+    """Every frame, or one frame (decoded alone), as stored values; nothing is cached on
+    ``ds``, so a caller that drops its pixel data afterwards keeps memory flat."""
     if "PixelData" not in ds:
         raise UnusableInputError("DICOM dataset has no pixel data")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise UnusableInputError("colour DICOM images are not CT slices")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frame is not None and not 0 <= frame < frames:
+        raise UnusableInputError(f"frame {frame} does not exist ({frames} frames)")
     try:
-        return ds.pixel_array
+        return pixel_array(ds, index=frame if frame is not None and frames > 1 else None)
     except Exception as exc:  # pydicom raises many types for undecodable pixel data
         tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise UnusableInputError(
@@ -202,13 +208,9 @@ def _pixel_array(ds: Dataset) -> np.ndarray:
 
 
 def _dicom_frame_input(ds: Dataset, frame: int, framing: Framing) -> np.ndarray:
-    arr = _pixel_array(ds)
-    if arr.ndim == 3:
-        if not 0 <= frame < arr.shape[0]:
-            raise UnusableInputError(f"frame {frame} does not exist ({arr.shape[0]} frames)")
-        arr = arr[frame]
-    elif frame != 0:
-        raise UnusableInputError(f"frame {frame} does not exist (1 frame)")
+    arr = _pixel_array(ds, frame)
+    if arr.ndim != 2:
+        raise UnusableInputError(f"unexpected pixel array shape {arr.shape}")
     if arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2 and framing.crop:
         return _frame_by_lookup(ds, arr, frame, framing)
     return _frame_from_hu(ds, _to_hu(ds, arr, frame), framing)
@@ -351,9 +353,7 @@ def _frame_from_hu(ds: Dataset, hu: np.ndarray, framing: Framing) -> np.ndarray:
 
 def windowed_slice(ds: Dataset, frame: int = 0, framing: Framing = DEFAULT_FRAMING) -> np.ndarray:
     """The whole slice in the lung window, uncropped (8-bit gray), for display."""
-    arr = _pixel_array(ds)
-    if arr.ndim == 3:
-        arr = arr[frame]
+    arr = _pixel_array(ds, frame)
     gray = window(_to_hu(ds, arr, frame), framing.window_center, framing.window_width)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         gray = 255 - gray

@@ -81,7 +81,7 @@ class Settings:
     indeterminate_band: float = 0.05
     min_series_slices: int = 10
     batch_size: int = 32
-    read_threads: int = 2
+    read_threads: int = 1
     sr_max_attempts: int = 6
     sr_retry_base_seconds: float = 10.0
     max_upload_bytes: int = 20 * 1024 * 1024

@@ -161,43 +161,58 @@ class _Read:
     preprocess: float
 
 
-def _read_file(refs: list[SliceRef]) -> _Read:
-    """Read one file once and preprocess the frames the selection kept."""
+def _read_file(refs: list[SliceRef], header: pydicom.Dataset | None) -> _Read:
+    """Decode and preprocess the frames the selection kept of one file, from the header
+    the selection already parsed (its pixel data deferred), then drop the pixel data again
+    so that the header kept for the SR stays small."""
     t0 = time.perf_counter()
     try:
-        ds = pydicom.dcmread(refs[0].path)
-    except Exception as exc:  # unreadable file in the spool: skip its slices
+        ds = header if header is not None else pydicom.dcmread(refs[0].path)
+        ds.PixelData  # noqa: B018 - reads the deferred value: the file I/O of this slice
+    except Exception as exc:  # unreadable or vanished file in the spool: skip its slices
         return _Read([(ref, f"unreadable: {exc}") for ref in refs], time.perf_counter() - t0, 0.0)
     t1 = time.perf_counter()
     items: list[tuple[SliceRef, np.ndarray | str]] = []
-    for ref in refs:
-        try:
-            items.append((ref, to_model_input(ds, frame=ref.frame, framing=DEFAULT_FRAMING)))
-        except SliceSkipped as exc:
-            items.append((ref, str(exc)))
-        except UnusableInputError as exc:
-            items.append((ref, f"unusable: {exc}"))
+    try:
+        for ref in refs:
+            try:
+                items.append((ref, to_model_input(ds, frame=ref.frame, framing=DEFAULT_FRAMING)))
+            except SliceSkipped as exc:
+                items.append((ref, str(exc)))
+            except UnusableInputError as exc:
+                items.append((ref, f"unusable: {exc}"))
+    finally:
+        if header is not None:
+            del header.PixelData
     return _Read(items, t1 - t0, time.perf_counter() - t1)
 
 
 def read_ahead(
-    slices: list[SliceRef], t: Timings, *, threads: int = 2, depth: int = 64
+    slices: list[SliceRef],
+    t: Timings,
+    *,
+    headers: dict[int, pydicom.Dataset] | None = None,
+    threads: int = 2,
+    depth: int = 64,
 ) -> Iterator[tuple[SliceRef, np.ndarray | str]]:
     """Read and preprocess, in order, on ``threads`` threads while the model runs on the
     previous batch: decoders (GDCM), NumPy, Pillow and TensorFlow release the GIL.  At most
     ``depth`` files are in flight, so memory stays flat whatever the study size.  Frames of
     one multi-frame file are read together, once."""
     groups = [list(g) for _, g in groupby(slices, key=lambda ref: ref.path)]
+    known = headers or {}
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="read-ahead")
     try:
-        pending: deque[Future[_Read]] = deque(pool.submit(_read_file, g) for g in groups[:depth])
+        pending: deque[Future[_Read]] = deque(
+            pool.submit(_read_file, g, known.get(g[0].instance_id)) for g in groups[:depth]
+        )
         following = iter(groups[depth:])
         while pending:
             done = pending.popleft().result()
             t.read += done.read
             t.preprocess += done.preprocess
             if (group := next(following, None)) is not None:
-                pending.append(pool.submit(_read_file, group))
+                pending.append(pool.submit(_read_file, group, known.get(group[0].instance_id)))
             yield from done.items
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -246,7 +261,9 @@ def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> 
         batch_refs.clear()
         heartbeat(settings, study_id)
 
-    for ref, item in read_ahead(selection.slices, t, threads=settings.read_threads):
+    for ref, item in read_ahead(
+        selection.slices, t, headers=selection.headers, threads=settings.read_threads
+    ):
         if isinstance(item, str):
             skipped.append((ref, item))
             continue

@@ -17,6 +17,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 AXIAL_MIN_COSINE = 0.9
+DEFER_BYTES = 4096
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
 
 
@@ -93,11 +94,15 @@ def classify_instance(ds: Dataset) -> str:
 
 
 def select(instances: list[tuple[int, str]], min_series_slices: int) -> Selection:
-    """Select from ``(instance id, spool path)`` pairs by reading each header once."""
+    """Select from ``(instance id, spool path)`` pairs by reading each header once.
+
+    ``headers`` keeps the datasets of the kept instances, pixel data not read."""
     out = Selection()
     by_series: dict[str, list[tuple[int, Path, Dataset]]] = defaultdict(list)
     for instance_id, path in instances:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        # one parse per file: pixel data stays on disk (deferred) until the read-ahead
+        # threads decode it from this same dataset
+        ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
         reason = classify_instance(ds)
         series = str(ds.get("SeriesInstanceUID", ""))
         if reason:
