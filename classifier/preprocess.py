@@ -49,7 +49,10 @@ class Framing:
     window_width: float = 1500.0
     body_hu: float = -500.0  # body = largest component above this
     lung_hu: float = -400.0  # lungs = below this, inside the body
-    min_lung_fraction: float = 0.02  # of the slice area; fewer lung pixels -> skipped
+    # of the slice area; fewer lung pixels -> skipped.  10%: slices at the lung bases and apices
+    # (partial volume with diaphragm and liver, dependent atelectasis) scored the normal sample
+    # study positive; README "The model" has the measurements.
+    min_lung_fraction: float = 0.10
     margin: float = 0.06  # of the lung box size, on each side
     crop: bool = True
 
