@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import ssl
 import threading
@@ -197,6 +198,9 @@ def run_listener(settings: Settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     processes = settings.listener_processes
+    if processes > 1 and not tuning.compatible():
+        logger.warning("this pynetdicom cannot share the port: one listener process")
+        processes = 1
     listener = Listener(settings, share_port=processes > 1)
     print(
         f"covidct listener: AE {settings.ae_title} on {settings.dicom_host}:{listener.port}"
@@ -210,7 +214,8 @@ def run_listener(settings: Settings) -> int:
         while len(helpers) < processes - 1:
             helper = ctx.Process(
                 target=_helper,
-                args=(replace(settings, dicom_port=listener.port),),  # port 0 -> the one bound
+                # port 0 -> the one bound; our pid, so that it notices when we are gone
+                args=(replace(settings, dicom_port=listener.port), os.getpid()),
                 name="covidct-listener",
             )
             helper.start()
@@ -232,8 +237,9 @@ def _report_exit(process: Any) -> bool:
     return False
 
 
-def _helper(settings: Settings) -> None:
-    """A further listener process: same port, no sweeper, no start-up reconciliation."""
+def _helper(settings: Settings, parent: int) -> None:
+    """A further listener process: same port, no sweeper, no start-up reconciliation.  It
+    stops on SIGTERM, and on its own if the first process dies (it must not keep the port)."""
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(processName)s %(message)s"
     )
@@ -241,5 +247,8 @@ def _helper(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     listener = Listener(settings, sweeper=False, primary=False, share_port=True)
-    done.wait()
+    while not done.wait(1.0):
+        if os.getppid() != parent:
+            logger.error("the first listener process is gone: stopping")
+            break
     listener.stop()

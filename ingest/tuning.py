@@ -22,12 +22,15 @@ open and close.
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import threading
 import time
 from types import SimpleNamespace
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 PYNETDICOM_NAP = 0.001  # the sleep of both loops in pynetdicom 3.0
 _WAKE = "_covidct_wake"
@@ -138,11 +141,42 @@ def _clock() -> Any:
     return SimpleNamespace(**(names | {"sleep": _sleep, "covidct_tuning": True}))
 
 
-def install() -> None:
-    """Patch pynetdicom's socket reads and its two loops' naps (idempotent)."""
+def compatible() -> bool:
+    """Whether this pynetdicom has the internals the patches rely on (checked, not assumed:
+    a pynetdicom that changed them runs unpatched, only slower)."""
+    import inspect
+
+    import pynetdicom.association
+    import pynetdicom.dimse
+    import pynetdicom.dul
+    from pynetdicom.transport import AssociationServer, AssociationSocket
+
+    try:
+        reactor = inspect.getsource(pynetdicom.association.Association._run_reactor)
+        dul_init = inspect.getsource(pynetdicom.dul.DULServiceProvider.__init__)
+        dimse_init = inspect.getsource(pynetdicom.dimse.DIMSEServiceProvider.__init__)
+    except (OSError, TypeError, AttributeError):
+        return False
+    return (
+        "time.sleep(0.001)" in reactor
+        and "self._run_loop_delay = 0.001" in dul_init
+        and "self.to_provider_queue" in dul_init
+        and "self.msg_queue" in dimse_init
+        and callable(getattr(AssociationSocket, "recv", None))
+        and callable(getattr(AssociationServer, "server_bind", None))
+    )
+
+
+def install() -> bool:
+    """Patch pynetdicom's socket reads, its two loops' naps and its bind (idempotent);
+    return False, and patch nothing, on a pynetdicom without the expected internals."""
     import pynetdicom.association
     import pynetdicom.dul
     from pynetdicom.transport import AssociationServer, AssociationSocket
+
+    if not compatible():
+        logger.warning("pynetdicom %s: listener tuning not applied", pynetdicom.__version__)
+        return False
 
     AssociationSocket.recv = _recv  # type: ignore[method-assign]
     if not getattr(AssociationServer.server_bind, "covidct_tuning", False):
@@ -150,3 +184,4 @@ def install() -> None:
     for module in (pynetdicom.association, pynetdicom.dul):
         if not getattr(module.time, "covidct_tuning", False):
             module.time = _clock()  # type: ignore[attr-defined]
+    return True

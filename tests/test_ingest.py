@@ -560,8 +560,9 @@ def test_tuned_recv_reads_whole_pdus_and_stops_at_close() -> None:
 
     from ingest import tuning
 
-    tuning.install()
-    tuning.install()
+    assert tuning.compatible()  # the pinned pynetdicom has the internals the patches need
+    assert tuning.install()
+    assert tuning.install()
     assert pynetdicom.dul.time.sleep is tuning._sleep
     assert pynetdicom.association.time.monotonic is time.monotonic
     a, b = socket.socketpair()
@@ -692,3 +693,32 @@ def test_listener_processes_share_the_port(tmp_path: Path) -> None:
         proc.wait(60)
     assert proc.returncode == 0
     assert not [pid for pid in helpers if Path(f"/proc/{pid}").exists()]
+
+
+def test_helper_listener_stops_when_the_first_one_dies(tmp_path: Path) -> None:
+    """A helper process must not keep the DICOM port after the first process is killed."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
+        "COVIDCT_DATA_DIR": str(tmp_path / "var"),
+        "COVIDCT_DICOM_PORT": str(free_port()),
+        "COVIDCT_LISTENER_PROCESSES": "2",
+        "COVIDCT_MIN_FREE_DISK_MB": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "covidct.cli", "listener"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 90
+    while not _children(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)  # waiting for the helper to start, not timing anything
+    helpers = _children(proc.pid)
+    assert helpers
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in helpers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}/stat").exists() for pid in helpers)
