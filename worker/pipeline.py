@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import delete, insert, or_, select, update
 
 from classifier.aggregate import RULE, study_probability, verdict
 from classifier.errors import SliceSkipped, UnusableInputError
@@ -349,22 +349,25 @@ def _store_results(
         )
         rows = [(ref, p, classifier.label(p), "") for ref, p in zip(analysed, probs, strict=True)]
         rows += [(ref, None, "skipped", why[:256]) for ref, why in skipped]
-        for ref, p, label, why in rows:
-            s.add(
-                Prediction(
-                    kind="slice",
-                    study_id=study_id,
-                    instance_id=ref.instance_id,
-                    frame=ref.frame,
-                    position=ref.position,
-                    probability=p,
-                    label=label,
-                    threshold=threshold,
-                    model_version=version,
-                    generation=generation,
-                    skipped_reason=why,
-                )
-            )
+        s.execute(  # one executemany: a 300-slice study is 300 rows
+            insert(Prediction),
+            [
+                {
+                    "kind": "slice",
+                    "study_id": study_id,
+                    "instance_id": ref.instance_id,
+                    "frame": ref.frame,
+                    "position": ref.position,
+                    "probability": p,
+                    "label": label,
+                    "threshold": threshold,
+                    "model_version": version,
+                    "generation": generation,
+                    "skipped_reason": why,
+                }
+                for ref, p, label, why in rows
+            ],
+        )
         s.add(
             Prediction(
                 kind="study",
