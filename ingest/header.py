@@ -11,6 +11,7 @@ returns None and the caller uses pydicom.
 
 from __future__ import annotations
 
+import struct
 from struct import unpack_from
 
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
@@ -56,7 +57,7 @@ def scan(dataset: bytes | memoryview, transfer_syntax: str) -> dict[str, str] | 
             for tag, name in FIELDS.items()
             if tag in raw
         }
-    except (_Unusual, KeyError, UnicodeDecodeError, IndexError):
+    except (_Unusual, KeyError, UnicodeDecodeError, IndexError, ValueError, struct.error):
         return None
     if not all(out.get(name) for name in REQUIRED):
         return None

@@ -112,3 +112,24 @@ def test_unusual_inputs_fall_back_to_pydicom() -> None:
     offset, syntax = split(good)
     assert scan(good[offset : offset + 200], syntax) is None  # truncated inside an element
     assert scan(b"garbage" * 30, syntax) is None
+    # a long-VR element header cut after 10 of its 12 bytes
+    assert scan(b"\x08\x00\x05\x00OB\x00\x00\x10\x00", syntax) is None
+
+
+def test_scanner_never_raises_on_damaged_bytes() -> None:
+    """Truncated or corrupted datasets: the scanner answers or hands over, never raises."""
+    import numpy as np
+
+    data = to_bytes(axial())
+    offset, syntax = split(data)
+    body = bytearray(data[offset : offset + 4000])
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        damaged = bytearray(body)
+        for i in rng.integers(0, len(damaged), size=int(rng.integers(1, 6))):
+            damaged[i] = int(rng.integers(0, 256))
+        cut = int(rng.integers(0, len(damaged)))
+        for candidate in (bytes(damaged), bytes(damaged[:cut])):
+            for explicit in (syntax, "1.2.840.10008.1.2"):
+                result = scan(candidate, explicit)
+                assert result is None or isinstance(result.get("study_uid"), str)
