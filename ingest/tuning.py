@@ -5,7 +5,7 @@ loop (complete DIMSE messages -> handlers) each sleep 1 ms whenever they find no
 (pynetdicom issues #120, #650).  A C-STORE crosses both loops twice, so it waits up to 4 ms for
 nothing, and shorter sleeps would make idle associations spin.  Instead, per association:
 
-1. The DUL loop waits in ``select`` on its socket and on a wake-up socket that is written
+1. The DUL loop waits in ``poll`` on its socket and on a wake-up socket that is written
    whenever a primitive is queued for sending: it wakes the moment there is work, and sleeps
    the full 1 ms when there is none.
 2. The acceptor loop waits on the condition of its DIMSE message queue: it wakes the moment a
@@ -89,17 +89,18 @@ def _sleep(seconds: float) -> None:
 def _wait_for_socket(dul: Any, wake: socket.socket, seconds: float) -> None:
     """The DUL's nap: until its socket is readable, a primitive is queued, or ``seconds``."""
     raw = getattr(getattr(dul, "socket", None), "socket", None)
-    waitables: list[Any] = [wake]
-    if raw is not None and raw.fileno() >= 0:
-        if getattr(raw, "pending", lambda: 0)():  # TLS: bytes already decrypted
-            return
-        waitables.append(raw)
+    poller = select.poll()  # not select(): no limit on descriptor numbers
     try:
-        ready, _, _ = select.select(waitables, [], [], seconds)
+        poller.register(wake, select.POLLIN)
+        if raw is not None and raw.fileno() >= 0:
+            if getattr(raw, "pending", lambda: 0)():  # TLS: bytes already decrypted
+                return
+            poller.register(raw, select.POLLIN)
+        ready = poller.poll(seconds * 1000)
     except (OSError, ValueError):  # closed under us: let pynetdicom notice
         time.sleep(seconds)
         return
-    if wake in ready:
+    if any(fd == wake.fileno() for fd, _ in ready):
         try:
             while wake.recv(4096):
                 pass
