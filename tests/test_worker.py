@@ -395,3 +395,32 @@ def test_sr_for_a_deidentified_study_without_patient_name(tmp_path: Path) -> Non
     sr.save_as(path, enforce_file_format=True)
     assert pydicom.dcmread(path).PatientName == ""
     assert dciodvfy_errors(path) == []
+
+
+def test_read_ahead_keeps_order_and_memory_flat(tmp_path: Path) -> None:
+    """One or two read threads give the same inputs in the same order, frames of a
+    multi-frame file included; the headers kept for the SR hold no pixel data afterwards."""
+    import numpy as np
+
+    from worker.pipeline import Timings, read_ahead
+    from worker.selection import select as select_slices
+
+    datasets = make_study([SeriesSpec(slices=12, rows=128)], seed=4) + [enhanced_ct(6, 128)]
+    instances = []
+    for i, ds in enumerate(datasets):
+        path = tmp_path / f"{i}.dcm"
+        path.write_bytes(to_bytes(ds))
+        instances.append((i + 1, str(path)))
+    runs = []
+    for threads in (1, 2):
+        selection = select_slices(instances, 5)
+        assert len(selection.slices) == 18  # 12 slices and 6 frames
+        items = list(
+            read_ahead(selection.slices, Timings(), headers=selection.headers, threads=threads)
+        )
+        runs.append(items)
+        assert [ref for ref, _ in items] == selection.slices
+        assert all("PixelData" not in ds for ds in selection.headers.values())
+    for (ref_a, a), (ref_b, b) in zip(*runs, strict=True):
+        assert ref_a == ref_b
+        assert (isinstance(a, str) and a == b) or np.array_equal(a, b)
