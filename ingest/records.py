@@ -146,7 +146,11 @@ def record_instance(
                 # one writer at a time in this process: threads queue on a lock, not in
                 # SQLite's busy handler, which sleeps 1, 2, 5... ms between tries
                 with _SQLITE_WRITER:
-                    return _record(database_url, header, path, size, calling_ae, now or utcnow())
+                    when = now or utcnow()
+                    done = _record_common_sqlite(database_url, header, path, size, calling_ae, when)
+                    if done is not None:
+                        return done
+                    return _record(database_url, header, path, size, calling_ae, when)
             return _record(database_url, header, path, size, calling_ae, now or utcnow())
         except IntegrityError:
             # two associations created the same study at once (PostgreSQL): retry
@@ -231,3 +235,60 @@ def _record(
                 _REOPEN_STUDY, {"sid": study_id, "now": now, "next_generation": generation + 1}
             )
         return True
+
+
+def _record_common_sqlite(
+    url: str, h: InstanceHeader, path: Path, size: int, calling_ae: str, now: datetime
+) -> bool | None:
+    """The common case on SQLite (the study exists and is receiving) in plain DB-API calls:
+    1.2 ms through SQLAlchemy, most of a C-STORE's own work after the fsync.  Returns None,
+    having changed nothing, for anything else: :func:`_record` handles it."""
+    engine = get_engine(url)
+    stamp = _INSTANCES.c.received_at.type.bind_processor(engine.dialect)
+    when = stamp(now) if stamp else now
+    raw = engine.raw_connection()
+    try:
+        cur = raw.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        result: bool | None = None
+        try:
+            row = cur.execute(_SQL_FIND_STUDY, (h.study_uid,)).fetchone()
+            if row is not None and row[1] == StudyState.RECEIVING:
+                if cur.execute(_SQL_FIND_INSTANCE, (h.sop_uid,)).fetchone() is not None:
+                    result = False
+                else:
+                    cur.execute(
+                        _SQL_ADD_INSTANCE,
+                        (
+                            row[0],
+                            h.sop_uid,
+                            h.sop_class_uid,
+                            h.series_uid,
+                            h.transfer_syntax_uid,
+                            str(path),
+                            size,
+                            calling_ae,
+                            when,
+                        ),
+                    )
+                    cur.execute(_SQL_TOUCH_STUDY, (when, row[0]))
+                    result = True
+        finally:
+            cur.execute("COMMIT" if result is not None else "ROLLBACK")
+        return result
+    finally:
+        raw.close()
+
+
+# Plain SQL for the common case, on the tables of core.models (tests/test_store.py checks that
+# both paths store the same row).
+_SQL_FIND_STUDY = "SELECT id, state FROM studies WHERE study_instance_uid = ?"
+_SQL_FIND_INSTANCE = "SELECT id FROM instances WHERE sop_instance_uid = ?"
+_SQL_ADD_INSTANCE = (
+    "INSERT INTO instances (study_id, sop_instance_uid, sop_class_uid, series_instance_uid,"
+    " transfer_syntax_uid, spool_path, size_bytes, calling_ae, received_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_SQL_TOUCH_STUDY = (
+    "UPDATE studies SET instance_count = instance_count + 1, last_instance_at = ? WHERE id = ?"
+)

@@ -194,3 +194,61 @@ def test_upload_round_trip(db_url: str) -> None:
     with session_scope(db_url) as s:
         up = s.scalar(select(Upload))
         assert up is not None and up.state == "queued" and up.probability is None
+
+
+def test_both_recording_paths_store_the_same_rows(db_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The listener's plain-SQL path for SQLite (study exists, receiving) and the SQLAlchemy
+    path store identical rows, timestamps included, and agree on duplicates."""
+    from pathlib import Path
+
+    from core.models import Instance
+    from ingest import records
+    from ingest.records import InstanceHeader, _record, _record_common_sqlite
+
+    upgrade(db_url)
+    now = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=UTC)
+    head = InstanceHeader(
+        "1.2.3", "1.2.3.4", "1.2.3.4.1", "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1"
+    )
+    assert records.record_instance(db_url, head, Path("/spool/a.dcm"), 10, "PACS", now)
+    later = now.replace(second=5)
+    b = InstanceHeader(
+        "1.2.3", "1.2.3.4", "1.2.3.4.2", head.sop_class_uid, head.transfer_syntax_uid
+    )
+    c = InstanceHeader(
+        "1.2.3", "1.2.3.4", "1.2.3.4.3", head.sop_class_uid, head.transfer_syntax_uid
+    )
+    if db_url.startswith("sqlite"):
+        assert _record_common_sqlite(db_url, b, Path("/spool/b.dcm"), 20, "PACS", later) is True
+        assert _record_common_sqlite(db_url, b, Path("/spool/b.dcm"), 20, "PACS", later) is False
+        assert (
+            _record_common_sqlite(
+                db_url,
+                InstanceHeader("9.9", "9.9.1", "9.9.1.1", head.sop_class_uid, ""),
+                Path("/x"),
+                1,
+                "",
+                later,
+            )
+            is None
+        )
+    else:
+        assert _record(db_url, b, Path("/spool/b.dcm"), 20, "PACS", later)
+    assert _record(db_url, c, Path("/spool/c.dcm"), 20, "PACS", later)
+    with session_scope(db_url) as s:
+        rows = {i.sop_instance_uid: i for i in s.scalars(select(Instance)).all()}
+        study = s.scalar(select(Study))
+        assert study is not None
+        assert study.instance_count == 3 and study.last_instance_at == later
+        for uid in ("1.2.3.4.2", "1.2.3.4.3"):
+            r = rows[uid]
+            assert (r.study_id, r.size_bytes, r.calling_ae, r.received_at) == (
+                study.id,
+                20,
+                "PACS",
+                later,
+            )
+            assert (r.series_instance_uid, r.transfer_syntax_uid) == (
+                "1.2.3.4",
+                head.transfer_syntax_uid,
+            )
