@@ -244,7 +244,9 @@ def _record_common_sqlite(
     1.2 ms through SQLAlchemy, most of a C-STORE's own work after the fsync.  Returns None,
     having changed nothing, for anything else: :func:`_record` handles it."""
     engine = get_engine(url)
-    stamp = _INSTANCES.c.received_at.type.bind_processor(engine.dialect)
+    # the dialect's own processor: the same text SQLAlchemy stores (the sweeper compares it)
+    column_type = _INSTANCES.c.received_at.type.dialect_impl(engine.dialect)
+    stamp = column_type.bind_processor(engine.dialect)
     when = stamp(now) if stamp else now
     raw = engine.raw_connection()
     try:

@@ -252,3 +252,11 @@ def test_both_recording_paths_store_the_same_rows(db_url: str, tmp_path) -> None
                 "1.2.3.4",
                 head.transfer_syntax_uid,
             )
+    # and the same stored text: SQL compares these timestamps as stored (the sweeper does)
+    with get_engine(db_url).connect() as conn:
+        texts = dict(
+            conn.exec_driver_sql(
+                "SELECT sop_instance_uid, CAST(received_at AS TEXT) FROM instances"
+            ).all()
+        )
+    assert texts["1.2.3.4.2"] == texts["1.2.3.4.3"]
