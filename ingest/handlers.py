@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,7 @@ from core.settings import Settings
 from ingest import tuning
 from ingest.part10 import file_meta
 from ingest.records import UnreadableDatasetError, read_header, record_instance
-from ingest.spool import (
-    INCOMING,
-    InvalidUIDError,
-    commit_pending,
-    instance_path,
-    write_pending,
-)
+from ingest.spool import InvalidUIDError, instance_path, write_durable
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +38,9 @@ RJ_NO_REASON = (0x01, 0x01, 0x01)  # permanent, service user, no reason (host no
 RJ_CONGESTION = (0x02, 0x03, 0x01)  # transient, presentation, temporary congestion
 
 
-def _writer_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=8, thread_name_prefix="spool-write")
-
-
 @dataclass(frozen=True)
 class IngestContext:
     settings: Settings
-    # writes and fsyncs received bytes while the handler parses their header
-    writer: ThreadPoolExecutor = field(default_factory=_writer_pool, compare=False)
 
     @property
     def spool(self) -> Path:
@@ -137,9 +124,9 @@ def handle_echo(event: Any) -> int:
 
 
 def handle_store(event: Any, ctx: IngestContext) -> int:
-    """C-STORE: write and fsync the bytes in a thread while the header is parsed, move the
-    file where its UIDs say, record it, then answer.  The record never exists without its
-    file; a file without a record (a crash between the two) is recorded at start-up."""
+    """C-STORE: read the header, write the bytes durably, record them, then answer.  The
+    record never exists without its file; a file without a record (a crash between the two)
+    is recorded at start-up."""
     calling, host = _peer(event)
     try:
         syntax = str(event.context.transfer_syntax)
@@ -153,34 +140,23 @@ def handle_store(event: Any, ctx: IngestContext) -> int:
     except Exception:
         logger.exception("cannot encode received dataset from %s", calling)
         return CANNOT_UNDERSTAND
-    floor = ctx.settings.min_free_disk_mb / 2
-    if floor and free_disk_mb(ctx.spool) < floor:
-        logger.error(
-            "free disk below %.0f MB: refusing %s", floor, event.request.AffectedSOPInstanceUID
-        )
-        return OUT_OF_RESOURCES
-    pending = ctx.writer.submit(write_pending, ctx.spool / INCOMING, data)
     try:
         header = read_header(data, dataset_offset=len(meta), transfer_syntax=syntax)
     except (UnreadableDatasetError, InvalidUIDError) as exc:
-        _discard(pending)
         logger.warning("refusing instance from %s@%s: %s", calling, host, exc)
         _audit(ctx, calling, "instance.refuse", "", "refused", host, reason=str(exc))
         return CANNOT_UNDERSTAND
     if header.sop_class_uid != str(event.request.AffectedSOPClassUID):
-        _discard(pending)
         logger.warning("SOP class of %s does not match its context", header.sop_uid)
         return DATASET_MISMATCH
+    floor = ctx.settings.min_free_disk_mb / 2
     try:
+        if floor and free_disk_mb(ctx.spool) < floor:
+            logger.error("free disk below %.0f MB: refusing %s", floor, header.sop_uid)
+            return OUT_OF_RESOURCES
         path = instance_path(ctx.spool, header.study_uid, header.series_uid, header.sop_uid)
-    except InvalidUIDError:  # pragma: no cover - read_header validated them
-        _discard(pending)
-        return CANNOT_UNDERSTAND
-
-    try:
-        commit_pending(pending.result(), path)
+        write_durable(path, data)
     except OSError:
-        _discard(pending)
         logger.exception("cannot write instance %s", header.sop_uid)
         return OUT_OF_RESOURCES
     try:
@@ -192,11 +168,3 @@ def handle_store(event: Any, ctx: IngestContext) -> int:
         "stored %s of study %s%s", header.sop_uid, header.study_uid, "" if new else " (duplicate)"
     )
     return SUCCESS
-
-
-def _discard(pending: Future[Path]) -> None:
-    """Remove the temporary file of an instance we refuse (if it is still there)."""
-    try:
-        pending.result().unlink(missing_ok=True)
-    except OSError:
-        pass

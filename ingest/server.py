@@ -13,7 +13,6 @@ import os
 import signal
 import ssl
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -136,10 +135,7 @@ class Listener:
         if primary:
             upgrade(settings.database_url)
             reconcile_spool(settings)
-        self.ctx = IngestContext(
-            settings,
-            ThreadPoolExecutor(settings.max_associations, thread_name_prefix="spool-write"),
-        )
+        self.ctx = IngestContext(settings)
         tuning.install()
         self.ae = build_ae(settings)
         self.ae.covidct_share_port = share_port  # read by tuning's server_bind
@@ -172,7 +168,6 @@ class Listener:
             self.sweeper.stop()
         self.server.shutdown()
         self.ae.shutdown()
-        self.ctx.writer.shutdown(wait=True)
 
 
 def _celery_publisher(settings: Settings) -> Any:

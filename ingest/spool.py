@@ -44,22 +44,12 @@ def instance_path(spool: Path, study_uid: str, series_uid: str, sop_uid: str) ->
     return spool / study_uid / series_uid / (sop_uid + SUFFIX)
 
 
-INCOMING = ".incoming"
-
-
 def write_durable(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (tmp, fsync, rename, fsync dir)."""
-    commit_pending(write_pending(path.parent, data), path)
-
-
-def write_pending(directory: Path, data: bytes) -> Path:
-    """Write ``data`` to a new temporary file in ``directory`` and fsync it; return its path.
-
-    The listener writes to ``spool/.incoming`` while it parses the header (the write and the
-    fsync release the GIL), then :func:`commit_pending` moves the file where its UIDs say.
-    """
+    directory = path.parent
+    new_dirs = not directory.is_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{uuid.uuid4().hex}.tmp"
+    tmp = directory / f".{path.name}.{uuid.uuid4().hex}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         view = memoryview(data)
@@ -72,20 +62,7 @@ def write_pending(directory: Path, data: bytes) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
-    return tmp
-
-
-def commit_pending(tmp: Path, path: Path) -> None:
-    """Rename a fsynced temporary file to ``path`` and make the directory entries durable."""
-    directory = path.parent
-    new_dirs = not directory.is_dir()
-    if new_dirs:
-        directory.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    os.replace(tmp, path)
     _fsync_dir(directory)
     if new_dirs:  # the new directories' own entries must be durable too
         _fsync_dir(directory.parent)
@@ -105,7 +82,7 @@ def iter_spool(spool: Path) -> Iterator[Path]:
     if not spool.is_dir():
         return
     for study in spool.iterdir():
-        if not study.is_dir() or study.name == INCOMING:
+        if not study.is_dir():
             continue
         for series in study.iterdir():
             if series.is_dir():
@@ -116,7 +93,7 @@ def remove_stale_temporaries(spool: Path) -> int:
     """Delete leftovers of writes interrupted by a crash (never acknowledged)."""
     count = 0
     if spool.is_dir():
-        for tmp in [*spool.glob("*/*/.*.tmp"), *spool.glob(f"{INCOMING}/.*.tmp")]:
+        for tmp in spool.glob("*/*/.*.tmp"):
             tmp.unlink(missing_ok=True)
             count += 1
     return count

@@ -25,7 +25,6 @@ from core.models import AuditEvent, Instance, Study, StudyState, utcnow
 from core.settings import Settings, load_settings
 from covidct.synthetic import SeriesSpec, make_study, write_study
 from ingest.server import Listener
-from ingest.spool import INCOMING
 from tests.conftest import free_port, need_tool
 from tests.factories import LOSSY, SYNTAXES, in_syntax, to_bytes
 
@@ -199,7 +198,7 @@ def test_corrupt_dataset_answers_c210(
     assert status.Status == 0xC210
     assert count(lst.settings, Instance) == 0
     assert not list(lst.settings.spool_dir.rglob("*.dcm"))
-    assert not list(lst.settings.spool_dir.rglob("*.tmp"))  # the early write was discarded
+    assert not list(lst.settings.spool_dir.rglob("*.tmp"))  # nothing was written
 
 
 @pytest.mark.parametrize(
@@ -378,9 +377,6 @@ def test_spool_file_without_record_is_recovered(tmp_path: Path) -> None:
     target.parent.mkdir(parents=True)
     target.write_bytes(to_bytes(ds))
     (target.parent / f".{target.name}.abc.tmp").write_bytes(b"half a file")
-    incoming = settings.spool_dir / INCOMING
-    incoming.mkdir()
-    (incoming / ".def.tmp").write_bytes(b"written, never renamed")
     lst = Listener(settings, publish=Published())
     lst.stop()
     assert count(settings, Instance) == 1
