@@ -4,9 +4,10 @@ pydicom builds a full ``Dataset`` to answer "which study, series and instance is
 1 ms of CPU per instance, a sixth of what the listener spends per C-STORE.  For the transfer
 syntaxes that encode the dataset in little endian (all but deflate and big endian) this module
 walks the top-level elements up to SeriesInstanceUID (0020,000E) with ``struct``, skipping
-sequences of either length, in about 30 µs.  Anything it does not fully understand (another
-syntax, a character set other than ASCII/Latin-1/UTF-8, a truncated element, a UID missing)
-returns None and the caller uses pydicom.
+sequences of either length: 48 µs against 745 µs for pydicom (medians, a synthetic CT slice).
+Anything it does not fully understand (another syntax, a character set other than
+ASCII/Latin-1/UTF-8, a truncated element, a UID missing) returns None and the caller uses
+pydicom.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ REQUIRED = ("sop_class_uid", "sop_uid", "study_uid", "series_uid")
 LAST = 0x0020000E
 ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
-LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT"}
-LONG_VRS |= {b"UV"}
+LONG_VRS = {
+    b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"
+}  # fmt: skip
 CHARSETS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 
 
@@ -50,10 +52,10 @@ def scan(dataset: bytes | memoryview, transfer_syntax: str) -> dict[str, str] | 
     raw: dict[int, bytes] = {}
     try:
         _walk(memoryview(dataset), 0, transfer_syntax != IMPLICIT_VR_LE, 0, raw)
-        charset = bytes(raw.get(SPECIFIC_CHARACTER_SET, b"")).decode("ascii").strip("\0 ")
+        charset = raw.get(SPECIFIC_CHARACTER_SET, b"").decode("ascii").strip("\0 ")
         encoding = CHARSETS[charset]  # a KeyError (code extensions, other sets): pydicom
         out = {
-            name: bytes(raw[tag]).decode(encoding).replace("\0", "").strip()
+            name: raw[tag].decode(encoding).replace("\0", "").strip()
             for tag, name in FIELDS.items()
             if tag in raw
         }
