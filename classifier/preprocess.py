@@ -92,14 +92,9 @@ def to_model_input(
 
 def dicom_inputs(ds: Dataset, framing: Framing = DEFAULT_FRAMING) -> Iterator[FrameInput]:
     """Every frame of ``ds`` as a model input or a skip reason (multi-frame aware)."""
-    arr = _pixel_array(ds)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames == 1 and arr.ndim == 2:
-        arr = arr[np.newaxis]
-    for index in range(arr.shape[0]):
+    for index in range(int(ds.get("NumberOfFrames", 1) or 1)):
         try:
-            hu = _to_hu(ds, arr[index], index)
-            yield FrameInput(index, _frame_from_hu(ds, hu, framing))
+            yield FrameInput(index, _dicom_frame_input(ds, index, framing))
         except SliceSkipped as exc:
             yield FrameInput(index, None, str(exc))
 
@@ -220,13 +215,13 @@ def _dicom_frame_input(ds: Dataset, frame: int, framing: Framing) -> np.ndarray:
 
 
 def _frame_by_lookup(ds: Dataset, raw: np.ndarray, frame: int, framing: Framing) -> np.ndarray:
-    """:func:`_frame_from_hu` for 8/16-bit stored values, same result, a third of the time:
-    the lung box is found on a small HU copy and one table maps stored values in the crop
-    straight to windowed (and, for MONOCHROME1, inverted) gray."""
+    """:func:`_frame_from_hu` for 8/16-bit stored values, the same bytes in 1.4 ms instead of
+    1.6 (medians, 512x512): the lung box is found on a small HU copy and one table maps
+    stored values in the crop straight to windowed (and, for MONOCHROME1, inverted) gray."""
     slope, intercept = _modality_lut(ds, frame)
     step = _box_step(raw.shape)
     small = raw[::step, ::step].astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    r0, r1, c0, c1 = lung_box(small, framing, step=step, full_shape=raw.shape)
+    r0, r1, c0, c1 = _lung_box(small, step, raw.shape, framing)
     table = _gray_table(
         raw.dtype.str,
         slope,
@@ -294,25 +289,21 @@ def _box_step(shape: tuple[int, ...]) -> int:
     return max(1, min(shape[0], shape[1]) // 128)
 
 
-def lung_box(
-    hu: np.ndarray,
-    framing: Framing = DEFAULT_FRAMING,
-    *,
-    step: int | None = None,
-    full_shape: tuple[int, ...] | None = None,
-) -> tuple[int, int, int, int]:
+def lung_box(hu: np.ndarray, framing: Framing = DEFAULT_FRAMING) -> tuple[int, int, int, int]:
     """Bounding box (r0, r1, c0, c1) of the lungs with a margin; :class:`SliceSkipped` if few.
 
-    Works on a copy downsampled to about 128 pixels a side (or on ``hu`` itself when it is
-    already that copy: pass its ``step`` and the ``full_shape``): under 1 ms on 512x512.
+    Works on a copy downsampled to about 128 pixels a side: about 1 ms on 512x512.
     """
-    if step is None:
-        step = _box_step(hu.shape)
-        small = hu[::step, ::step]
-        rows, cols = hu.shape
-    else:
-        small = hu
-        rows, cols = (full_shape or hu.shape)[:2]
+    step = _box_step(hu.shape)
+    return _lung_box(hu[::step, ::step], step, hu.shape, framing)
+
+
+def _lung_box(
+    small: np.ndarray, step: int, shape: tuple[int, ...], framing: Framing
+) -> tuple[int, int, int, int]:
+    """:func:`lung_box` on the downsampled copy ``small`` (every ``step``-th pixel of a slice
+    of ``shape``)."""
+    rows, cols = shape[:2]
     body = small > framing.body_hu
     labels, count = ndimage.label(body)
     if count == 0:
