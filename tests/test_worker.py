@@ -25,7 +25,7 @@ from ingest.sweeper import Sweeper
 from tests.conftest import REDIS_HOST, REDIS_PORT, free_port, need, need_tool, port_open
 from tests.factories import enhanced_ct, to_bytes
 from tests.helpers import TestPACS, make_tiny_model
-from worker.app import STUDY_TASK, UPLOAD_TASK, publish
+from worker.app import QUEUES, STUDY_TASK, UPLOAD_TASK, publish
 from worker.sr import read_finding
 
 pytestmark = pytest.mark.integration
@@ -96,21 +96,22 @@ def spool_study(settings: Settings, datasets: list[pydicom.Dataset]) -> int:
         return study.id
 
 
-@pytest.fixture
-def celery_setup(tmp_path: Path, redis_db: int, pacs: TestPACS) -> Iterator[tuple]:
+def running_worker(app):  # type: ignore[no-untyped-def]
+    """A real Celery worker thread (celery's test helper) on every queue of the app."""
     from celery.contrib.testing.worker import start_worker
 
+    return start_worker(
+        app, pool="solo", perform_ping_check=False, shutdown_timeout=30, queues=list(QUEUES)
+    )
+
+
+@pytest.fixture
+def celery_setup(tmp_path: Path, redis_db: int, pacs: TestPACS) -> Iterator[tuple]:
     from worker.tasks import create_app
 
     settings = make_settings(tmp_path, redis_db, pacs.destination)
     app = create_app(settings)
-    with start_worker(
-        app,
-        pool="solo",
-        perform_ping_check=False,
-        shutdown_timeout=30,
-        queues=["studies", "uploads", "exports"],
-    ):
+    with running_worker(app):
         yield settings, app, pacs
 
 
@@ -182,7 +183,6 @@ def test_running_twice_sends_one_sr(celery_setup: tuple) -> None:
 
 
 def test_pacs_down_then_up_delivers_after_retries(tmp_path: Path, redis_db: int) -> None:
-    from celery.contrib.testing.worker import start_worker
 
     from worker.tasks import create_app
 
@@ -190,13 +190,7 @@ def test_pacs_down_then_up_delivers_after_retries(tmp_path: Path, redis_db: int)
     settings = make_settings(tmp_path, redis_db, f"PACS@127.0.0.1:{port}")
     app = create_app(settings)
     sweeper = Sweeper(settings, lambda task, obj: publish(app, task, obj))
-    with start_worker(
-        app,
-        pool="solo",
-        perform_ping_check=False,
-        shutdown_timeout=30,
-        queues=["studies", "uploads", "exports"],
-    ):
+    with running_worker(app):
         study_id = spool_study(settings, make_study([SeriesSpec(slices=6)]))
         publish(app, STUDY_TASK, study_id)
 
@@ -415,9 +409,7 @@ def test_read_ahead_keeps_order_and_memory_flat(tmp_path: Path) -> None:
     for threads in (1, 2):
         selection = select_slices(instances, 5)
         assert len(selection.slices) == 18  # 12 slices and 6 frames
-        items = list(
-            read_ahead(selection.slices, Timings(), headers=selection.headers, threads=threads)
-        )
+        items = list(read_ahead(selection.slices, selection.headers, Timings(), threads=threads))
         runs.append(items)
         assert [ref for ref, _ in items] == selection.slices
         assert all("PixelData" not in ds for ds in selection.headers.values())

@@ -161,14 +161,14 @@ class _Read:
     preprocess: float
 
 
-def _read_file(refs: list[SliceRef], header: pydicom.Dataset | None) -> _Read:
+def _read_file(refs: list[SliceRef], header: pydicom.Dataset) -> _Read:
     """Decode and preprocess the frames the selection kept of one file, from the header
     the selection already parsed (its pixel data deferred), then drop the pixel data again
-    so that the header kept for the SR stays small."""
+    so that the header kept for the SR stays small.  A file that vanished or cannot be read
+    skips its slices."""
     t0 = time.perf_counter()
     try:
-        ds = header if header is not None else pydicom.dcmread(refs[0].path)
-        ds.PixelData  # noqa: B018 - reads the deferred value: the file I/O of this slice
+        header.PixelData  # noqa: B018 - reads the deferred value: the file I/O of this slice
     except Exception as exc:  # unreadable or vanished file in the spool: skip its slices
         return _Read([(ref, f"unreadable: {exc}") for ref in refs], time.perf_counter() - t0, 0.0)
     t1 = time.perf_counter()
@@ -176,22 +176,23 @@ def _read_file(refs: list[SliceRef], header: pydicom.Dataset | None) -> _Read:
     try:
         for ref in refs:
             try:
-                items.append((ref, to_model_input(ds, frame=ref.frame, framing=DEFAULT_FRAMING)))
+                items.append(
+                    (ref, to_model_input(header, frame=ref.frame, framing=DEFAULT_FRAMING))
+                )
             except SliceSkipped as exc:
                 items.append((ref, str(exc)))
             except UnusableInputError as exc:
                 items.append((ref, f"unusable: {exc}"))
     finally:
-        if header is not None:
-            del header.PixelData
+        del header.PixelData
     return _Read(items, t1 - t0, time.perf_counter() - t1)
 
 
 def read_ahead(
     slices: list[SliceRef],
+    headers: dict[int, pydicom.Dataset],
     t: Timings,
     *,
-    headers: dict[int, pydicom.Dataset] | None = None,
     threads: int = 2,
     depth: int = 64,
 ) -> Iterator[tuple[SliceRef, np.ndarray | str]]:
@@ -200,11 +201,10 @@ def read_ahead(
     ``depth`` files are in flight, so memory stays flat whatever the study size.  Frames of
     one multi-frame file are read together, once."""
     groups = [list(g) for _, g in groupby(slices, key=lambda ref: ref.path)]
-    known = headers or {}
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="read-ahead")
     try:
         pending: deque[Future[_Read]] = deque(
-            pool.submit(_read_file, g, known.get(g[0].instance_id)) for g in groups[:depth]
+            pool.submit(_read_file, g, headers[g[0].instance_id]) for g in groups[:depth]
         )
         following = iter(groups[depth:])
         while pending:
@@ -212,7 +212,7 @@ def read_ahead(
             t.read += done.read
             t.preprocess += done.preprocess
             if (group := next(following, None)) is not None:
-                pending.append(pool.submit(_read_file, group, known.get(group[0].instance_id)))
+                pending.append(pool.submit(_read_file, group, headers[group[0].instance_id]))
             yield from done.items
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -262,7 +262,7 @@ def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> 
         heartbeat(settings, study_id)
 
     for ref, item in read_ahead(
-        selection.slices, t, headers=selection.headers, threads=settings.read_threads
+        selection.slices, selection.headers, t, threads=settings.read_threads
     ):
         if isinstance(item, str):
             skipped.append((ref, item))
