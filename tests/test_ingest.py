@@ -634,11 +634,8 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def test_listener_processes_share_the_port(tmp_path: Path) -> None:
-    """`covidct listener` with two processes on one port (SO_REUSEPORT): parallel
-    associations from DCMTK's storescu are each stored once, and SIGTERM stops them all."""
-    storescu = need_tool("storescu")
-    port = free_port()
+def start_listener_processes(tmp_path: Path, port: int) -> tuple[subprocess.Popen, Path]:
+    """`covidct listener` with two processes on ``port``, returned once both are up."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
         "COVIDCT_DATA_DIR": str(tmp_path / "var"),
         "COVIDCT_DICOM_PORT": str(port),
@@ -651,12 +648,21 @@ def test_listener_processes_share_the_port(tmp_path: Path) -> None:
         proc = subprocess.Popen(
             [sys.executable, "-m", "covidct.cli", "listener"], env=env, stdout=out, stderr=out
         )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not (
+        _children(proc.pid) and "(2 processes)" in log.read_text()
+    ):
+        time.sleep(0.1)  # waiting for the processes to start, not timing anything
+    return proc, log
+
+
+def test_listener_processes_share_the_port(tmp_path: Path) -> None:
+    """`covidct listener` with two processes on one port (SO_REUSEPORT): parallel
+    associations from DCMTK's storescu are each stored once, and SIGTERM stops them all."""
+    storescu = need_tool("storescu")
+    port = free_port()
+    proc, log = start_listener_processes(tmp_path, port)
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not (
-            _children(proc.pid) and "(2 processes)" in log.read_text()
-        ):
-            time.sleep(0.1)  # waiting for the processes to start, not timing anything
         assert "(2 processes)" in log.read_text(), log.read_text()[-2000:]
         assert _children(proc.pid), "the second listener process did not start"
         files = write_study(make_study([SeriesSpec(slices=40, rows=64)], seed=9), tmp_path / "in")
@@ -695,21 +701,7 @@ def test_helper_listener_stops_when_the_first_one_dies(tmp_path: Path) -> None:
     """A helper process must not keep the DICOM port after the first process is killed."""
     import signal
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
-        "COVIDCT_DATA_DIR": str(tmp_path / "var"),
-        "COVIDCT_DICOM_PORT": str(free_port()),
-        "COVIDCT_LISTENER_PROCESSES": "2",
-        "COVIDCT_MIN_FREE_DISK_MB": "1",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "covidct.cli", "listener"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 90
-    while not _children(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)  # waiting for the helper to start, not timing anything
+    proc, _ = start_listener_processes(tmp_path, free_port())
     helpers = _children(proc.pid)
     assert helpers
     proc.send_signal(signal.SIGKILL)
