@@ -2,8 +2,10 @@
 
 pynetdicom is pure Python and polls: its DUL loop (socket <-> state machine) and its acceptor
 loop (complete DIMSE messages -> handlers) each sleep 1 ms whenever they find nothing to do
-(pynetdicom issues #120, #650).  A C-STORE crosses both loops twice, so it waits up to 4 ms for
-nothing, and shorter sleeps would make idle associations spin.  Instead, per association:
+(pynetdicom issues #120, #650).  A C-STORE is handed between the two loops several times, each
+hand-off waiting up to 1 ms for nothing, and shorter sleeps would make idle associations spin.
+Measured with a handler that stores nothing (one association, 300 slices of 512x512 from
+DCMTK's storescu): 287 instances/s as shipped, 375/s with 1, 2 and 4.  Per association:
 
 1. The DUL loop waits in ``poll`` on its socket and on a wake-up socket that is written
    whenever a primitive is queued for sending: it wakes the moment there is work, and sleeps
