@@ -93,12 +93,8 @@ class Sweeper:
                 )
             ).all()
         for upload_id in uploads:
-            if self._publish(UPLOAD_TASK, upload_id, result):
+            if self._publish(UPLOAD_TASK, upload_id, result, touch=(Upload, now)):
                 result.uploads += 1
-                with session_scope(url) as session:
-                    session.execute(
-                        update(Upload).where(Upload.id == upload_id).values(queued_at=now)
-                    )
         for study_id in ready:
             if self._transition(
                 study_id, StudyState.RECEIVING, now, extra=Study.last_instance_at <= stable_before
@@ -106,7 +102,7 @@ class Sweeper:
                 if self._publish(STUDY_TASK, study_id, result, revert=StudyState.RECEIVING):
                     result.queued += 1
         for study_id in waiting:
-            if self._publish(STUDY_TASK, study_id, result, touch=now):
+            if self._publish(STUDY_TASK, study_id, result, touch=(Study, now)):
                 result.requeued += 1
         for study_id in stale:
             if self._transition(
@@ -157,8 +153,10 @@ class Sweeper:
         obj_id: int,
         result: SweepResult,
         revert: StudyState | None = None,
-        touch: datetime | None = None,
+        touch: tuple[type[Study] | type[Upload], datetime] | None = None,
     ) -> bool:
+        """Publish; on failure put a study back to ``revert``; on success stamp ``touch``'s
+        row (a re-published study or upload) as queued again."""
         try:
             self.publish(task, obj_id)
         except Exception as exc:
@@ -173,8 +171,9 @@ class Sweeper:
                     )
             return False
         if touch is not None:
+            model, when = touch
             with session_scope(self.settings.database_url) as session:
-                session.execute(update(Study).where(Study.id == obj_id).values(queued_at=touch))
+                session.execute(update(model).where(model.id == obj_id).values(queued_at=when))
         return True
 
     # --- background thread --------------------------------------------------------------
