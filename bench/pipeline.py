@@ -14,7 +14,6 @@ real studies it prints the verdicts.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import resource
 import sys
@@ -27,34 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
-
-
-def spool(settings, datasets_or_files) -> int:  # type: ignore[no-untyped-def]
-    from sqlalchemy import select
-
-    from core.db import session_scope
-    from core.models import Study, StudyState
-    from ingest.records import read_header, record_instance
-    from ingest.spool import instance_path, write_durable
-
-    uid = None
-    for item in datasets_or_files:
-        if isinstance(item, Path):
-            data = item.read_bytes()
-        else:
-            buf = io.BytesIO()
-            item.save_as(buf, enforce_file_format=True)
-            data = buf.getvalue()
-        h = read_header(data)
-        uid = h.study_uid
-        path = instance_path(settings.spool_dir, h.study_uid, h.series_uid, h.sop_uid)
-        write_durable(path, data)
-        record_instance(settings.database_url, h, path, len(data), "BENCH")
-    with session_scope(settings.database_url) as s:
-        study = s.scalar(select(Study).where(Study.study_instance_uid == uid))
-        assert study is not None
-        study.state = StudyState.QUEUED
-        return study.id
 
 
 def run_one(settings, clf, study_id: int, label: str) -> tuple[float, float]:  # type: ignore[no-untyped-def]
@@ -135,7 +106,7 @@ def main() -> int:
     from core.db import upgrade
     from core.settings import load_settings
     from covidct.synthetic import SeriesSpec, make_study
-    from tests.helpers import TestPACS
+    from tests.helpers import TestPACS, spool_study
 
     pacs = TestPACS()
     work = Path(tempfile.mkdtemp(prefix="covidct-pipeline-"))
@@ -174,7 +145,7 @@ def main() -> int:
             | {k: v for k, v in os.environ.items() if k == "COVIDCT_READ_THREADS"}
         )
         upgrade(settings.database_url)
-        study_id = spool(settings, items)
+        study_id = spool_study(settings, items, "BENCH")
         if label.startswith("warm-up"):
             from worker.pipeline import analyse_study
 

@@ -72,3 +72,35 @@ class TestPACS:
 
     def stop(self) -> None:
         self.server.shutdown()
+
+
+def spool_study(settings: Any, items: list[Any], calling_ae: str = "TEST") -> int:
+    """Put a study (datasets or Part 10 files) in the spool as the listener would and mark
+    it queued; return its id."""
+    import io
+
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.models import Study, StudyState
+    from ingest.records import read_header, record_instance
+    from ingest.spool import instance_path, write_durable
+
+    uid = None
+    for item in items:
+        if isinstance(item, Path):
+            data = item.read_bytes()
+        else:
+            buf = io.BytesIO()
+            item.save_as(buf, enforce_file_format=True)
+            data = buf.getvalue()
+        h = read_header(data)
+        uid = h.study_uid
+        path = instance_path(settings.spool_dir, h.study_uid, h.series_uid, h.sop_uid)
+        write_durable(path, data)
+        record_instance(settings.database_url, h, path, len(data), calling_ae)
+    with session_scope(settings.database_url) as s:
+        study = s.scalar(select(Study).where(Study.study_instance_uid == uid))
+        assert study is not None
+        study.state = StudyState.QUEUED
+        return study.id

@@ -19,12 +19,10 @@ from core.db import session_scope, upgrade
 from core.models import Delivery, Prediction, Report, Study, StudyState, Upload
 from core.settings import Settings, load_settings
 from covidct.synthetic import SeriesSpec, make_study
-from ingest.records import read_header, record_instance
-from ingest.spool import instance_path, write_durable
 from ingest.sweeper import Sweeper
 from tests.conftest import REDIS_HOST, REDIS_PORT, free_port, need, need_tool, port_open
 from tests.factories import enhanced_ct, to_bytes
-from tests.helpers import TestPACS, make_tiny_model
+from tests.helpers import TestPACS, make_tiny_model, spool_study
 from worker.app import QUEUES, STUDY_TASK, UPLOAD_TASK, publish
 from worker.sr import read_finding
 
@@ -77,23 +75,6 @@ def make_settings(tmp_path: Path, redis_db: int, destinations: str, **extra: str
     )
     upgrade(settings.database_url)
     return settings
-
-
-def spool_study(settings: Settings, datasets: list[pydicom.Dataset]) -> int:
-    """Put a study in the spool as the listener would, and mark it queued."""
-    for ds in datasets:
-        data = to_bytes(ds)
-        h = read_header(data)
-        path = instance_path(settings.spool_dir, h.study_uid, h.series_uid, h.sop_uid)
-        write_durable(path, data)
-        record_instance(settings.database_url, h, path, len(data), "TEST")
-    with session_scope(settings.database_url) as s:
-        study = s.scalar(
-            select(Study).where(Study.study_instance_uid == str(datasets[0].StudyInstanceUID))
-        )
-        assert study is not None
-        study.state = StudyState.QUEUED
-        return study.id
 
 
 def running_worker(app):  # type: ignore[no-untyped-def]
