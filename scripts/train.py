@@ -62,6 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="folder for preprocessed splits (PNG strips): "
         "read if present, else written; lets training run where the data is not",
     )
+    p.add_argument(
+        "--backbone",
+        type=Path,
+        default=Path(".data/efficientnet-lite0.npz"),
+        help="converted ImageNet weights for a pretrained recipe "
+        "(scripts/convert_efficientnet_lite.py)",
+    )
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--quiet", action="store_true")
     p.add_argument(
@@ -127,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=seed,
             epochs=args.epochs,
             verbose=0 if args.quiet else 1,
+            backbone=args.backbone,
         )
         summary = T.summarise(
             model, val_splits, bootstrap=args.bootstrap, calibrate=args.recipe != "paper"
