@@ -67,7 +67,8 @@ def main() -> int:
         t_api = timed(lambda x=x, n=n: [clf.probabilities(x) for _ in range(n)], args.rounds) / n
         print(f"{batch:>5} {batch / t_bare:>11.1f} {batch / t_api:>10.1f} {t_api / t_bare:>14.3f}")
 
-    (ds,) = make_study([SeriesSpec(slices=1)])[:1]
+    series = make_study([SeriesSpec(slices=40)])
+    ds = series[len(series) // 2]  # mid-chest: enough lung to be framed, not skipped
     data = ds.PixelData
 
     def frame_synthetic() -> None:
@@ -78,8 +79,9 @@ def main() -> int:
     print(f"DICOM framing, synthetic 512x512 uncompressed: {t * 1000:.2f} ms per slice")
     real = ROOT.parent / "shared" / "datasets" / "covid-ct-md-sample" / "covid" / "P001"
     if real.is_dir():
-        files = sorted(real.glob("*.dcm"))
-        mid = pydicom.dcmread(files[len(files) // 2])
+        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in real.glob("*.dcm")]
+        headers.sort(key=lambda h: float(h.ImagePositionPatient[2]))  # file names do not sort
+        mid = pydicom.dcmread(headers[len(headers) // 2].filename)  # mid-chest
         raw = mid.PixelData
 
         def frame_real() -> None:
