@@ -204,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             "Trained on 2D slices; a study verdict aggregates slices by the rule above.",
             "Not validated for children, contrast phases, or non-chest CT.",
             "COVID-CT images are figures from papers; their look differs from real scans.",
+            "The two datasets ask different questions: in eight val images per class, most "
+            "COVID-CT non-COVID images show other lung disease while most real-scan non-COVID "
+            "slices look clear, so COVID-19 against other pneumonia is the weaker distinction "
+            "and a pneumonia study may be called COVID-19.",
         ],
         "environment": env,
     }
