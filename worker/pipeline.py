@@ -197,7 +197,8 @@ def read_ahead(
     depth: int = 64,
 ) -> Iterator[tuple[SliceRef, np.ndarray | str]]:
     """Read and preprocess, in order, on ``threads`` threads while the model runs on the
-    previous batch: decoders (GDCM), NumPy, Pillow and TensorFlow release the GIL.  At most
+    previous batch: file I/O, NumPy, Pillow and TensorFlow release the GIL (the JPEG decoders,
+    GDCM and pylibjpeg, measured do not: two threads decode no faster than one).  At most
     ``depth`` files are in flight, so memory stays flat whatever the study size.  Frames of
     one multi-frame file are read together, once."""
     groups = [list(g) for _, g in groupby(slices, key=lambda ref: ref.path)]
