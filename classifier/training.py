@@ -81,7 +81,7 @@ RECIPES = {
     "covidct": Recipe(
         "covidct",
         "covidct",
-        epochs=30,
+        epochs=18,
         learning_rate=3e-4,
         augment_jpeg=True,
         balance=True,

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from classifier import aggregate  # noqa: E402
 from classifier import training as T  # noqa: E402
 from classifier.inference import file_sha256  # noqa: E402
+from classifier.preprocess import DEFAULT_FRAMING  # noqa: E402
 
 LICENSES = {
     "covid-ct": "COVID-CT (Yang et al. 2020, arXiv:2003.13865): figures from publications, "
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
             "COVID-CT non-COVID images show other lung disease while most real-scan non-COVID "
             "slices look clear, so COVID-19 against other pneumonia is the weaker distinction "
             "and a pneumonia study may be called COVID-19.",
+            f"DICOM slices with under {DEFAULT_FRAMING.min_lung_fraction:.0%} lung (lung bases "
+            "and apices) are not analysed; the floor was chosen on the only two real DICOM "
+            "studies available (README), so it is not validated.",
         ],
         "environment": env,
     }
