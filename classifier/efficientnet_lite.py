@@ -47,7 +47,6 @@ def _bn(x: keras.KerasTensor, name: str, momentum: float) -> keras.KerasTensor:
 
 def trunk(x: keras.KerasTensor, *, bn_momentum: float = 0.9) -> keras.KerasTensor:
     """Normalised image (N, H, W, 3) -> feature map (N, H/32, W/32, 1280)."""
-    relu6 = layers.ReLU(6.0)
     x = layers.Conv2D(32, 3, 2, "same", use_bias=False, name="_conv_stem")(x)
     x = layers.ReLU(6.0)(_bn(x, "_bn0", bn_momentum))
     i = 0
@@ -66,7 +65,7 @@ def trunk(x: keras.KerasTensor, *, bn_momentum: float = 0.9) -> keras.KerasTenso
             x = layers.Add()([h, x]) if s == 1 and inp == cout else h
             i += 1
     x = layers.Conv2D(FEATURES, 1, use_bias=False, name="_conv_head")(x)
-    return relu6(_bn(x, "_bn1", bn_momentum))
+    return layers.ReLU(6.0)(_bn(x, "_bn1", bn_momentum))
 
 
 def feature_model(size: int = 224) -> keras.Model:
@@ -82,23 +81,19 @@ def load_torch_weights(model: keras.Model, weights: Mapping[str, np.ndarray]) ->
     loaded = 0
     for layer in model.layers:
         name = layer.name
-        if isinstance(layer, layers.DepthwiseConv2D):
-            w = weights.get(name + ".weight")
-            if w is None:
-                raise ValueError(f"no weights for {name}")
-            layer.set_weights([np.transpose(w, (2, 3, 0, 1))])  # (C,1,k,k) -> (k,k,C,1)
-        elif isinstance(layer, layers.Conv2D) and name.startswith("_"):
-            w = weights.get(name + ".weight")
-            if w is None:
-                raise ValueError(f"no weights for {name}")
-            layer.set_weights([np.transpose(w, (2, 3, 1, 0))])  # (O,I,k,k) -> (k,k,I,O)
-        elif isinstance(layer, layers.BatchNormalization) and name.startswith("_"):
+        if isinstance(layer, layers.BatchNormalization) and name.startswith("_"):
             keys = [f"{name}.{k}" for k in ("weight", "bias", "running_mean", "running_var")]
-            if any(k not in weights for k in keys):
-                raise ValueError(f"no weights for {name}")
-            layer.set_weights([weights[k] for k in keys])
+        elif isinstance(layer, layers.Conv2D | layers.DepthwiseConv2D) and name.startswith("_"):
+            keys = [f"{name}.weight"]
         else:
             continue
+        if any(k not in weights for k in keys):
+            raise ValueError(f"no weights for {name}")
+        arrays = [weights[k] for k in keys]
+        if len(arrays) == 1:  # a kernel: (O,I,k,k) -> (k,k,I,O); depthwise (C,1,k,k) -> (k,k,C,1)
+            depthwise = isinstance(layer, layers.DepthwiseConv2D)
+            arrays = [np.transpose(arrays[0], (2, 3, 0, 1) if depthwise else (2, 3, 1, 0))]
+        layer.set_weights(arrays)
         loaded += 1
     return loaded
 

@@ -12,7 +12,7 @@ pydicom.
 
 from __future__ import annotations
 
-import struct
+from struct import error as StructError
 from struct import unpack_from
 
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"
@@ -59,7 +59,7 @@ def scan(dataset: bytes | memoryview, transfer_syntax: str) -> dict[str, str] | 
             for tag, name in FIELDS.items()
             if tag in raw
         }
-    except (_Unusual, KeyError, UnicodeDecodeError, IndexError, ValueError, struct.error):
+    except (_Unusual, KeyError, UnicodeDecodeError, IndexError, ValueError, StructError):
         return None
     if not all(out.get(name) for name in REQUIRED):
         return None

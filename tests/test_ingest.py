@@ -709,4 +709,4 @@ def test_helper_listener_stops_when_the_first_one_dies(tmp_path: Path) -> None:
     deadline = time.monotonic() + 30
     while any(Path(f"/proc/{pid}").exists() for pid in helpers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(Path(f"/proc/{pid}/stat").exists() for pid in helpers)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in helpers)

@@ -193,7 +193,7 @@ def read_ahead(
     headers: dict[int, pydicom.Dataset],
     t: Timings,
     *,
-    threads: int = 2,
+    threads: int = 1,
     depth: int = 64,
 ) -> Iterator[tuple[SliceRef, np.ndarray | str]]:
     """Read and preprocess, in order, on ``threads`` threads while the model runs on the
