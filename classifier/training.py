@@ -67,6 +67,7 @@ class Recipe:
     augment_jpeg: bool = False
     balance: bool = False
     keep_best: bool = False
+    refit_gate: bool = False  # gated models: the gate refitted on frozen features (gate.py)
     description: str = ""
 
 
@@ -87,10 +88,12 @@ RECIPES = {
         augment_jpeg=True,
         balance=True,
         keep_best=True,
+        refit_gate=True,
         description="our CNN with one expert head per dataset and a gate, dataset- and "
         "class-balanced weights, JPEG "
         "re-encoding half of the time, flips/rotation/zoom/translation/contrast, Adam 3e-4 "
-        "with plateau decay, best epoch by mean val AUC",
+        "with plateau decay, best epoch by mean val AUC, then the gate refitted as a "
+        "logistic regression on the frozen trunk's features",
     ),
     "lite0": Recipe(
         "lite0",
@@ -226,6 +229,7 @@ class History:
     epochs: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     seconds: float = 0.0
+    gate: dict[str, Any] = field(default_factory=dict)
 
 
 def train(
@@ -333,6 +337,17 @@ def train(
             history.best_epoch = epoch + 1
     if best_weights is not None:
         model.set_weights(best_weights)
+    if gated and recipe.refit_gate and domains > 1:
+        from classifier.gate import refit_gate
+
+        history.gate = refit_gate(
+            model,
+            [s.dataset for s in train_splits],
+            [np.concatenate([x[domain == i], x_jpeg[domain == i]]) for i in range(domains)],
+            [s.images for s in val_splits],
+            [s.labels for s in val_splits],
+        )
+        print(f"seed {seed} gate refit: {history.gate['val_tried']}", flush=True)
     history.seconds = time.perf_counter() - started
     return model, history
 

@@ -397,3 +397,21 @@ def test_read_ahead_keeps_order_and_memory_flat(tmp_path: Path) -> None:
     for (ref_a, a), (ref_b, b) in zip(*runs, strict=True):
         assert ref_a == ref_b
         assert (isinstance(a, str) and a == b) or np.array_equal(a, b)
+
+
+def test_embedded_broker_keeps_its_files_in_the_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kombu's filesystem transport writes its exchange table to ./control by default: a
+    service started from the repository left one there."""
+    from worker.app import make_celery
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    settings = load_settings({"COVIDCT_DATA_DIR": str(tmp_path / "var")})
+    assert settings.broker_is_embedded
+    publish(make_celery(settings), STUDY_TASK, 1)
+    assert list(cwd.iterdir()) == []
+    assert (settings.broker_dir / "control" / "studies.exchange").is_file()
+    assert len(list((settings.broker_dir / "queue").iterdir())) == 1

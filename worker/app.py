@@ -27,12 +27,14 @@ VISIBILITY_TIMEOUT = 3600  # Redis: must exceed TIME_LIMIT or a long task runs t
 def broker_options(settings: Settings) -> dict:
     if settings.broker_is_embedded:
         folder = settings.broker_dir
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            # kombu's default is "control" in the working directory: keep it in the data dir
+            "control_folder": str(folder / "control"),
             "store_processed": False,
             "polling_interval": 0.1,
         }
