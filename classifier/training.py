@@ -478,6 +478,17 @@ def write_card_markdown(card: dict[str, Any], path: Path) -> None:
             )
         for k, v in card.get("seed_summary", {}).items():
             lines.append(f"- **{k}: mean {v['mean']:.3f}, min {v['min']:.3f}, max {v['max']:.3f}**")
+    gate = card.get("gate_refit") or {}
+    if gate:
+        lines += ["", "## Gate refit", "", f"{gate['method']}; T = {gate['temperature']}.", ""]
+        lines.append("| dataset | val AUC, joint gate | routed to its expert | val AUC, refitted |")
+        lines.append("|---|---|---|---|")
+        after = gate["val_tried"][str(gate["temperature"])]
+        for name, before in gate["val_before"].items():
+            lines.append(
+                f"| {name} | {before['auc']:.3f} | {before['routed_own']:.0%} -> "
+                f"{after[name]['routed_own']:.0%} | {after[name]['auc']:.3f} |"
+            )
     if card.get("dicom_studies"):
         lines += ["", "## Real DICOM studies (development sample)", ""]
         for s in card["dicom_studies"]:

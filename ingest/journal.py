@@ -293,10 +293,16 @@ class Journal:
     def _flush(self, paths: list[Path]) -> None:
         dirs: set[Path] = set()
         for path in paths:
-            fsync_path(path)
+            try:
+                fsync_path(path)
+            except FileNotFoundError:  # removed since (a pruned study): nothing to keep
+                logger.info("journal: %s is gone before its checkpoint", path.name)
             dirs.add(path.parent)
         for directory in dirs:
-            _fsync_tree(directory, self.spool)
+            try:
+                _fsync_tree(directory, self.spool)
+            except FileNotFoundError:
+                logger.info("journal: %s is gone before its checkpoint", directory.name)
 
     def _reset(self, seg: _Segment) -> None:
         seg.generation += 1

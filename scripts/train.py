@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             args.out / "seeds" / f"{name}-seed{seed}.keras",
         )
         runs.append((seed, model, history, summary, aucs))
+        if history.gate:
+            joint = {k: v["auc"] for k, v in history.gate["val_before"].items()}
+            print(f"seed {seed}: val AUC with the jointly trained gate {joint}", flush=True)
 
     seed, model, history, summary, _ = max(runs, key=lambda r: float(np.mean(list(r[4].values()))))
     model_path = args.out / f"{name}.keras"
@@ -172,7 +175,17 @@ def main(argv: list[str] | None = None) -> int:
         "temperature": summary["temperature"],
         "aggregation": aggregate.RULE,
         "seed": seed,
-        "seeds": [{"seed": s, "val_auc": a, "best_epoch": h.best_epoch} for s, _, h, _, a in runs],
+        "seeds": [
+            {
+                "seed": s,
+                "val_auc": a,
+                "best_epoch": h.best_epoch,
+                "val_auc_joint_gate": {
+                    k: v["auc"] for k, v in h.gate.get("val_before", {}).items()
+                },
+            }
+            for s, _, h, _, a in runs
+        ],
         "seed_summary": {
             k: {
                 "mean": float(np.mean(v)),
@@ -183,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in {k: [r[4][k] for r in runs] for k in runs[0][4]}.items()
         },
         "best_epoch": history.best_epoch,
+        "gate_refit": history.gate,
         "training_seconds": history.seconds,
         "history": history.epochs,
         "validation": summary["datasets"],

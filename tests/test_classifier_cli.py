@@ -93,6 +93,29 @@ def test_train_one_epoch_each_recipe(tmp_path: Path, recipe: str) -> None:
 
 
 @pytest.mark.slow
+def test_train_two_datasets_refits_the_gate(tmp_path: Path) -> None:
+    """Two folders: one expert each, and the gate refitted after training, in the card."""
+    first = make_image_folder(tmp_path / "first", seed=1)
+    second = make_image_folder(tmp_path / "second", seed=2)
+    out = tmp_path / "out"
+    res = run_cli(
+        "scripts/train.py",
+        *("--data", str(first), "--data", str(second)),
+        *("--epochs", "1", "--out", str(out), "--bootstrap", "20", "--quiet"),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    card = json.loads((out / "covidct.card.json").read_text())
+    gate = card["gate_refit"]
+    assert gate["temperature"] in (1.0, 0.5, 0.25)
+    assert set(gate["val_before"]) == {"first", "second"}
+    assert set(card["seeds"][0]["val_auc_joint_gate"]) == {"first", "second"}
+    chosen = gate["val_tried"][str(gate["temperature"])]
+    for name, auc in card["seeds"][0]["val_auc"].items():  # the shipped numbers are the refit's
+        assert auc == pytest.approx(chosen[name]["auc"], abs=0.05)
+    assert "## Gate refit" in (out / "covidct.card.md").read_text()
+
+
+@pytest.mark.slow
 def test_evaluate_matches_known_outputs(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "toy", per_class=8) / "val"
     model = make_tiny_model(tmp_path / "tiny.keras")

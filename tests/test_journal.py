@@ -177,3 +177,16 @@ def test_one_process_per_journal(tmp_path: Path) -> None:
             Journal(tmp_path / "journal", tmp_path / "spool", 1 << 20)
     finally:
         j.close()
+
+
+def test_a_file_removed_before_its_checkpoint_does_not_stop_the_journal(tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    j = Journal(tmp_path / "journal", spool, 1 << 20)
+    j.write(spool_path(spool, 1, study=9), payload(1))
+    import shutil
+
+    shutil.rmtree(spool / "1.2.3.9")  # pruned at once
+    for i in range(2, 20):  # several checkpoints' worth: they must keep recycling segments
+        j.write(spool_path(spool, i), payload(i))
+    j.close()
+    assert all(spool_path(spool, i).read_bytes() == payload(i) for i in range(2, 20))
