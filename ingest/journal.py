@@ -19,10 +19,12 @@ missing or differs from its record is rewritten durably, one that matches is flu
 Two pre-zeroed segments per listener process take turns, so appends go on while the other
 is checkpointed; when both are full, appends wait for the checkpoint.  Each segment starts
 with a header holding its generation, which a reset increments, so records of an earlier
-generation left further on in the file are never replayed.  Appends are serialised (one
-writer at a time), so the records of the current generation are contiguous and replay stops
-at the first record that is incomplete.  An instance larger than a segment is written the
-old way (:func:`ingest.spool.write_durable`).
+generation left in the file are never replayed.  Concurrent appends (parallel associations)
+reserve disjoint, block-aligned ranges under a lock and write and flush them outside it, so
+their flushes overlap; replay therefore reads every block of a segment, takes each complete
+record of the current generation (magic, generation and CRC32 all match) and skips torn ones
+(an append that crashed was never answered).  An instance larger than a segment is written
+the old way (:func:`ingest.spool.write_durable`).
 """
 
 from __future__ import annotations
@@ -98,21 +100,20 @@ def records(path: Path) -> Iterator[tuple[str, bytes]]:
         magic, generation = SEGMENT_HEADER.unpack(head)
         if magic != SEGMENT_MAGIC:
             return
+        size = os.fstat(fh.fileno()).st_size
         offset = ALIGN
-        while True:
+        while offset + RECORD_HEADER.size <= size:
             fh.seek(offset)
-            head = fh.read(RECORD_HEADER.size)
-            if len(head) < RECORD_HEADER.size:
-                return
-            magic, gen, path_len, data_len, crc = RECORD_HEADER.unpack(head)
-            if magic != RECORD_MAGIC or gen != generation:
-                return
-            body = fh.read(path_len + data_len)
-            if len(body) < path_len + data_len or zlib.crc32(body) != crc:
+            magic, gen, path_len, data_len, crc = RECORD_HEADER.unpack(fh.read(RECORD_HEADER.size))
+            fits = offset + RECORD_HEADER.size + path_len + data_len <= size
+            if magic == RECORD_MAGIC and gen == generation and fits:
+                body = fh.read(path_len + data_len)
+                if len(body) == path_len + data_len and zlib.crc32(body) == crc:
+                    yield body[:path_len].decode("ascii"), body[path_len:]
+                    offset += _aligned(RECORD_HEADER.size + path_len + data_len)
+                    continue
                 logger.warning("journal %s: record at %d incomplete (never answered)", path, offset)
-                return
-            yield body[:path_len].decode("ascii"), body[path_len:]
-            offset += _aligned(RECORD_HEADER.size + path_len + data_len)
+            offset += ALIGN  # not a record of this generation: look in the next block
 
 
 def lock(directory: Path) -> int | None:
@@ -213,15 +214,10 @@ class Journal:
             seg.inflight += 1
             if not seg.started:
                 seg.started = time.monotonic()
-            try:
-                os.pwritev(seg.fd, [header, rel, data], offset)
-                os.fdatasync(seg.fd)
-            except BaseException:
-                seg.inflight -= 1
-                self._cond.notify_all()
-                raise
         ok = False
-        try:
+        try:  # concurrent writers append to disjoint ranges; their flushes overlap
+            os.pwritev(seg.fd, [header, rel, data], offset)
+            os.fdatasync(seg.fd)
             write_atomic(path, data, flush=False)
             ok = True
         finally:
