@@ -72,7 +72,6 @@ class Settings:
     network_timeout: float = 60.0
     max_pdu: int = 131072
     min_free_disk_mb: int = 1024
-    journal_mb: int = 64
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -101,10 +100,6 @@ class Settings:
     @property
     def uploads_dir(self) -> Path:
         return self.data_dir / "uploads"
-
-    @property
-    def journal_dir(self) -> Path:
-        return self.data_dir / "journal"
 
     @property
     def broker_is_embedded(self) -> bool:
@@ -289,7 +284,6 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "network_timeout": _float(1.0, 3600.0),
     "max_pdu": _int(4096, 16 * 1024 * 1024),
     "min_free_disk_mb": _int(0, 10**7),
-    "journal_mb": _int(1, 4096),
     "tls_cert": _existing_file,
     "tls_key": _existing_file,
     "tls_ca": _existing_file,

@@ -20,7 +20,6 @@ from core import audit
 from core.db import session_scope
 from core.settings import Settings
 from ingest import tuning
-from ingest.journal import Journal
 from ingest.part10 import file_meta
 from ingest.records import UnreadableDatasetError, read_header, record_instance
 from ingest.spool import InvalidUIDError, instance_path, write_durable
@@ -42,7 +41,6 @@ RJ_CONGESTION = (0x02, 0x03, 0x01)  # transient, presentation, temporary congest
 @dataclass(frozen=True)
 class IngestContext:
     settings: Settings
-    journal: Journal | None = None  # None: each file flushed on its own (write_durable)
 
     @property
     def spool(self) -> Path:
@@ -157,10 +155,7 @@ def handle_store(event: Any, ctx: IngestContext) -> int:
             logger.error("free disk below %.0f MB: refusing %s", floor, header.sop_uid)
             return OUT_OF_RESOURCES
         path = instance_path(ctx.spool, header.study_uid, header.series_uid, header.sop_uid)
-        if ctx.journal is not None:
-            ctx.journal.write(path, data)
-        else:
-            write_durable(path, data)
+        write_durable(path, data)
     except OSError:
         logger.exception("cannot write instance %s", header.sop_uid)
         return OUT_OF_RESOURCES

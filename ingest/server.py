@@ -33,7 +33,6 @@ from ingest.handlers import (
     handle_requested,
     handle_store,
 )
-from ingest.journal import Journal, replay_unlocked
 from ingest.records import UnreadableDatasetError, read_header, record_instance
 from ingest.spool import InvalidUIDError, iter_spool, remove_stale_temporaries
 from ingest.sweeper import Sweeper
@@ -94,12 +93,7 @@ def handlers(ctx: IngestContext) -> list[tuple[Any, ...]]:
 
 
 def reconcile_spool(settings: Settings) -> int:
-    """Replay every listener process's journal, then record instances that are in the spool
-    but not in the store; return how many were recorded."""
-    if settings.journal_dir.is_dir():
-        for directory in sorted(settings.journal_dir.iterdir()):
-            if directory.is_dir():
-                replay_unlocked(directory, settings.spool_dir)
+    """Record instances that are in the spool but not in the store; return how many."""
     removed = remove_stale_temporaries(settings.spool_dir)
     if removed:
         logger.warning("removed %d unfinished temporary files from the spool", removed)
@@ -133,33 +127,24 @@ class Listener:
         publish: Any = None,
         primary: bool = True,
         share_port: bool = False,
-        slot: int = 0,
     ) -> None:
         """``primary``: migrate the store and reconcile the spool first (one process does);
-        ``share_port``: bind with SO_REUSEPORT beside other listener processes; ``slot``:
-        this process's number, naming its journal (``<data>/journal/<slot>``)."""
+        ``share_port``: bind with SO_REUSEPORT beside other listener processes."""
         self.settings = settings
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
         if primary:
             upgrade(settings.database_url)
             reconcile_spool(settings)
-        self.journal = Journal(
-            settings.journal_dir / str(slot), settings.spool_dir, settings.journal_mb << 20
-        )
-        self.ctx = IngestContext(settings, self.journal)
+        self.ctx = IngestContext(settings)
         tuning.install()
         self.ae = build_ae(settings)
         self.ae.covidct_share_port = share_port  # read by tuning's server_bind
-        try:
-            self.server = self.ae.start_server(
-                (settings.dicom_host, settings.dicom_port),
-                block=False,
-                evt_handlers=handlers(self.ctx),
-                ssl_context=ssl_context(settings),
-            )
-        except BaseException:
-            self.journal.close()
-            raise
+        self.server = self.ae.start_server(
+            (settings.dicom_host, settings.dicom_port),
+            block=False,
+            evt_handlers=handlers(self.ctx),
+            ssl_context=ssl_context(settings),
+        )
         self.sweeper: Sweeper | None = None
         if sweeper:
             self.sweeper = Sweeper(
@@ -183,7 +168,6 @@ class Listener:
             self.sweeper.stop()
         self.server.shutdown()
         self.ae.shutdown()
-        self.journal.close()
 
 
 def _celery_publisher(settings: Settings) -> Any:
@@ -219,25 +203,23 @@ def run_listener(settings: Settings) -> int:
         flush=True,
     )
     ctx = multiprocessing.get_context("spawn")
-    helpers: dict[int, Any] = {}  # journal slot -> process
+    helpers: list[Any] = []
     while not done.is_set():
-        helpers = {n: h for n, h in helpers.items() if h.is_alive() or _report_exit(h)}
-        for slot in range(1, processes):
-            if slot in helpers:
-                continue
+        helpers = [h for h in helpers if h.is_alive() or _report_exit(h)]
+        while len(helpers) < processes - 1:
             helper = ctx.Process(
                 target=_helper,
                 # port 0 -> the one bound; our pid, so that it notices when we are gone
-                args=(replace(settings, dicom_port=listener.port), os.getpid(), slot),
-                name=f"covidct-listener-{slot}",
+                args=(replace(settings, dicom_port=listener.port), os.getpid()),
+                name="covidct-listener",
             )
             helper.start()
-            helpers[slot] = helper
+            helpers.append(helper)
         done.wait(1.0)
     logger.info("stopping listener")
-    for helper in helpers.values():
+    for helper in helpers:
         helper.terminate()
-    for helper in helpers.values():
+    for helper in helpers:
         helper.join(30)
     listener.stop()
     return 0
@@ -250,7 +232,7 @@ def _report_exit(process: Any) -> bool:
     return False
 
 
-def _helper(settings: Settings, parent: int, slot: int) -> None:
+def _helper(settings: Settings, parent: int) -> None:
     """A further listener process: same port, no sweeper, no start-up reconciliation.  It
     stops on SIGTERM, and on its own if the first process dies (it must not keep the port)."""
     logging.basicConfig(
@@ -259,7 +241,7 @@ def _helper(settings: Settings, parent: int, slot: int) -> None:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    listener = Listener(settings, sweeper=False, primary=False, share_port=True, slot=slot)
+    listener = Listener(settings, sweeper=False, primary=False, share_port=True)
     while not done.wait(1.0):
         if os.getppid() != parent:
             logger.error("the first listener process is gone: stopping")

@@ -3,9 +3,7 @@
 A path is built only from UIDs that passed :func:`validate_uid`, so a hostile UID (``../``,
 an overlong string, an empty one) never reaches the file system.  Writes go to a temporary
 file in the same directory, are fsynced, renamed into place, and the directory is fsynced, so
-the file survives a crash or power loss; the listener writes most instances without those
-flushes because :mod:`ingest.journal` holds their bytes until a checkpoint has made them
-durable.
+an instance acknowledged with 0x0000 survives a crash or power loss.
 """
 
 from __future__ import annotations
@@ -48,13 +46,6 @@ def instance_path(spool: Path, study_uid: str, series_uid: str, sop_uid: str) ->
 
 def write_durable(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically and durably (tmp, fsync, rename, fsync dir)."""
-    write_atomic(path, data, flush=True)
-
-
-def write_atomic(path: Path, data: bytes, *, flush: bool) -> None:
-    """Write ``data`` under a temporary name and rename it into place, so that readers never
-    see a partial file; ``flush``: fsync the file before and its directories after the
-    rename (without it, the bytes must be durable elsewhere: :mod:`ingest.journal`)."""
     directory = path.parent
     new_dirs = not directory.is_dir()
     directory.mkdir(parents=True, exist_ok=True)
@@ -63,25 +54,23 @@ def write_atomic(path: Path, data: bytes, *, flush: bool) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view) :]
-        if flush:
-            os.fsync(fd)
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
     os.replace(tmp, path)
-    if flush:
-        fsync_path(directory)
-        if new_dirs:  # the new directories' own entries must be durable too
-            fsync_path(directory.parent)
-            fsync_path(directory.parent.parent)
+    _fsync_dir(directory)
+    if new_dirs:  # the new directories' own entries must be durable too
+        _fsync_dir(directory.parent)
+        _fsync_dir(directory.parent.parent)
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory by name."""
-    fd = os.open(path, os.O_RDONLY)
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
