@@ -485,9 +485,10 @@ def write_card_markdown(card: dict[str, Any], path: Path) -> None:
         lines.append("|---|---|---|---|")
         after = gate["val_tried"][str(gate["temperature"])]
         for name, before in gate["val_before"].items():
+            routed = f"{before['routed_own']:.0%} -> " if "routed_own" in before else ""
             lines.append(
-                f"| {name} | {before['auc']:.3f} | {before['routed_own']:.0%} -> "
-                f"{after[name]['routed_own']:.0%} | {after[name]['auc']:.3f} |"
+                f"| {name} | {before['auc']:.3f} | {routed}{after[name]['routed_own']:.0%} | "
+                f"{after[name]['auc']:.3f} |"
             )
     if card.get("dicom_studies"):
         lines += ["", "## Real DICOM studies (development sample)", ""]
