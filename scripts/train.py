@@ -223,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             "COVID-CT non-COVID images show other lung disease while most real-scan non-COVID "
             "slices look clear, so COVID-19 against other pneumonia is the weaker distinction "
             "and a pneumonia study may be called COVID-19.",
+            "The gate routes each image to the expert of the training dataset it looks like (a "
+            "linear classifier refitted after training); an image like neither dataset is "
+            "routed by guess, and a misrouted image gets the other expert's answer.",
             f"DICOM slices with under {DEFAULT_FRAMING.min_lung_fraction:.0%} lung (lung bases "
             "and apices) are not analysed; the floor was chosen on the only two real DICOM "
             "studies available (README), so it is not validated.",

@@ -399,19 +399,26 @@ def test_read_ahead_keeps_order_and_memory_flat(tmp_path: Path) -> None:
         assert (isinstance(a, str) and a == b) or np.array_equal(a, b)
 
 
-def test_embedded_broker_keeps_its_files_in_the_data_dir(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_embedded_broker_keeps_its_files_in_the_data_dir(tmp_path: Path) -> None:
     """kombu's filesystem transport writes its exchange table to ./control by default: a
-    service started from the repository left one there."""
-    from worker.app import make_celery
-
+    service started from the repository left one there.  A fresh process (kombu remembers
+    declared exchanges per process) publishes from an empty working directory."""
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    monkeypatch.chdir(cwd)
-    settings = load_settings({"COVIDCT_DATA_DIR": str(tmp_path / "var")})
-    assert settings.broker_is_embedded
-    publish(make_celery(settings), STUDY_TASK, 1)
+    code = (
+        "from core.settings import load_settings\n"
+        "from worker.app import STUDY_TASK, make_celery, publish\n"
+        f"s = load_settings({{'COVIDCT_DATA_DIR': {str(tmp_path / 'var')!r}}})\n"
+        "assert s.broker_is_embedded\n"
+        "publish(make_celery(s), STUDY_TASK, 1)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
     assert list(cwd.iterdir()) == []
-    assert (settings.broker_dir / "control" / "studies.exchange").is_file()
-    assert len(list((settings.broker_dir / "queue").iterdir())) == 1
+    broker = tmp_path / "var" / "broker"
+    assert (broker / "control" / "studies.exchange").is_file()
+    assert len(list((broker / "queue").iterdir())) == 1
