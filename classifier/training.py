@@ -155,6 +155,11 @@ def cached_split(root: Path, split: str, cache: Path | None, *, limit: int | Non
     return s
 
 
+def rgb_batch(gray: np.ndarray) -> np.ndarray:
+    """Gray (N, H, W) ``uint8`` images as the model's float (N, H, W, 3) batch."""
+    return np.repeat(gray[..., None], 3, axis=3).astype(np.float32)
+
+
 def jpeg_roundtrip(gray: np.ndarray, quality: int) -> np.ndarray:
     buf = io.BytesIO()
     Image.fromarray(gray, mode="L").save(buf, format="JPEG", quality=quality)
@@ -211,8 +216,7 @@ def _batches_class() -> type:
             if self.x_jpeg is not None:
                 use = self.rng.random(len(idx)) < 0.5
                 imgs = np.where(use[:, None, None], self.x_jpeg[idx], imgs)
-            batch = np.repeat(imgs[..., None], 3, axis=3).astype(np.float32)
-            return batch, self.y[idx], self.w[idx]
+            return rgb_batch(imgs), self.y[idx], self.w[idx]
 
         def on_epoch_end(self) -> None:
             self.order = self.rng.permutation(len(self.y))
@@ -288,7 +292,7 @@ def train(
     fit_model.compile(
         optimizer=keras.optimizers.Adam(recipe.learning_rate), loss=loss, metrics=[accuracy]
     )
-    val_x = [np.repeat(s.images[..., None], 3, axis=3).astype(np.float32) for s in val_splits]
+    val_x = [rgb_batch(s.images) for s in val_splits]
     history = History()
     best_auc, best_weights, lr, patience = -1.0, None, recipe.learning_rate, 0
     started = time.perf_counter()
@@ -340,10 +344,11 @@ def train(
     if gated and recipe.refit_gate and domains > 1:
         from classifier.gate import refit_gate
 
+        versions = (x, x_jpeg) if recipe.augment_jpeg else (x,)  # x_jpeg is x without it
         history.gate = refit_gate(
             model,
             [s.dataset for s in train_splits],
-            [np.concatenate([x[domain == i], x_jpeg[domain == i]]) for i in range(domains)],
+            [np.concatenate([v[domain == i] for v in versions]) for i in range(domains)],
             [s.images for s in val_splits],
             [s.labels for s in val_splits],
         )
@@ -367,8 +372,7 @@ def load_backbone(path: Path | None) -> dict[str, np.ndarray]:
 
 
 def predict_arrays(model: Any, images: np.ndarray) -> np.ndarray:
-    x = np.repeat(images[..., None], 3, axis=3).astype(np.float32)
-    return model.predict(x, batch_size=64, verbose=0).reshape(-1).astype(np.float64)
+    return model.predict(rgb_batch(images), batch_size=64, verbose=0).reshape(-1).astype(np.float64)
 
 
 def summarise(
@@ -481,14 +485,13 @@ def write_card_markdown(card: dict[str, Any], path: Path) -> None:
     gate = card.get("gate_refit") or {}
     if gate:
         lines += ["", "## Gate refit", "", f"{gate['method']}; T = {gate['temperature']}.", ""]
-        lines.append("| dataset | val AUC, joint gate | routed to its expert | val AUC, refitted |")
+        lines.append("| dataset | val AUC, joint gate | val AUC, refitted | routed to its expert |")
         lines.append("|---|---|---|---|")
         after = gate["val_tried"][str(gate["temperature"])]
         for name, before in gate["val_before"].items():
-            routed = f"{before['routed_own']:.0%} -> " if "routed_own" in before else ""
             lines.append(
-                f"| {name} | {before['auc']:.3f} | {routed}{after[name]['routed_own']:.0%} | "
-                f"{after[name]['auc']:.3f} |"
+                f"| {name} | {before['auc']:.3f} | {after[name]['auc']:.3f} | "
+                f"{after[name]['routed_own']:.0%} |"
             )
     if card.get("dicom_studies"):
         lines += ["", "## Real DICOM studies (development sample)", ""]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from classifier.gate import SHARPENING, fit_softmax, refit_gate
+from classifier.training import rgb_batch
 
 pytestmark = pytest.mark.unit
 
@@ -26,8 +27,11 @@ def test_fit_softmax_balanced_on_raw_features() -> None:
         assert np.mean(predicted[y == k] == k) > 0.85, k
     p = fit.probabilities(x)
     assert np.allclose(p.sum(axis=1), 1.0)
-    sharper = fit.probabilities(x, 0.5)
-    assert np.all(sharper.max(axis=1) >= p.max(axis=1) - 1e-12)  # T < 1 sharpens
+    z = 2.0 * fit.logits(x)  # T = 0.5: logits doubled
+    expected = np.exp(z - z.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    assert np.allclose(fit.probabilities(x, 0.5), expected)
+    assert not np.allclose(expected, p)
 
 
 def _toy_gated_model():  # type: ignore[no-untyped-def]
@@ -74,6 +78,6 @@ def test_refit_gate_routes_each_dataset_to_its_expert() -> None:
         assert report["val_tried"]["1.0"][name]["routed_own"] == 1.0
     # the fit lives in the Keras layer itself: the serving graph routes by it
     weights = keras.Model(model.inputs, gate.output).predict(
-        np.repeat(np.concatenate(val)[..., None], 3, axis=3).astype(np.float32), verbose=0
+        rgb_batch(np.concatenate(val)), verbose=0
     )
     assert list(weights.argmax(axis=1)) == [0] * 10 + [1] * 10
