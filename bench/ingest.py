@@ -30,6 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from covidct.synthetic import SeriesSpec, make_study, write_study  # noqa: E402
 
+# the listener's tuning settings may be varied from the command line; others are the bench's
+PASSED_THROUGH = ("COVIDCT_MAX_PDU", "COVIDCT_SPOOL_DIRECT_IO", "COVIDCT_LISTENER_PROCESSES")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -115,7 +118,7 @@ def main() -> int:
             "COVIDCT_STABLE_SECONDS": "3600",
             "COVIDCT_MIN_FREE_DISK_MB": "100",
         }
-        | {k: v for k, v in os.environ.items() if k == "COVIDCT_MAX_PDU"}
+        | {k: v for k, v in os.environ.items() if k in PASSED_THROUGH}
     )
     listener = subprocess.Popen(
         [sys.executable, "-m", "covidct.cli", "listener"],
@@ -144,14 +147,17 @@ def main() -> int:
         print(f"{args.slices} slices of 512x512 16-bit CT per study; {args.rounds} rounds")
         for rnd in range(args.rounds):
             for connections in (1, 4):
-                for target, port, aec in targets:
-                    folder = work / f"study-{rnd}-{connections}-{target}"
-                    files = write_study(
-                        make_study([SeriesSpec(slices=args.slices)], seed=rnd), folder
-                    )
+                folder = work / f"study-{rnd}-{connections}"
+                files = write_study(
+                    make_study([SeriesSpec(slices=args.slices)], seed=10 * rnd + connections),
+                    folder,
+                )
+                # alternate the order, so that no target always follows the same one
+                for target, port, aec in targets if rnd % 2 == 0 else targets[::-1]:
+                    os.sync()  # no target pays for the write-back of an earlier one
                     seconds = send(port, aec, files, connections)
                     results.setdefault((target, connections), []).append(args.slices / seconds)
-                    shutil.rmtree(folder)
+                shutil.rmtree(folder)
         names = [t for t, _, _ in targets]
         print(f"{'connections':>11} " + " ".join(f"{n + '/s':>11}" for n in names), end="")
         print(" covidct/storescp" + (" covidct/orthanc" if "orthanc" in names else ""))
@@ -162,6 +168,17 @@ def main() -> int:
             if "orthanc" in rates:
                 line += f" {rates['covidct'] / rates['orthanc']:>15.2f}"
             print(line)
+        # this machine's speed drifts between rounds: the ratio within each round is steadier
+        for connections in (1, 4):
+            for ref in [n for n in names if n != "covidct"]:
+                ours, theirs = results[("covidct", connections)], results[(ref, connections)]
+                ratios = [c / r for c, r in zip(ours, theirs, strict=True)]
+                print(
+                    f"covidct/{ref}, {connections} connection{'s' if connections > 1 else ''},"
+                    f" per round: "
+                    + " ".join(f"{x:.2f}" for x in ratios)
+                    + f" (median {statistics.median(ratios):.2f})"
+                )
     finally:
         for proc in servers:
             proc.terminate()

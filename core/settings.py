@@ -72,6 +72,7 @@ class Settings:
     network_timeout: float = 60.0
     max_pdu: int = 131072
     min_free_disk_mb: int = 1024
+    spool_direct_io: bool = True
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -284,6 +285,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "network_timeout": _float(1.0, 3600.0),
     "max_pdu": _int(4096, 16 * 1024 * 1024),
     "min_free_disk_mb": _int(0, 10**7),
+    "spool_direct_io": _bool,
     "tls_cert": _existing_file,
     "tls_key": _existing_file,
     "tls_ca": _existing_file,

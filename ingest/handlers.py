@@ -155,7 +155,7 @@ def handle_store(event: Any, ctx: IngestContext) -> int:
             logger.error("free disk below %.0f MB: refusing %s", floor, header.sop_uid)
             return OUT_OF_RESOURCES
         path = instance_path(ctx.spool, header.study_uid, header.series_uid, header.sop_uid)
-        write_durable(path, data)
+        write_durable(path, data, direct=ctx.settings.spool_direct_io)
     except OSError:
         logger.exception("cannot write instance %s", header.sop_uid)
         return OUT_OF_RESOURCES
