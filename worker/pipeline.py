@@ -39,6 +39,7 @@ from core.models import (
     utcnow,
 )
 from core.settings import Settings
+from worker.prefetch import prefetch
 from worker.selection import Selection, SliceRef
 from worker.selection import select as select_slices
 from worker.sr import Finding, build_sr
@@ -237,6 +238,7 @@ def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> 
     )
     t = Timings()
     t0 = time.perf_counter()
+    prefetch(r[1] for r in rows)
     selection = select_slices([(r[0], r[1]) for r in rows], settings.min_series_slices)
     t.read += time.perf_counter() - t0
     if not selection.slices:
