@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from ingest import spool
+from ingest import direct_write, spool
 
 pytestmark = pytest.mark.unit
 
-CHUNK = spool._CHUNK
+CHUNK = direct_write.CHUNK
 SIZES = [0, 1, 4095, 4096, 4097, 525_000, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 4099]
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
 
 
 def _path(root: Path, name: str) -> Path:
@@ -37,10 +41,12 @@ def test_bytes_arrive_exactly(tmp_path: Path, size: int, direct: bool) -> None:
 
 def test_the_direct_path_is_taken_on_this_file_system(tmp_path: Path) -> None:
     """Otherwise the tests above test the buffered path twice."""
-    if not spool._O_DIRECT:
+    if not direct_write.O_DIRECT:
         pytest.skip("no O_DIRECT on this platform")
     spool.write_durable(_path(tmp_path, "1"), b"x" * 10)
-    assert os.stat(tmp_path).st_dev not in spool._NO_DIRECT, "this file system refuses O_DIRECT"
+    assert os.stat(tmp_path).st_dev not in direct_write._no_direct, (
+        "this file system refuses O_DIRECT"
+    )
 
 
 def test_new_directories_are_made(tmp_path: Path) -> None:
@@ -52,19 +58,19 @@ def test_new_directories_are_made(tmp_path: Path) -> None:
 def test_a_file_system_refusing_o_direct_gets_buffered_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not spool._O_DIRECT:
+    if not direct_write.O_DIRECT:
         pytest.skip("no O_DIRECT on this platform")
     real_open = os.open
     refused = []
 
     def open_refusing_direct(path: object, flags: int, *args: object) -> int:
-        if flags & spool._O_DIRECT:
+        if flags & direct_write.O_DIRECT:
             refused.append(path)
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(spool.os, "open", open_refusing_direct)
-    monkeypatch.setattr(spool, "_NO_DIRECT", set())
+    monkeypatch.setattr(direct_write.os, "open", open_refusing_direct)
+    monkeypatch.setattr(direct_write, "_no_direct", set())
     data = os.urandom(10_000)
     spool.write_durable(_path(tmp_path, "1"), data)
     spool.write_durable(_path(tmp_path, "2"), data)
@@ -75,33 +81,38 @@ def test_a_file_system_refusing_o_direct_gets_buffered_writes(
 def test_a_refused_direct_write_is_rewritten_buffered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not spool._O_DIRECT:
+    if not direct_write.O_DIRECT:
         pytest.skip("no O_DIRECT on this platform")
 
     def refuse(fd: int, parts: object) -> None:
         os.write(fd, b"partial")  # whatever got there first must not survive
         raise OSError(errno.EINVAL, "Invalid argument")
 
-    monkeypatch.setattr(spool, "_write_direct", refuse)
-    monkeypatch.setattr(spool, "_NO_DIRECT", set())
+    monkeypatch.setattr(direct_write, "_write_direct", refuse)
+    monkeypatch.setattr(direct_write, "_no_direct", set())
     spool.write_durable(_path(tmp_path, "1"), b"the data")
     assert _path(tmp_path, "1").read_bytes() == b"the data"
-    assert os.stat(tmp_path).st_dev in spool._NO_DIRECT
+    assert os.stat(tmp_path).st_dev in direct_write._no_direct
 
 
 def test_a_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool.write_durable(_path(tmp_path, "2"), b"makes the directories")
+
     def fail(fd: int, parts: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(spool, "_write_direct", fail)
-    monkeypatch.setattr(spool, "_write_buffered", fail)
+    monkeypatch.setattr(direct_write, "_write_direct", fail)
+    monkeypatch.setattr(direct_write, "_write_buffered", fail)
     path = _path(tmp_path, "1")
-    with pytest.raises(OSError, match="No space"):
-        spool.write_durable(path, b"abc")
+    before = _open_fds()
+    for direct in (True, False):
+        with pytest.raises(OSError, match="No space"):
+            spool.write_durable(path, b"abc", direct=direct)
     assert not path.exists() and not list(tmp_path.rglob(".*.tmp"))
+    assert _open_fds() == before, "a failed write leaks no descriptor"
 
 
-def test_threads_write_at_once_through_their_own_buffers(tmp_path: Path) -> None:
+def test_threads_write_at_once_through_pooled_buffers(tmp_path: Path) -> None:
     payloads = {i: os.urandom(300_000 + i) for i in range(8)}
     errors: list[BaseException] = []
 
@@ -118,6 +129,7 @@ def test_threads_write_at_once_through_their_own_buffers(tmp_path: Path) -> None
     for t in threads:
         t.join()
     assert not errors
+    assert len(direct_write._free) <= direct_write.POOL
     for i, data in payloads.items():
         for k in range(5):
             assert _path(tmp_path, f"{i + 1}.{k + 1}").read_bytes() == data
