@@ -109,9 +109,10 @@ def handle_requested(event: Any, ctx: IngestContext) -> None:
     if reject is None:
         return
     logger.warning("rejecting association from %s@%s: %s", calling, host, why)
+    # audited before the peer hears of it: a peer that looks at once finds the entry
+    _audit(ctx, calling, "association.reject", called, "refused", host, reason=why)
     event.assoc.acse.send_reject(*reject)
     event.assoc.kill()
-    _audit(ctx, calling, "association.reject", called, "refused", host, reason=why)
 
 
 def handle_accepted(event: Any, ctx: IngestContext) -> None:

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -422,3 +423,61 @@ def test_embedded_broker_keeps_its_files_in_the_data_dir(tmp_path: Path) -> None
     broker = tmp_path / "var" / "broker"
     assert (broker / "control" / "studies.exchange").is_file()
     assert len(list((broker / "queue").iterdir())) == 1
+
+
+def _visible_while_written(
+    channel_cls: type, monkeypatch: pytest.MonkeyPatch, folder: Path
+) -> list:
+    """What a consumer listing ``folder`` could pick up while ``channel_cls._put`` writes."""
+    import builtins
+
+    from kombu.transport import filesystem
+
+    from worker import fs_transport
+
+    seen: list[list[str]] = []
+
+    class Spy:
+        def __init__(self, f: Any) -> None:
+            self.f = f
+
+        def write(self, data: bytes) -> int:
+            seen.append(sorted(p.name for p in folder.iterdir() if p.name.endswith(".studies.msg")))
+            return self.f.write(data)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.f, name)
+
+        def __enter__(self) -> Spy:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+    def spy_open(*args: Any, **kwargs: Any) -> Spy:
+        return Spy(builtins.open(*args, **kwargs))
+
+    for module in (filesystem, fs_transport):
+        monkeypatch.setattr(module, "open", spy_open, raising=False)
+    monkeypatch.setattr(filesystem, "lock", lambda f, flags: None)
+    monkeypatch.setattr(filesystem, "unlock", lambda f: None)
+    channel = object.__new__(channel_cls)
+    channel.__dict__["data_folder_out"] = str(folder)  # the channel's cached property
+    channel._put("studies", {"body": "x"})
+    assert len(list(folder.glob("*.studies.msg"))) == 1
+    return seen
+
+
+def test_embedded_broker_messages_appear_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kombu's own channel creates the message file before writing it (a consumer that read
+    it then got an empty file and the worker stopped); ours renames it into place whole."""
+    from kombu.transport import filesystem
+
+    from worker import fs_transport
+
+    (tmp_path / "kombu").mkdir()
+    (tmp_path / "ours").mkdir()
+    assert _visible_while_written(filesystem.Channel, monkeypatch, tmp_path / "kombu") != [[]]
+    assert _visible_while_written(fs_transport.Channel, monkeypatch, tmp_path / "ours") == [[]]
