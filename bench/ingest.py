@@ -7,8 +7,12 @@ DCMTK's storescu (TCP_NODELAY=1) sends a study of 512x512 16-bit CT slices (buil
 UIDs each round) to (a) `covidct listener` (durable writes: fsync, rename, database record
 before 0x0000), (b) DCMTK's storescp (TCP_NODELAY=1, plain writes) and (c) Orthanc when it is
 installed (TCP_NODELAY=1, its own fsync and SQLite index), in turn, with one association and
-with four parallel associations.  Prints instances/s and the ratios covidct / storescp (target:
-at least 0.5 on one connection) and covidct / Orthanc (target: above 1).
+with four parallel associations.  Each round sends one study to every target, in alternating
+order, with ``sync`` before each send so that no target pays for another's write-back.  Prints
+instances/s (median of the rounds), the ratios covidct / storescp (target: at least 0.5 on one
+connection) and covidct / Orthanc (target: above 1), and each round's ratios (the machines'
+speed drifts between rounds; within a round it is steadier).  COVIDCT_MAX_PDU,
+COVIDCT_SPOOL_DIRECT_IO and COVIDCT_LISTENER_PROCESSES pass through to the listener.
 """
 
 from __future__ import annotations
