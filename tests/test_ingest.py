@@ -552,6 +552,7 @@ def test_tuned_recv_reads_whole_pdus_and_stops_at_close() -> None:
     """The large-read replacement returns exactly what was asked, across partial sends, and
     what came before a close; install() is idempotent and keeps other time functions."""
     import pynetdicom.association
+    import pynetdicom.dimse
     import pynetdicom.dul
 
     from ingest import tuning
@@ -561,6 +562,9 @@ def test_tuned_recv_reads_whole_pdus_and_stops_at_close() -> None:
     assert tuning.install()
     assert pynetdicom.dul.time.sleep is tuning._sleep
     assert pynetdicom.association.time.monotonic is time.monotonic
+    send_msg = pynetdicom.dimse.DIMSEServiceProvider.send_msg
+    assert send_msg.covidct_tuning and not getattr(send_msg.__wrapped__, "covidct_tuning", 0)
+    assert pynetdicom._config.LOG_HANDLER_LEVEL == "none"
     a, b = socket.socketpair()
     holder = type("S", (), {"socket": b})()
     payload = bytes(range(256)) * 1000
