@@ -47,10 +47,12 @@ class SoftmaxFit:
         return x @ self.kernel + self.bias
 
     def probabilities(self, x: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-        z = self.logits(x) / temperature
-        z -= z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+        return _softmax(self.logits(x) / temperature)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def fit_softmax(
@@ -66,11 +68,7 @@ def fit_softmax(
     w = np.zeros((z.shape[1], n_classes))
     b = np.zeros(n_classes)
     for _ in range(steps):
-        logits = z @ w + b
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        p /= p.sum(axis=1, keepdims=True)
-        grad = (p - onehot) * weight / len(z)
+        grad = (_softmax(z @ w + b) - onehot) * weight / len(z)
         w -= STEP_SIZE * (z.T @ grad + l2 * w)
         b -= STEP_SIZE * grad.sum(axis=0)
     kernel = w / sd[:, None]

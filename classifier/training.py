@@ -235,6 +235,11 @@ class History:
     seconds: float = 0.0
     gate: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def joint_gate_auc(self) -> dict[str, float]:
+        """Val AUC per dataset with the jointly trained gate, before its refit ({} without)."""
+        return {k: v["auc"] for k, v in self.gate.get("val_before", {}).items()}
+
 
 def train(
     recipe: Recipe,

@@ -51,8 +51,7 @@ def write_durable(path: Path, *parts: bytes | memoryview, direct: bool = True) -
     """Write ``parts`` (one after another) to ``path`` atomically and durably: a temporary
     file in the same directory, fsync, rename, fsync of the directory.
 
-    ``direct``: write with O_DIRECT (:mod:`ingest.direct_write`): on this product's VMs a
-    buffered 525 KB write cost 1.6-3 ms, a direct one with its fsync 1.1-1.3 ms.
+    ``direct``: write with O_DIRECT (:mod:`ingest.direct_write`, which has the figures).
     """
     directory = path.parent
     tmp = directory / f".{path.name}.{uuid.uuid4().hex}.tmp"

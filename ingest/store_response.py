@@ -5,7 +5,7 @@ to learn the command group length).  For the seven-element response to a C-STORE
 about 300 us, the largest share of the listener's CPU per 525 KB instance after the handler
 (py-spy).  A C-STORE-RSP with only a status (what :func:`ingest.handlers.handle_store`
 returns) is written here in Implicit VR Little Endian directly, byte for byte what pynetdicom
-would send (``tests/test_tuning.py`` compares the two).  Anything else (an error comment, an
+would send (``tests/test_store_response.py`` compares the two).  Anything else (an error comment, an
 offending element, a handler bound to EVT_DIMSE_SENT, a peer whose maximum PDU is too small
 for one fragment) goes through pynetdicom's own path.
 """

@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         runs.append((seed, model, history, summary, aucs))
         if history.gate:
-            joint = {k: v["auc"] for k, v in history.gate["val_before"].items()}
-            print(f"seed {seed}: val AUC with the jointly trained gate {joint}", flush=True)
+            print(
+                f"seed {seed}: val AUC with the jointly trained gate {history.joint_gate_auc}",
+                flush=True,
+            )
 
     seed, model, history, summary, _ = max(runs, key=lambda r: float(np.mean(list(r[4].values()))))
     model_path = args.out / f"{name}.keras"
@@ -180,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seed": s,
                 "val_auc": a,
                 "best_epoch": h.best_epoch,
-                "val_auc_joint_gate": {
-                    k: v["auc"] for k, v in h.gate.get("val_before", {}).items()
-                },
+                "val_auc_joint_gate": h.joint_gate_auc,
             }
             for s, _, h, _, a in runs
         ],

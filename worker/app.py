@@ -48,7 +48,7 @@ def broker_options(settings: Settings) -> dict:
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("covidct", broker=settings.broker_url, set_as_current=False)
-    if settings.broker_is_embedded:  # kombu's own writes a message file after creating it
+    if settings.broker_is_embedded:  # message files renamed into place whole (fs_transport)
         app.conf.broker_transport = "worker.fs_transport:Transport"
     app.conf.update(
         broker_transport_options=broker_options(settings),
