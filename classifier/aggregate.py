@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from classifier.quantify import Quantification
+
 TOP_FRACTION = 0.1
 MIN_K = 5
 RULE = "mean of the top 10% of slice probabilities (at least 5 slices)"
@@ -38,3 +40,39 @@ def verdict(probability: float, threshold: float, band: float) -> str:
     if abs(probability - threshold) < band:
         return "Indeterminate"
     return "Present" if probability >= threshold else "Absent"
+
+
+MULTIFOCAL_ZONES = 2
+STUDY_RULE = (
+    "CNN: mean of the top 10% slice probabilities (at least 5) over slices inside the lung;"
+    " Present needs opacity in at least 2 of 6 lung zones and a pattern that is not"
+    " atypical (RSNA); fewer involved zones is near-normal lung and Absent"
+)
+
+
+def study_verdict(
+    probability: float, threshold: float, band: float, quantification: Quantification
+) -> tuple[str, str]:
+    """The study's call from the CNN's study probability and the measured lungs, with the
+    reason in words.
+
+    * Near-normal lung (opacity in fewer than ``MULTIFOCAL_ZONES`` zones: COVID-19 pneumonia
+      is multifocal in the RSNA consensus's typical and indeterminate patterns) is Absent
+      whatever the CNN says: a 2D model scores lung bases and apices high on normal chests.
+    * Otherwise the CNN's call (:func:`verdict`), except that Present with the RSNA atypical
+      pattern (unilateral, mostly consolidation: lobar pneumonia) becomes Indeterminate.
+    """
+    involved = sum(score > 0 for score in quantification.zone_scores().values())
+    if involved < MULTIFOCAL_ZONES:
+        return "Absent", (
+            f"near-normal lung: opacity in {involved} of {len(quantification.zones)} zones"
+            f" ({quantification.total.opacity_percent:.1f}% of lung volume)"
+        )
+    call = verdict(probability, threshold, band)
+    pattern = quantification.pattern
+    if call == "Present" and pattern == "atypical":
+        return "Indeterminate", (
+            "the CNN scores COVID-19 but the opacity is unilateral and mostly consolidation"
+            " (RSNA atypical pattern)"
+        )
+    return call, f"CNN probability {probability:.3f} against {threshold:.3f}; pattern {pattern}"

@@ -206,7 +206,37 @@ def _pixel_array(ds: Dataset, frame: int | None = None) -> np.ndarray:
 
 
 def _dicom_frame_input(ds: Dataset, frame: int, framing: Framing) -> np.ndarray:
+    return _input_from_array(ds, _pixel_array(ds, frame), frame, framing)
+
+
+@dataclass(frozen=True)
+class FrameAndGrid:
+    """One decoded frame: its model input (or why it was skipped) and the frame in HU at
+    every ``step``-th pixel (int16), the grid the lung segmentation works on."""
+
+    item: np.ndarray | str
+    hu_grid: np.ndarray
+    step: int
+
+
+def frame_and_grid(ds: Dataset, frame: int = 0, framing: Framing = DEFAULT_FRAMING) -> FrameAndGrid:
+    """Decode one frame once for both consumers: the classifier's input and the segmentation's
+    grid (about 128 pixels a side; subsampled, not averaged, so HU stay unblurred)."""
     arr = _pixel_array(ds, frame)
+    if arr.ndim != 2:
+        raise UnusableInputError(f"unexpected pixel array shape {arr.shape}")
+    step = _box_step(arr.shape)
+    slope, intercept = _modality_lut(ds, frame)
+    small = arr[::step, ::step].astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    grid = np.clip(np.rint(small), -32768, 32767).astype(np.int16)
+    try:
+        item: np.ndarray | str = _input_from_array(ds, arr, frame, framing)
+    except SliceSkipped as exc:
+        item = str(exc)
+    return FrameAndGrid(item, grid, step)
+
+
+def _input_from_array(ds: Dataset, arr: np.ndarray, frame: int, framing: Framing) -> np.ndarray:
     if arr.ndim != 2:
         raise UnusableInputError(f"unexpected pixel array shape {arr.shape}")
     if arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2 and framing.crop:
@@ -285,8 +315,13 @@ def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _box_step(shape: tuple[int, ...]) -> int:
+def grid_step(shape: tuple[int, ...]) -> int:
+    """Every how many pixels the small copies keep (lung box, segmentation grid): about 128
+    pixels a side."""
     return max(1, min(shape[0], shape[1]) // 128)
+
+
+_box_step = grid_step
 
 
 def lung_box(hu: np.ndarray, framing: Framing = DEFAULT_FRAMING) -> tuple[int, int, int, int]:

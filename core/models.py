@@ -103,6 +103,9 @@ class Study(Base):
     probability: Mapped[float | None] = mapped_column(Float, default=None)
     slices_analysed: Mapped[int] = mapped_column(Integer, default=0)
     model_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    # lung segmentation and opacity measurements (classifier.quantify), and what the verdict
+    # rested on; None before analysis or when the series could not be segmented
+    quantification: Mapped[dict[str, object] | None] = mapped_column(JSON, default=None)
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
     reports: Mapped[list[Report]] = relationship(back_populates="study")

@@ -1,7 +1,11 @@
 """A complete study becomes a verdict and an SR: the stages, wired in one place.
 
-    claim -> select slices -> read + preprocess (streamed) -> classify in batches
-          -> aggregate -> store predictions -> build SR -> outbox rows -> finish
+    claim -> select slices -> read + preprocess (streamed; each frame also kept as a small
+          HU grid) -> classify in batches -> segment and measure the lungs (3D)
+          -> aggregate the CNN over slices inside the lungs -> verdict (CNN + opacity)
+          -> store predictions and measurements -> build SR -> outbox rows -> finish
+
+:func:`analyse` is the part without the results store (``covidct evaluate-studies``).
 
 Every step is idempotent: a run that dies is re-run by the sweeper or the broker and produces
 the same SR UID; a study that got new instances while it was processed stays queued for the
@@ -13,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -24,10 +28,12 @@ import numpy as np
 import pydicom
 from sqlalchemy import delete, insert, or_, select, update
 
-from classifier.aggregate import RULE, study_probability, verdict
-from classifier.errors import SliceSkipped, UnusableInputError
+from classifier.aggregate import STUDY_RULE, study_probability, study_verdict
+from classifier.errors import UnusableInputError
 from classifier.inference import Classifier
-from classifier.preprocess import DEFAULT_FRAMING, to_model_input
+from classifier.lungs import NoLungs
+from classifier.preprocess import DEFAULT_FRAMING, frame_and_grid
+from classifier.quantify import Quantification
 from core.db import session_scope
 from core.models import (
     Delivery,
@@ -39,10 +45,11 @@ from core.models import (
     utcnow,
 )
 from core.settings import Settings
+from worker.lungs import LungResult, measure_lungs
 from worker.prefetch import prefetch
 from worker.selection import Selection, SliceRef
 from worker.selection import select as select_slices
-from worker.sr import Finding, build_sr
+from worker.sr import Finding, build_sr, lung_measurements
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,7 @@ class Timings:
     read: float = 0.0
     preprocess: float = 0.0
     inference: float = 0.0
+    lungs: float = 0.0
     sr: float = 0.0
     total: float = 0.0
     slices: int = 0
@@ -153,11 +161,15 @@ def finish(
     return str(state)
 
 
+Item = tuple[SliceRef, np.ndarray | str, np.ndarray | None]
+
+
 @dataclass
 class _Read:
-    """One file read and preprocessed: (slice, model input or why it was skipped) per frame."""
+    """One file read and preprocessed, per frame: (slice, model input or why it was
+    skipped, the frame's HU grid for the lung segmentation or None if it was unreadable)."""
 
-    items: list[tuple[SliceRef, np.ndarray | str]]
+    items: list[Item]
     read: float
     preprocess: float
 
@@ -171,19 +183,18 @@ def _read_file(refs: list[SliceRef], header: pydicom.Dataset) -> _Read:
     try:
         header.PixelData  # noqa: B018 - reads the deferred value: the file I/O of this slice
     except Exception as exc:  # unreadable or vanished file in the spool: skip its slices
-        return _Read([(ref, f"unreadable: {exc}") for ref in refs], time.perf_counter() - t0, 0.0)
+        return _Read(
+            [(ref, f"unreadable: {exc}", None) for ref in refs], time.perf_counter() - t0, 0.0
+        )
     t1 = time.perf_counter()
-    items: list[tuple[SliceRef, np.ndarray | str]] = []
+    items: list[Item] = []
     try:
         for ref in refs:
             try:
-                items.append(
-                    (ref, to_model_input(header, frame=ref.frame, framing=DEFAULT_FRAMING))
-                )
-            except SliceSkipped as exc:
-                items.append((ref, str(exc)))
+                done = frame_and_grid(header, ref.frame, DEFAULT_FRAMING)
+                items.append((ref, done.item, done.hu_grid))
             except UnusableInputError as exc:
-                items.append((ref, f"unusable: {exc}"))
+                items.append((ref, f"unusable: {exc}", None))
     finally:
         del header.PixelData
     return _Read(items, t1 - t0, time.perf_counter() - t1)
@@ -196,7 +207,7 @@ def read_ahead(
     *,
     threads: int = 1,
     depth: int = 64,
-) -> Iterator[tuple[SliceRef, np.ndarray | str]]:
+) -> Iterator[Item]:
     """Read and preprocess, in order, on ``threads`` threads while the model runs on the
     previous batch: file I/O, NumPy, Pillow and TensorFlow release the GIL (the JPEG decoders,
     GDCM and pylibjpeg, measured do not: two threads decode no faster than one).  At most
@@ -220,6 +231,100 @@ def read_ahead(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+@dataclass
+class Analysis:
+    """What the serving path concludes from a study's files, before anything is stored.
+    ``reason`` set: not analysable, and why."""
+
+    selection: Selection
+    timings: Timings
+    reason: str = ""
+    analysed: list[SliceRef] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)
+    skipped: list[tuple[SliceRef, str]] = field(default_factory=list)
+    probability: float | None = None
+    top: list[int] = field(default_factory=list)
+    verdict: str | None = None
+    basis: str = ""
+    lungs: LungResult | None = None
+
+
+def analyse(
+    instances: list[tuple[int, str]],
+    settings: Settings,
+    classifier: Classifier,
+    on_batch: Callable[[], None] = lambda: None,
+) -> Analysis:
+    """Selection, read and preprocessing, inference, lung segmentation and quantification,
+    aggregation and the verdict for ``(id, path)`` pairs: the whole serving path without the
+    results store or the network (``covidct evaluate-studies`` runs exactly this)."""
+    t = Timings()
+    t0 = time.perf_counter()
+    prefetch(path for _, path in instances)
+    selection = select_slices(instances, settings.min_series_slices)
+    t.read += time.perf_counter() - t0
+    out = Analysis(selection, t)
+    if not selection.slices:
+        out.reason = selection.reason()
+        return out
+    batch_refs: list[SliceRef] = []
+    batch: list[np.ndarray] = []
+
+    def flush() -> None:
+        t1 = time.perf_counter()
+        out.probs.extend(float(p) for p in classifier.probabilities(np.stack(batch)))
+        t.inference += time.perf_counter() - t1
+        out.analysed.extend(batch_refs)
+        batch.clear()
+        batch_refs.clear()
+        on_batch()
+
+    grids: dict[SliceRef, np.ndarray] = {}
+    for ref, item, grid in read_ahead(
+        selection.slices, selection.headers, t, threads=settings.read_threads
+    ):
+        if grid is not None:
+            grids[ref] = grid
+        if isinstance(item, str):
+            out.skipped.append((ref, item))
+            continue
+        batch.append(item)
+        batch_refs.append(ref)
+        if len(batch) == settings.batch_size:
+            flush()
+    if batch:
+        flush()
+    t.slices = len(out.analysed)
+    if not out.analysed:
+        out.reason = "no slice shows enough lung: " + (out.skipped[0][1] if out.skipped else "")
+        return out
+    t1 = time.perf_counter()
+    try:
+        out.lungs = lungs = measure_lungs(grids, selection.headers)
+    except NoLungs as exc:
+        out.reason = f"no lungs to analyse: {exc}"
+        return out
+    finally:
+        t.lungs = time.perf_counter() - t1
+    # the CNN's evidence comes from slices inside the segmented lungs only: a slice framed on
+    # stomach or bowel gas, or on the trachea above the apices, is not lung
+    kept = [i for i, ref in enumerate(out.analysed) if lungs.lung_fraction(ref) != 0.0]
+    if not kept:
+        out.reason = "no analysed slice lies inside the segmented lungs"
+        return out
+    if len(kept) < len(out.analysed):
+        outside = sorted(set(range(len(out.analysed))) - set(kept))
+        out.skipped.extend((out.analysed[i], "no lung in the 3D segmentation") for i in outside)
+        out.analysed = [out.analysed[i] for i in kept]
+        out.probs = [out.probs[i] for i in kept]
+    out.probability, out.top = study_probability(out.probs)
+    out.verdict, out.basis = study_verdict(
+        out.probability, classifier.threshold, settings.indeterminate_band, lungs.quantification
+    )
+    t.slices = len(out.analysed)
+    return out
+
+
 def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> Outcome:
     """Run the whole pipeline for one study; see the module docstring."""
     started = time.perf_counter()
@@ -236,57 +341,30 @@ def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> 
     logger.info(
         "analysing study %s (generation %d, %d instances)", study_uid, generation, len(rows)
     )
-    t = Timings()
-    t0 = time.perf_counter()
-    prefetch(r[1] for r in rows)
-    selection = select_slices([(r[0], r[1]) for r in rows], settings.min_series_slices)
-    t.read += time.perf_counter() - t0
-    if not selection.slices:
-        reason = selection.reason()
+    a = analyse(
+        [(r[0], r[1]) for r in rows],
+        settings,
+        classifier,
+        on_batch=lambda: heartbeat(settings, study_id),
+    )
+    t = a.timings
+    if a.reason or a.lungs is None or a.probability is None or a.verdict is None:
+        reason = a.reason or "not analysable"
         state = finish(
             settings, study_id, generation, StudyState.NOT_ANALYSABLE, reason, slices_analysed=0
         )
         logger.info("study %s not analysable: %s", study_uid, reason)
         return Outcome(study_id, state, reason, timings=t)
-
-    probs: list[float] = []
-    analysed: list[SliceRef] = []
-    skipped: list[tuple[SliceRef, str]] = []
-    batch_refs: list[SliceRef] = []
-    batch: list[np.ndarray] = []
-
-    def flush() -> None:
-        t1 = time.perf_counter()
-        probs.extend(float(p) for p in classifier.probabilities(np.stack(batch)))
-        t.inference += time.perf_counter() - t1
-        analysed.extend(batch_refs)
-        batch.clear()
-        batch_refs.clear()
-        heartbeat(settings, study_id)
-
-    for ref, item in read_ahead(
-        selection.slices, selection.headers, t, threads=settings.read_threads
-    ):
-        if isinstance(item, str):
-            skipped.append((ref, item))
-            continue
-        batch.append(item)
-        batch_refs.append(ref)
-        if len(batch) == settings.batch_size:
-            flush()
-    if batch:
-        flush()
-    t.slices = len(analysed)
-
-    if not analysed:
-        reason = "no slice shows enough lung: " + (skipped[0][1] if skipped else "")
-        state = finish(
-            settings, study_id, generation, StudyState.NOT_ANALYSABLE, reason, slices_analysed=0
-        )
-        return Outcome(study_id, state, reason, timings=t)
-
-    probability, top = study_probability(probs)
-    call = verdict(probability, classifier.threshold, settings.indeterminate_band)
+    lungs, analysed, probs, skipped = a.lungs, a.analysed, a.probs, a.skipped
+    probability, call, top, selection = a.probability, a.verdict, a.top, a.selection
+    overlay = settings.reports_dir / study_uid / f"lungs-g{generation}.npz"
+    lungs.save_overlay(overlay)
+    measured = {
+        **lungs.quantification.as_dict(),
+        "basis": a.basis,
+        "series_instance_uid": lungs.series_uid,
+        "overlay": str(overlay),
+    }
     t1 = time.perf_counter()
     report_id = _store_results(
         settings,
@@ -300,6 +378,7 @@ def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> 
         call,
         top,
         selection,
+        lungs.quantification,
     )
     t.sr += time.perf_counter() - t1
     state = finish(
@@ -312,6 +391,7 @@ def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> 
         probability=probability,
         slices_analysed=len(analysed),
         model_version=classifier.version,
+        quantification=measured,
     )
     t.total = time.perf_counter() - started
     logger.info(
@@ -337,6 +417,7 @@ def _store_results(
     call: str,
     top: list[int],
     selection: Selection,
+    quantification: Quantification,
 ) -> int:
     """Predictions, the SR file, the report and its outbox rows, in one transaction."""
     version, threshold = classifier.version, classifier.threshold
@@ -422,10 +503,11 @@ def _store_results(
                     verdict=call,
                     threshold=threshold,
                     band=settings.indeterminate_band,
-                    aggregation=RULE,
+                    aggregation=STUDY_RULE,
                     model_version=version,
                     slices_analysed=len(analysed),
                 ),
+                lung_measurements(quantification),
                 generation=generation,
                 predecessor=predecessor,
             )

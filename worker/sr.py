@@ -36,6 +36,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from classifier.quantify import Quantification
+
 UID_ROOT = "1.2.826.0.1.3680043.10.1404."
 COVID19 = CodedConcept("840539006", "SCT", "Disease caused by SARS-CoV-2")
 LUNG = CodedConcept("39607008", "SCT", "Lung")
@@ -45,6 +47,17 @@ VALUES = {
     "Absent": CodedConcept("272519000", "SCT", "Absent"),
     "Indeterminate": CodedConcept("82334004", "SCT", "Indeterminate"),
 }
+OPACITY = CodedConcept("112001", "DCM", "Opacity")
+VOLUME = CodedConcept("118565006", "SCT", "Volume")
+PERCENT_OPACITY = CodedConcept("COVIDCT01", "99COVIDCT", "Percent of lung volume opacified")
+PERCENT_CONSOLIDATION = CodedConcept(
+    "COVIDCT02", "99COVIDCT", "Percent of lung volume consolidated"
+)
+SEVERITY = CodedConcept("246112005", "SCT", "Severity")
+UNIT_ML = CodedConcept("mL", "UCUM", "milliliter")
+UNIT_PERCENT = CodedConcept("%", "UCUM", "percent")
+UNIT_SCORE = CodedConcept("{score}", "UCUM", "score")
+LATERALITY = {"right": codes.SCT.Right, "left": codes.SCT.Left}
 SERIES_DESCRIPTION = "AI OUTPUT - NOT FOR DIAGNOSTIC USE"
 MANUFACTURER = "covidct"
 SR_SERIES_NUMBER = 9901
@@ -63,6 +76,37 @@ class Finding:
     slices_analysed: int
 
 
+@dataclass(frozen=True)
+class LungMeasurement:
+    """One lung, or both (``side`` "both"): what the SR reports of it."""
+
+    side: str  # right | left | both
+    volume_ml: float
+    opacity_percent: float
+    consolidation_percent: float
+    severity: int  # Pan et al.'s zone scores summed over the zones of this side
+
+
+def lung_measurements(q: Quantification) -> list[LungMeasurement]:
+    scores = q.zone_scores()
+    out = []
+    for side, key in (("right", "right"), ("left", "left"), ("both", "total")):
+        region = q.lungs.get(key)
+        if region is None:
+            continue
+        zone_sum = sum(v for k, v in scores.items() if side == "both" or k.startswith(side))
+        out.append(
+            LungMeasurement(
+                side,
+                region.volume_ml,
+                region.opacity_percent,
+                region.consolidation_percent,
+                zone_sum,
+            )
+        )
+    return out
+
+
 def deterministic_uid(*parts: str) -> str:
     """The same inputs always give the same UID: re-running a task makes no second SR."""
     return str(generate_uid(prefix=UID_ROOT, entropy_srcs=list(parts)))
@@ -72,6 +116,7 @@ def build_sr(
     evidence: Sequence[Dataset],
     key_images: Sequence[tuple[Dataset, int | None]],
     finding: Finding,
+    lungs: Sequence[LungMeasurement] = (),
     *,
     generation: int = 0,
     predecessor: Dataset | None = None,
@@ -133,10 +178,13 @@ def build_sr(
         ]
         or None,
     )
+    groups = [group] + [
+        _lung_group(m, algorithm, study_uid, finding.model_version, generation) for m in lungs
+    ]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=device),
         procedure_reported=CodedConcept("418023006", "SCT", "CT of chest"),
-        imaging_measurements=[group],
+        imaging_measurements=groups,
     )
     return Comprehensive3DSR(
         evidence=list(evidence),
@@ -152,6 +200,49 @@ def build_sr(
         series_description=SERIES_DESCRIPTION,
         previous_versions=[predecessor] if predecessor is not None else None,
     )
+
+
+def _lung_group(
+    m: LungMeasurement,
+    algorithm: AlgorithmIdentification,
+    study_uid: str,
+    model_version: str,
+    generation: int,
+) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group of one lung (or both): volume, opacity, consolidation, severity."""
+    site = FindingSite(LUNG, laterality=LATERALITY.get(m.side))
+    values = [
+        (VOLUME, round(m.volume_ml, 1), UNIT_ML),
+        (PERCENT_OPACITY, round(m.opacity_percent, 2), UNIT_PERCENT),
+        (PERCENT_CONSOLIDATION, round(m.consolidation_percent, 2), UNIT_PERCENT),
+        (SEVERITY, m.severity, UNIT_SCORE),
+    ]
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=deterministic_uid("lung", m.side, study_uid, model_version, str(generation)),
+            identifier=f"{'both lungs' if m.side == 'both' else m.side + ' lung'} opacity",
+        ),
+        finding_type=OPACITY,
+        algorithm_id=algorithm,
+        finding_sites=[site],
+        measurements=[
+            Measurement(name=name, value=value, unit=unit, algorithm_id=algorithm)
+            for name, value, unit in values
+        ],
+    )
+
+
+def read_lung_measurements(sr: Dataset) -> dict[str, dict[str, float]]:
+    """Read the lung groups back through highdicom: side -> measurement meaning -> value."""
+    parsed = sr if isinstance(sr, Comprehensive3DSR) else Comprehensive3DSR.from_dataset(sr)
+    out: dict[str, dict[str, float]] = {}
+    for group in parsed.content.get_image_measurement_groups(finding_type=OPACITY):
+        side = "both"
+        for site in group.finding_sites:
+            if site.laterality is not None:
+                side = str(site.laterality.meaning).lower()
+        out[side] = {str(m.name.meaning): float(m.value) for m in group.get_measurements()}
+    return out
 
 
 TYPE2_PATIENT_STUDY = (
