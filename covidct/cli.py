@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from core.settings import Settings, SettingsError, load_settings
@@ -87,6 +88,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = Path(args.model) if args.model else settings.model_path
     result = evaluate_folder(Path(args.data), model, threshold=args.threshold)
     print(json.dumps(result.as_json()) if args.json else format_report(result))
+    return 0
+
+
+def cmd_evaluate_studies(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from classifier.inference import Classifier
+    from worker.evaluate_studies import as_json, evaluate_study, find_studies, format_metrics
+
+    settings = _settings(args)
+    model = Path(args.model) if args.model else settings.model_path
+    studies = find_studies(Path(args.root))
+    clf = Classifier(model)
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="covidct-evaluate-") as scratch:
+        # nothing is stored: overlays and reports of this run go to a scratch folder
+        settings = replace(settings, data_dir=Path(scratch))
+        for label, folder in studies:
+            line = evaluate_study(label, folder, settings, clf)
+            lines.append(line)
+            print(line.format(), file=sys.stderr if args.json else sys.stdout, flush=True)
+    result = as_json(lines)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        metrics = result["metrics"]
+        assert isinstance(metrics, dict)
+        print(format_metrics(metrics))
     return 0
 
 
@@ -187,6 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model file (default: COVIDCT_MODEL_PATH)")
     p.add_argument("--threshold", type=float, help="override the model card's threshold")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = add(
+        "evaluate-studies",
+        cmd_evaluate_studies,
+        "run the serving path on folders of DICOM studies: ROOT/{covid,pneumonia,normal}/STUDY",
+    )
+    p.add_argument("root", metavar="ROOT", help="folder with covid/, pneumonia/, normal/")
+    p.add_argument("--model", help="model file (default: COVIDCT_MODEL_PATH)")
+    p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p = add("predict", cmd_predict, "probability and label for PNG, JPEG or DICOM files")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--model", help="model file (default: COVIDCT_MODEL_PATH)")

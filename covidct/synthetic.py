@@ -1,7 +1,8 @@
 """Synthetic chest CT studies with realistic tags, for the demo, tests and benchmarks.
 
-Pixel data are drawn, not copied from any dataset: a body ellipse of soft tissue, two lungs of
-air, a spine, a table, noise, and optionally ground-glass patches in the lungs.  Stored values
+Pixel data are drawn, not copied from any dataset (:class:`Chest`): a body ellipse of soft
+tissue, two lungs of air with vessels, a trachea and main bronchi, a spine, a table, noise, and
+optionally ground-glass and consolidation spheres in the lungs.  Stored values
 are HU + 1024 with RescaleIntercept -1024, as many scanners write them.
 """
 
@@ -47,23 +48,121 @@ class SeriesSpec:
     rows: int = 512
 
 
-def _phantom(rows: int, z: float, ground_glass: bool, rng: np.random.Generator) -> np.ndarray:
-    yy, xx = np.mgrid[0:rows, 0:rows].astype(np.float32) / rows
-    hu = np.full((rows, rows), -1000.0, np.float32)  # air
-    body = ((xx - 0.5) / 0.42) ** 2 + ((yy - 0.5) / 0.32) ** 2 < 1
-    hu[body] = 40.0
-    lung_h = 0.22 * (1.0 - 0.6 * abs(z - 0.5))  # lungs shrink towards apex and base
-    for cx in (0.33, 0.67):
-        lung = ((xx - cx) / 0.13) ** 2 + ((yy - 0.47) / lung_h) ** 2 < 1
-        hu[lung & body] = -860.0
-        if ground_glass:
-            gg = ((xx - cx - 0.03) / 0.06) ** 2 + ((yy - 0.52) / 0.05) ** 2 < 1
-            hu[gg & lung & body] = -450.0
-    spine = ((xx - 0.5) / 0.05) ** 2 + ((yy - 0.74) / 0.05) ** 2 < 1
-    hu[spine] = 700.0
-    hu[(yy > 0.86) & (yy < 0.88) & (xx > 0.1) & (xx < 0.9)] = 200.0  # table
-    hu += rng.normal(0.0, 15.0, hu.shape).astype(np.float32)
-    return np.clip(hu, -1024, 3071)
+@dataclass(frozen=True)
+class Blob:
+    """A sphere of opacity: centre (x, y, z) in mm in the chest's frame, radius in mm."""
+
+    centre: tuple[float, float, float]
+    radius: float
+    hu: float
+
+
+LUNG_CENTRES = {"right": -68.0, "left": 68.0}  # x in mm: patient's right is -x (LPS)
+
+
+@dataclass(frozen=True)
+class Chest:
+    """A drawn chest in mm, for tests that need a known truth.
+
+    x runs to the patient's left, y to the back, z from the bottom of the series (0) to its
+    top (``height``).  Lungs: two half-ellipsoids of -860 HU spanning 8-92% of the height,
+    50 x 72 mm semi-axes at their widest; a trachea of 9 mm radius from the top to 70% of the
+    height, then a main bronchus to each lung; three vessels of ``vessel_radius`` mm (+40 HU)
+    running up each lung; ``blobs`` of ground glass or consolidation.  A lung listed in
+    ``lungs`` only is drawn.
+    """
+
+    height: float = 240.0
+    lungs: tuple[str, ...] = ("right", "left")
+    blobs: tuple[Blob, ...] = ()
+    vessel_radius: float = 2.0
+    noise: float = 15.0
+
+    def _lung_shape(self, z: float) -> float:
+        lo, hi = 0.08 * self.height, 0.92 * self.height
+        if not lo <= z <= hi:
+            return 0.0
+        u = (z - (lo + hi) / 2) / ((hi - lo) / 2)
+        return float(np.sqrt(max(0.0, 1.0 - u * u)))
+
+    def masks(
+        self, rows: int, pixel_mm: float, z: float
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+        """Truth on one slice: lung per side (vessels and blobs inside it included), airway,
+        ground glass, consolidation; the image centre is x = y = 0."""
+        c = (np.arange(rows, dtype=np.float32) - (rows - 1) / 2) * pixel_mm
+        yy, xx = np.meshgrid(c, c, indexing="ij")
+        scale = self._lung_shape(z)
+        lungs: dict[str, np.ndarray] = {}
+        for side in self.lungs:
+            cx = LUNG_CENTRES[side]
+            if scale > 0:
+                lungs[side] = ((xx - cx) / (50 * scale)) ** 2 + ((yy + 5) / (72 * scale)) ** 2 < 1
+            else:
+                lungs[side] = np.zeros((rows, rows), dtype=bool)
+        airway = np.zeros((rows, rows), dtype=bool)
+        carina = 0.70 * self.height
+        if z >= carina:
+            airway |= xx**2 + (yy + 40) ** 2 < 9.0**2
+        elif z >= carina - 0.12 * self.height:
+            f = (carina - z) / (0.12 * self.height)
+            for side in self.lungs:
+                bx = LUNG_CENTRES[side] * 0.65 * f
+                airway |= (xx - bx) ** 2 + (yy + 40 - 20 * f) ** 2 < 6.0**2
+        ggo = np.zeros((rows, rows), dtype=bool)
+        cons = np.zeros((rows, rows), dtype=bool)
+        inside = np.zeros((rows, rows), dtype=bool)
+        for m in lungs.values():
+            inside |= m
+        for blob in self.blobs:
+            bx, by, bz = blob.centre
+            r2 = blob.radius**2 - (z - bz) ** 2
+            if r2 <= 0:
+                continue
+            sphere = ((xx - bx) ** 2 + (yy - by) ** 2 < r2) & inside
+            if blob.hu >= -100:
+                cons |= sphere
+            else:
+                ggo |= sphere
+        ggo &= ~cons
+        return lungs, airway & ~inside, ggo, cons
+
+    def hu(self, rows: int, pixel_mm: float, z: float, rng: np.random.Generator) -> np.ndarray:
+        """One axial slice in HU at height ``z`` mm."""
+        c = (np.arange(rows, dtype=np.float32) - (rows - 1) / 2) * pixel_mm
+        yy, xx = np.meshgrid(c, c, indexing="ij")
+        hu = np.full((rows, rows), -1000.0, np.float32)
+        hu[(xx / 165.0) ** 2 + (yy / 120.0) ** 2 < 1] = 40.0
+        lungs, airway, ggo, cons = self.masks(rows, pixel_mm, z)
+        for side, m in lungs.items():
+            hu[m] = -860.0
+            cx = LUNG_CENTRES[side]
+            for dx, dy in ((-20, -30), (10, 0), (-5, 35)):
+                vessel = (xx - cx - dx) ** 2 + (yy - dy) ** 2 < self.vessel_radius**2
+                hu[vessel & m] = 40.0
+        hu[airway] = -1000.0
+        for blob in self.blobs:
+            bx, by, bz = blob.centre
+            r2 = blob.radius**2 - (z - bz) ** 2
+            if r2 > 0:
+                sphere = (xx - bx) ** 2 + (yy - by) ** 2 < r2
+                hu[sphere & (ggo | cons)] = blob.hu
+        hu[(xx / 20.0) ** 2 + ((yy - 80) / 20.0) ** 2 < 1] = 700.0  # spine
+        hu[(yy > 135) & (yy < 140) & (np.abs(xx) < 170)] = 200.0  # table
+        hu += rng.normal(0.0, self.noise, hu.shape).astype(np.float32)
+        return np.clip(hu, -1024, 3071)
+
+
+def typical_covid_blobs(height: float) -> tuple[Blob, ...]:
+    """Peripheral, bilateral, lower-zone ground glass with a little consolidation."""
+    z = 0.3 * height
+    r = max(12.0, 0.1 * height)
+    return (
+        Blob((-105.0, 20.0, z), r, -500.0),
+        Blob((105.0, 20.0, z), r, -500.0),
+        Blob((-85.0, -30.0, z + 1.5 * r), 0.8 * r, -550.0),
+        Blob((85.0, -30.0, z + 1.5 * r), 0.8 * r, 0.0),
+    )
 
 
 def make_series(
@@ -74,6 +173,8 @@ def make_series(
     series_uid = generate_uid(prefix=ROOT)
     frame_of_ref = generate_uid(prefix=ROOT)
     count = 1 if spec.kind == "localizer" else spec.slices
+    height = 2.5 * max(count - 1, 1)
+    chest = Chest(height, blobs=typical_covid_blobs(height) if spec.ground_glass else ())
     for i in range(count):
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
@@ -123,7 +224,8 @@ def make_series(
         ds.RescaleSlope = 1
         ds.RescaleType = "HU"
         ds.WindowCenter, ds.WindowWidth = -600, 1500
-        hu = _phantom(spec.rows, z, spec.ground_glass, rng)
+        # slice 0 is the highest (positions fall with i): the top of the chest
+        hu = chest.hu(spec.rows, 350.0 / spec.rows, (1.0 - z) * chest.height, rng)
         ds.PixelData = (np.rint(hu) + 1024).astype(np.uint16).tobytes()
         yield ds
 
