@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -69,6 +70,35 @@ def reader(client: FlaskClient) -> FlaskClient:
     return client
 
 
+def _region(volume: float, ggo: float, cons: float) -> dict[str, float]:
+    return {
+        "volume_ml": volume,
+        "ggo_percent": ggo,
+        "consolidation_percent": cons,
+        "opacity_percent": ggo + cons,
+    }
+
+
+QUANTIFICATION = {
+    "lungs": {
+        "right": _region(2500.0, 8.0, 1.0),
+        "left": _region(2100.0, 6.0, 0.5),
+        "total": _region(4600.0, 7.1, 0.8),
+    },
+    "zones": {"right lower": _region(900.0, 20.0, 2.0), "left lower": _region(800.0, 15.0, 1.0)},
+    "zone_scores": {"right lower": 2, "left lower": 2},
+    "severity_score": 4,
+    "severity_max": 30,
+    "bilateral": True,
+    "peripheral_predominant": True,
+    "lower_predominant": True,
+    "pattern": "typical",
+    "notes": [],
+    "basis": "CNN probability 0.910 against 0.500; pattern typical",
+    "overlay": "/nonexistent/lungs-g0.npz",
+}
+
+
 @pytest.fixture
 def study(settings: Settings) -> Iterator[int]:
     with session_scope(settings.database_url) as db:
@@ -85,6 +115,7 @@ def study(settings: Settings) -> Iterator[int]:
             probability=0.91,
             slices_analysed=38,
             model_version="m-1",
+            quantification=QUANTIFICATION,
         )
         db.add(st)
         db.flush()
@@ -104,6 +135,7 @@ def study(settings: Settings) -> Iterator[int]:
 
 PAGES = [
     "/",
+    "/slices/1/overlay.png",
     "/uploads",
     "/studies/1.2.3",
     "/slices/1/model.png",
@@ -319,3 +351,33 @@ def test_only_admins_rerun(client: FlaskClient, study: int, settings: Settings) 
 def test_errors_show_no_stack_trace(reader: FlaskClient) -> None:
     r = reader.get("/studies/does-not-exist")
     assert r.status_code == 404 and "Traceback" not in r.get_data(as_text=True)
+
+
+def test_study_page_and_api_show_the_lung_measurements(reader: FlaskClient, study: int) -> None:
+    uid = "1.2.826.0.1.3680043.10.1404.77"
+    html = reader.get(f"/studies/{uid}").get_data(as_text=True)
+    assert "Lungs (segmented in Hounsfield units)" in html
+    assert "typical" in html and "severity 4 of 30" in html
+    assert "right lower zone" in html and "4600" in html
+    detail = reader.get(f"/api/studies/{uid}").json
+    assert detail["measurements"]["opacity_percent"] == pytest.approx(7.9)
+    assert detail["measurements"]["severity_score"] == 4
+    assert detail["quantification"]["zones"]["left lower"]["volume_ml"] == 800.0
+    assert "overlay" not in detail["quantification"]  # no server paths in the API
+    (item,) = reader.get("/api/studies").json["items"]
+    assert item["measurements"]["pattern"] == "typical"
+
+
+def test_overlay_draws_contours_and_opacity() -> None:
+    from web.views import OVERLAY_COLOURS, draw_overlay
+
+    gray = np.full((256, 256), 40, np.uint8)
+    code = np.zeros((128, 128), np.uint8)
+    code[20:100, 10:60] = 1  # right lung
+    code[20:100, 70:120] = 2  # left lung
+    code[50:60, 20:40] |= 8  # consolidation in the right lung
+    rgb = draw_overlay(gray, code, size=256)
+    assert tuple(rgb[40, 20]) == OVERLAY_COLOURS["right"]  # the top edge of the right lung
+    assert tuple(rgb[40, 140]) == OVERLAY_COLOURS["left"]
+    assert rgb[110, 60, 0] > 100 and rgb[110, 60, 1] < 60  # consolidation tinted red
+    assert tuple(rgb[120, 80]) == (40, 40, 40)  # inside the right lung, clear: untouched

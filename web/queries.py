@@ -129,6 +129,24 @@ def study_dict(session: Session, st: Study) -> dict[str, Any]:
         "probability": st.probability,
         "model_version": st.model_version,
         "report_state": report_state(session, st.id),
+        "measurements": measurement_summary(st.quantification),
+    }
+
+
+def measurement_summary(q: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The lung measurements the worklist and the API lead with (None before analysis)."""
+    if not q:
+        return None
+    total = q.get("lungs", {}).get("total", {})
+    return {
+        "lung_volume_ml": total.get("volume_ml"),
+        "opacity_percent": total.get("opacity_percent"),
+        "ground_glass_percent": total.get("ggo_percent"),
+        "consolidation_percent": total.get("consolidation_percent"),
+        "severity_score": q.get("severity_score"),
+        "severity_max": q.get("severity_max"),
+        "pattern": q.get("pattern"),
+        "basis": q.get("basis", ""),
     }
 
 
@@ -137,6 +155,12 @@ def study_detail(session: Session, uid: str) -> dict[str, Any] | None:
     if st is None:
         return None
     out = study_dict(session, st)
+    # the full measurements, without server paths
+    out["quantification"] = (
+        {k: v for k, v in st.quantification.items() if k != "overlay"}
+        if st.quantification
+        else None
+    )
     study_pred = session.scalar(
         select(Prediction)
         .where(Prediction.study_id == st.id, Prediction.kind == "study")

@@ -22,6 +22,7 @@ from flask import (
 )
 from flask_login import current_user, login_required
 from PIL import Image
+from scipy import ndimage
 from sqlalchemy import select, text, update
 
 from classifier.errors import UnusableInputError
@@ -149,6 +150,34 @@ def _slice_source(prediction_id: int) -> tuple[pydicom.Dataset, int]:
     raise AssertionError("unreachable")
 
 
+OVERLAY_COLOURS = {
+    "right": (0, 255, 255),
+    "left": (255, 255, 0),
+    "ggo": (255, 150, 0),
+    "consolidation": (255, 0, 0),
+}
+
+
+def draw_overlay(gray: np.ndarray, code: np.ndarray, size: int = 400) -> np.ndarray:
+    """RGB picture: lung contours and the opacity map (``code`` bits from the worker's
+    overlay file, on the segmentation grid) over the windowed slice, at most ``size`` wide."""
+    img = Image.fromarray(gray).convert("RGB")
+    img.thumbnail((size, size))
+    rgb = np.asarray(img).copy()
+    shape = rgb.shape[:2]
+    rows = np.minimum((np.arange(shape[0]) * code.shape[0]) // shape[0], code.shape[0] - 1)
+    cols = np.minimum((np.arange(shape[1]) * code.shape[1]) // shape[1], code.shape[1] - 1)
+    big = code[np.ix_(rows, cols)]
+    for bit, name in ((4, "ggo"), (8, "consolidation")):
+        m = (big & bit) > 0
+        rgb[m] = (0.5 * rgb[m] + 0.5 * np.array(OVERLAY_COLOURS[name])).astype(np.uint8)
+    for side, name in ((1, "right"), (2, "left")):
+        lung = (big & 3) == side
+        edge = lung & ~ndimage.binary_erosion(lung)
+        rgb[edge] = OVERLAY_COLOURS[name]
+    return rgb
+
+
 def _png(arr: np.ndarray) -> Any:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
@@ -176,6 +205,28 @@ def slice_original_png(prediction_id: int) -> Any:
     img = Image.fromarray(gray)
     img.thumbnail((400, 400))
     return _png(np.asarray(img))
+
+
+@bp.route("/slices/<int:prediction_id>/overlay.png")
+@login_required
+def slice_overlay_png(prediction_id: int) -> Any:
+    """The slice in the lung window with the lungs' contour and the opacity map over it."""
+    with session_scope(settings().database_url) as s:
+        pred = s.get(Prediction, prediction_id)
+        study = s.get(Study, pred.study_id) if pred is not None else None
+        q = study.quantification if study is not None else None
+        overlay = Path(str(q["overlay"])) if q and q.get("overlay") else None
+    if pred is None or overlay is None or pred.position is None:
+        abort(404, "No overlay for this slice.")
+    ds, frame = _slice_source(prediction_id)
+    try:
+        with np.load(overlay) as saved:
+            code, positions = saved["code"], saved["positions"]
+    except (OSError, KeyError, ValueError):
+        abort(410, "The overlay is no longer in the data directory.")
+    z = int(np.argmin(np.abs(positions - pred.position)))
+    gray = windowed_slice(ds, frame)
+    return _png(draw_overlay(gray, code[z]))
 
 
 @bp.route("/studies/<uid>/reports/<int:report_id>.dcm")

@@ -1,0 +1,180 @@
+"""Lung segmentation, quantification and the study verdict, on drawn chests of known truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from classifier.aggregate import study_verdict
+from classifier.lungs import LEFT, RIGHT, Grid, NoLungs, segment
+from classifier.quantify import Quantification, Region, quantify, severity
+from covidct.synthetic import Blob, Chest
+
+pytestmark = pytest.mark.unit
+
+ROWS = 128
+
+
+def scan(
+    chest: Chest,
+    spacing: float,
+    pixel_mm: float = 350.0 / ROWS,
+    z_range: tuple[float, float] | None = None,
+) -> tuple[Grid, dict[str, float]]:
+    """The chest on the segmentation grid, and its truth: lung volume per side (mL) and the
+    ground-glass and consolidation volumes inside the lungs."""
+    rng = np.random.default_rng(7)
+    lo, hi = z_range or (0.0, chest.height)
+    zs = np.arange(lo, hi + 1e-6, spacing)
+    truth = {"right": 0.0, "left": 0.0, "ggo": 0.0, "consolidation": 0.0}
+    slices = []
+    voxel = pixel_mm * pixel_mm * spacing / 1000.0
+    for z in zs:
+        lungs, _, ggo, cons = chest.masks(ROWS, pixel_mm, z)
+        for side, mask in lungs.items():
+            truth[side] += float(mask.sum()) * voxel
+        truth["ggo"] += float(ggo.sum()) * voxel
+        truth["consolidation"] += float(cons.sum()) * voxel
+        slices.append(chest.hu(ROWS, pixel_mm, z, rng))
+    hu = np.rint(np.stack(slices)).astype(np.int16)
+    return Grid(hu, zs.astype(np.float64), (pixel_mm, pixel_mm)), truth
+
+
+BLOBS = (
+    Blob((-95.0, 15.0, 70.0), 22.0, -500.0),  # right lower zone, peripheral, ground glass
+    Blob((95.0, 10.0, 80.0), 20.0, -450.0),  # left lower zone, ground glass
+    Blob((-80.0, -30.0, 150.0), 18.0, 20.0),  # right middle zone, consolidation
+)
+
+
+def within(measured: float, truth: float, tolerance: float = 0.05) -> bool:
+    return abs(measured - truth) <= tolerance * truth
+
+
+@pytest.mark.parametrize("spacing", [1.0, 2.5, 5.0])
+def test_volumes_and_opacity_match_the_truth(spacing: float) -> None:
+    grid, truth = scan(Chest(blobs=BLOBS), spacing)
+    lungs = segment(grid)
+    q = quantify(grid, lungs)
+    assert within(q.lungs["right"].volume_ml, truth["right"])
+    assert within(q.lungs["left"].volume_ml, truth["left"])
+    total_truth = truth["right"] + truth["left"]
+    opacity_truth = 100 * (truth["ggo"] + truth["consolidation"]) / total_truth
+    assert within(q.total.opacity_percent, opacity_truth)
+    assert within(q.total.ggo_ml, truth["ggo"], 0.1)
+    assert within(q.total.consolidation_ml, truth["consolidation"], 0.1)
+    # vessels (4 mm across) and the airways are not opacity
+    assert q.total.opacity_percent < opacity_truth * 1.05
+
+
+def test_left_and_right_are_not_swapped() -> None:
+    grid, _ = scan(Chest(blobs=BLOBS), 5.0)
+    labels = segment(grid).labels
+    cols = np.arange(ROWS)
+    # patient's right is -x: the low columns when the row direction is +x
+    right_col = np.average(np.nonzero(labels == RIGHT)[2])
+    left_col = np.average(np.nonzero(labels == LEFT)[2])
+    assert right_col < cols.mean() < left_col
+    flipped = Grid(
+        grid.hu[:, :, ::-1].copy(), grid.positions, grid.pixel_mm, left_at_high_col=False
+    )
+    labels = segment(flipped).labels
+    assert np.average(np.nonzero(labels == RIGHT)[2]) > cols.mean()
+
+
+def test_the_right_lung_carries_the_right_blobs() -> None:
+    grid, truth = scan(Chest(blobs=(BLOBS[0],)), 5.0)
+    q = quantify(grid, segment(grid))
+    assert q.lungs["right"].opacity_percent > 1.0
+    assert q.lungs["left"].opacity_percent == pytest.approx(0.0, abs=0.1)
+    assert not q.bilateral
+    assert q.zone_scores()["right lower"] >= 2  # a 22 mm sphere fills over 5% of that zone
+
+
+def test_normal_lungs_have_no_opacity() -> None:
+    grid, _ = scan(Chest(), 2.5)
+    q = quantify(grid, segment(grid))
+    assert q.total.opacity_percent < 0.1
+    assert q.pattern == "negative" and q.severity_score == 0
+
+
+def test_one_lung() -> None:
+    grid, truth = scan(Chest(lungs=("left",)), 5.0)
+    lungs = segment(grid)
+    q = quantify(grid, lungs)
+    assert "right" not in q.lungs
+    assert within(q.lungs["left"].volume_ml, truth["left"])
+    assert "one lung only" in lungs.notes
+
+
+def test_lungs_clipped_by_the_field_of_view() -> None:
+    # 128 pixels of 1.8 mm: a 230 mm field of view, the lungs reach 118 mm from the middle
+    grid, truth = scan(Chest(blobs=BLOBS), 5.0, pixel_mm=1.8)
+    assert truth["right"] > 0
+    q = quantify(grid, segment(grid))
+    assert within(q.lungs["right"].volume_ml, truth["right"])
+    assert within(q.lungs["left"].volume_ml, truth["left"])
+
+
+def test_a_head_has_no_lungs() -> None:
+    rng = np.random.default_rng(1)
+    c = (np.arange(ROWS) - ROWS / 2) * 2.0
+    yy, xx = np.meshgrid(c, c, indexing="ij")
+    head = np.where((xx / 80) ** 2 + (yy / 95) ** 2 < 1, 40.0, -1000.0)
+    head[(xx / 70) ** 2 + (yy / 85) ** 2 < 1] = 35.0  # brain
+    head[((xx - 20) / 8) ** 2 + ((yy + 60) / 8) ** 2 < 1] = -1000.0  # a sinus
+    hu = np.stack([head + rng.normal(0, 10, head.shape) for _ in range(40)]).astype(np.int16)
+    with pytest.raises(NoLungs, match="does not show the lungs|no aerated lung"):
+        segment(Grid(hu, np.arange(40) * 3.0, (2.0, 2.0)))
+
+
+def test_an_abdomen_with_the_lung_bases_is_not_a_chest() -> None:
+    chest = Chest(blobs=())
+    grid, _ = scan(chest, 5.0, z_range=(0.0, 80.0))  # the bottom third: the bases only
+    with pytest.raises(NoLungs):
+        segment(grid)
+
+
+def test_severity_follows_pan_et_al() -> None:
+    assert [severity(p) for p in (0.0, 0.5, 2.0, 5.0, 30.0, 60.0, 80.0)] == [0, 0, 1, 2, 3, 4, 5]
+
+
+def _quant(zones: dict[str, tuple[float, float]], rim_more: bool = True) -> Quantification:
+    """A measurement with the given (ground glass %, consolidation %) per zone, 100 mL each."""
+    names = [f"{s} {z}" for s in ("right", "left") for z in ("upper", "middle", "lower")]
+    regions = {n: Region(100.0, *zones.get(n, (0.0, 0.0))) for n in names}
+
+    def add(parts: list[Region]) -> Region:
+        return Region(
+            sum(r.volume_ml for r in parts),
+            sum(r.ggo_ml for r in parts),
+            sum(r.consolidation_ml for r in parts),
+        )
+
+    right = add([regions[n] for n in names[:3]])
+    left = add([regions[n] for n in names[3:]])
+    total = add([right, left])
+    rim = Region(300.0, total.ggo_ml * (0.8 if rim_more else 0.2), 0.0)
+    core = Region(300.0, total.ggo_ml * (0.2 if rim_more else 0.8), total.consolidation_ml)
+    return Quantification({"right": right, "left": left, "total": total}, regions, rim, core)
+
+
+def test_near_normal_lung_is_absent_however_high_the_cnn_scores() -> None:
+    q = _quant({"right lower": (3.0, 0.0)})  # one zone involved
+    call, why = study_verdict(0.97, 0.5, 0.05, q)
+    assert call == "Absent" and "near-normal" in why
+
+
+def test_typical_pattern_and_high_cnn_is_present() -> None:
+    q = _quant({"right lower": (12.0, 1.0), "left lower": (9.0, 0.0), "left middle": (3.0, 0.0)})
+    assert q.pattern == "typical"
+    assert study_verdict(0.9, 0.5, 0.05, q)[0] == "Present"
+    assert study_verdict(0.52, 0.5, 0.05, q)[0] == "Indeterminate"
+    assert study_verdict(0.2, 0.5, 0.05, q)[0] == "Absent"
+
+
+def test_lobar_consolidation_is_never_present() -> None:
+    q = _quant({"right lower": (1.0, 30.0), "right middle": (0.5, 10.0)})
+    assert q.pattern == "atypical"
+    call, why = study_verdict(0.95, 0.5, 0.05, q)
+    assert call == "Indeterminate" and "atypical" in why
