@@ -6,9 +6,9 @@
 For a synthetic study of 512x512 slices (and, when ../shared is present, the two real
 COVID-CT-MD studies, JPEG Lossless), runs the worker's own pipeline in-process with the shipped
 model and a pynetdicom SCP as the PACS, and prints: time per stage (read, preprocess,
-inference, SR, export), slices/s, peak RSS, and the ratio of the whole to a bare forward pass
-of the model over the same slices measured in the same run (target: at most 1.3).  For the
-real studies it prints the verdicts.
+inference, lungs: segmentation and quantification, SR, export), slices/s, peak RSS, and the
+ratio of the whole to a bare forward pass of the model over the same slices measured in the
+same run (target: at most 1.3).  For the real studies it prints the verdicts.
 """
 
 from __future__ import annotations
@@ -78,14 +78,15 @@ def run_one(settings, clf, study_id: int, label: str) -> tuple[float, float]:  #
             bare(tf.convert_to_tensor(x[i : i + settings.batch_size])).numpy()
         bare_runs.append(time.perf_counter() - b0)
     bare_s = float(np.median(bare_runs))
-    other = max(0.0, total - (t.read + t.preprocess + t.inference + t.sr + export))
+    other = max(0.0, total - (t.read + t.preprocess + t.inference + t.lungs + t.sr + export))
     print(
         f"\n{label}: {out.state}, verdict {out.verdict} (p={out.probability:.3f}), "
         f"{t.slices} slices analysed"
     )
     print(
         f"  read {t.read:.2f} s | preprocess {t.preprocess:.2f} s | inference {t.inference:.2f} s"
-        f" | SR {t.sr:.2f} s | export {export:.2f} s | other {other:.2f} s | total {total:.2f} s"
+        f" | lungs {t.lungs:.2f} s | SR {t.sr:.2f} s | export {export:.2f} s"
+        f" | other {other:.2f} s | total {total:.2f} s"
         " (read+preprocess run in a thread beside inference, so stages overlap)"
     )
     print(
