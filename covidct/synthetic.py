@@ -173,7 +173,9 @@ def make_series(
     series_uid = generate_uid(prefix=ROOT)
     frame_of_ref = generate_uid(prefix=ROOT)
     count = 1 if spec.kind == "localizer" else spec.slices
-    height = 2.5 * max(count - 1, 1)
+    # a full chest when the series can hold one; a short series (under 16 slices, for tests of
+    # single slices and frames) shows the middle of a 240 mm chest in every slice
+    height = 2.5 * (count - 1) if count >= 16 else 240.0
     chest = Chest(height, blobs=typical_covid_blobs(height) if spec.ground_glass else ())
     for i in range(count):
         ds = Dataset()
@@ -225,7 +227,8 @@ def make_series(
         ds.RescaleType = "HU"
         ds.WindowCenter, ds.WindowWidth = -600, 1500
         # slice 0 is the highest (positions fall with i): the top of the chest
-        hu = chest.hu(spec.rows, 350.0 / spec.rows, (1.0 - z) * chest.height, rng)
+        top_down = (1.0 - z) if count >= 16 else 0.35 + 0.3 * (1.0 - z)
+        hu = chest.hu(spec.rows, 350.0 / spec.rows, top_down * chest.height, rng)
         ds.PixelData = (np.rint(hu) + 1024).astype(np.uint16).tobytes()
         yield ds
 
