@@ -32,7 +32,9 @@ from scipy import ndimage
 AIR_HU = -400.0  # lungs and gas are below this (Hu et al. found -400 to -500 optimal)
 PURE_AIR_HU = -950.0  # outside air, gas and airway lumen are below this; aerated lung is not
 MIN_COMPONENT_ML = 5.0
-MIN_LUNGS_ML = 400.0  # an adult's lungs hold 4-7 L at full inspiration; bases alone hold less
+# an adult's mid-chest section holds 150-300 cm2 of lung; sinuses, mastoids and bowel gas
+# that is not pure air stay far below this
+MIN_SECTION_CM2 = 30.0
 MAX_AIRWAY_CM2 = 6.0  # a trachea is 15-25 mm across (2-5 cm2), a main bronchus less
 CLOSING_MM = 10.0
 BODY_OPENING_MM = 5.0
@@ -208,11 +210,12 @@ def segment(grid: Grid) -> Lungs:
     lung_ids.sort(key=lambda i: -volumes[i - 1])
     # the lungs: the largest component and any other at least a tenth its size
     big = [i for i in lung_ids if volumes[i - 1] >= 0.1 * volumes[lung_ids[0] - 1]][:2]
-    total = float(sum(volumes[i - 1] for i in big))
-    if total < MIN_LUNGS_ML:
+    pixel_cm2 = grid.pixel_mm[0] * grid.pixel_mm[1] / 100.0
+    widest = float(per_slice[:, big].sum(axis=1).max()) * pixel_cm2
+    if widest < MIN_SECTION_CM2:
         raise NoLungs(
-            f"{total:.0f} mL of aerated lung inside the body, under {MIN_LUNGS_ML:.0f} mL:"
-            " the series does not show the lungs"
+            f"the widest section of aerated air inside the body holds {widest:.0f} cm2, under"
+            f" {MIN_SECTION_CM2:.0f} cm2: the series does not show the lungs"
         )
     airway = np.zeros_like(candidates)
     pieces: list[np.ndarray] = []
@@ -277,14 +280,21 @@ def _close_and_fill(piece: np.ndarray, grid: Grid, candidates: np.ndarray) -> np
 
 
 def _check_coverage(labels: np.ndarray, grid: Grid, notes: list[str]) -> None:
-    """A series whose top slice cuts wide through the lungs is not a chest CT (an abdomen
-    with the lung bases, say): the lungs' upper part is missing."""
+    """An abdomen that shows the lung bases is not a chest CT: its top slice cuts wide through
+    the lungs while their bases end inside the series.  A series cut at both ends (a limited
+    scan of the mid-chest) is analysed, with a note."""
     area = (labels > 0).sum(axis=(1, 2))
-    top = -1 if grid.head_at_high_z else 0
-    if area.max() and area[top] > TOP_CUT_FRACTION * area.max():
+    if not area.max():
+        return
+    top, bottom = (-1, 0) if grid.head_at_high_z else (0, -1)
+    cut_top = area[top] > TOP_CUT_FRACTION * area.max()
+    cut_bottom = area[bottom] > TOP_CUT_FRACTION * area.max()
+    if cut_top and not cut_bottom:
         raise NoLungs(
-            "the lungs are cut off at the top of the series (it does not cover the chest)"
+            "the lungs are cut off at the top of the series and end inside it: it shows the"
+            " lung bases, not the chest"
         )
-    bottom = 0 if grid.head_at_high_z else -1
-    if area.max() and area[bottom] > TOP_CUT_FRACTION * area.max():
+    if cut_top:
+        notes.append("lungs cut off at both ends of the series: partial coverage")
+    elif cut_bottom:
         notes.append("lung bases cut off at the bottom of the series")

@@ -122,9 +122,10 @@ def test_a_head_has_no_lungs() -> None:
     yy, xx = np.meshgrid(c, c, indexing="ij")
     head = np.where((xx / 80) ** 2 + (yy / 95) ** 2 < 1, 40.0, -1000.0)
     head[(xx / 70) ** 2 + (yy / 85) ** 2 < 1] = 35.0  # brain
-    head[((xx - 20) / 8) ** 2 + ((yy + 60) / 8) ** 2 < 1] = -1000.0  # a sinus
+    # a sinus half filled with mucus: not pure air, so only its size tells it from a lung
+    head[((xx - 20) / 12) ** 2 + ((yy + 60) / 12) ** 2 < 1] = -800.0
     hu = np.stack([head + rng.normal(0, 10, head.shape) for _ in range(40)]).astype(np.int16)
-    with pytest.raises(NoLungs, match="does not show the lungs|no aerated lung"):
+    with pytest.raises(NoLungs, match="does not show the lungs"):
         segment(Grid(hu, np.arange(40) * 3.0, (2.0, 2.0)))
 
 

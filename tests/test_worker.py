@@ -349,9 +349,17 @@ def test_worker_killed_mid_task_is_redelivered_and_finished_once(
         )
         wait_for(lambda: len(pacs.received) == 1, what="one SR")
         row = study_row(settings, study_id)
-        assert row.attempts >= 2 and row.slices_analysed == 120
+        # the drawn chest's apex and base slices are skipped; the redelivered run stores
+        # each slice once
+        assert row.attempts >= 2 and 60 <= row.slices_analysed < 120
         with session_scope(settings.database_url) as s:
             assert s.scalar(select(func.count()).select_from(Report)) == 1
+            stored = s.scalar(
+                select(func.count())
+                .select_from(Prediction)
+                .where(Prediction.kind == "slice", Prediction.probability.is_not(None))
+            )
+            assert stored == row.slices_analysed
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
@@ -395,11 +403,13 @@ def test_read_ahead_keeps_order_and_memory_flat(tmp_path: Path) -> None:
         assert len(selection.slices) == 18  # 12 slices and 6 frames
         items = list(read_ahead(selection.slices, selection.headers, Timings(), threads=threads))
         runs.append(items)
-        assert [ref for ref, _ in items] == selection.slices
+        assert [ref for ref, _, _ in items] == selection.slices
         assert all("PixelData" not in ds for ds in selection.headers.values())
-    for (ref_a, a), (ref_b, b) in zip(*runs, strict=True):
+        assert all(g is not None and g.dtype == np.int16 for _, _, g in items)
+    for (ref_a, a, grid_a), (ref_b, b, grid_b) in zip(*runs, strict=True):
         assert ref_a == ref_b
         assert (isinstance(a, str) and a == b) or np.array_equal(a, b)
+        assert np.array_equal(grid_a, grid_b)
 
 
 def test_embedded_broker_keeps_its_files_in_the_data_dir(tmp_path: Path) -> None:
