@@ -156,14 +156,24 @@ def _airways(component: np.ndarray, grid: Grid) -> np.ndarray:
                 return tree  # the top is lung, not a tube of air
             ids = np.array([1])
         else:
-            near = ndimage.binary_dilation(previous, iterations=2)
-            ids = np.unique(labels[near & component[z]])
+            ids = np.unique(labels[_grown(previous, 2) & component[z]])
             ids = ids[(ids > 0) & (areas[ids] <= MAX_AIRWAY_CM2)]
             if ids.size == 0:
                 break
         previous = np.isin(labels, ids)
         tree[z] = previous
     return tree
+
+
+def _grown(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """``mask`` dilated ``pixels`` times by the 4-connected cross, on its bounding box only."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    r0, r1 = max(0, rows[0] - pixels), min(mask.shape[0], rows[-1] + pixels + 1)
+    c0, c1 = max(0, cols[0] - pixels), min(mask.shape[1], cols[-1] + pixels + 1)
+    out = np.zeros_like(mask)
+    out[r0:r1, c0:c1] = ndimage.binary_dilation(mask[r0:r1, c0:c1], iterations=pixels)
+    return out
 
 
 def _split(mask: np.ndarray, body_col: float) -> tuple[np.ndarray, np.ndarray]:
@@ -199,7 +209,11 @@ def segment(grid: Grid) -> Lungs:
         [np.bincount(labels[z].ravel(), minlength=count + 1) for z in range(hu.shape[0])]
     )
     volumes = (per_slice * voxel_ml[:, None]).sum(axis=0)[1:]
-    means = np.asarray(ndimage.mean(hu, labels, index))
+    inside = labels[candidates]
+    means = (
+        np.bincount(inside, weights=hu[candidates], minlength=count + 1)[1:]
+        / np.maximum(per_slice.sum(axis=0)[1:], 1)
+    )
     lung_ids = [
         int(i)
         for i, v, m in zip(index, volumes, means, strict=True)
