@@ -78,14 +78,16 @@ def run_one(settings, clf, study_id: int, label: str) -> tuple[float, float]:  #
             bare(tf.convert_to_tensor(x[i : i + settings.batch_size])).numpy()
         bare_runs.append(time.perf_counter() - b0)
     bare_s = float(np.median(bare_runs))
-    other = max(0.0, total - (t.read + t.preprocess + t.inference + t.lungs + t.sr + export))
+    lungs_wait = t.extra.get("lungs_wait", 0.0)
+    other = max(0.0, total - (t.read + t.preprocess + t.inference + lungs_wait + t.sr + export))
     print(
         f"\n{label}: {out.state}, verdict {out.verdict} (p={out.probability:.3f}), "
         f"{t.slices} slices analysed"
     )
     print(
         f"  read {t.read:.2f} s | preprocess {t.preprocess:.2f} s | inference {t.inference:.2f} s"
-        f" | lungs {t.lungs:.2f} s | SR {t.sr:.2f} s | export {export:.2f} s"
+        f" | lungs {t.lungs:.2f} s (added after inference {t.extra.get('lungs_wait', 0):.2f} s)"
+        f" | SR {t.sr:.2f} s | export {export:.2f} s"
         f" | other {other:.2f} s | total {total:.2f} s"
         " (read+preprocess run in a thread beside inference, so stages overlap)"
     )

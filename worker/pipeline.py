@@ -15,6 +15,7 @@ next generation.  Timings per stage are logged (and returned for the benchmark).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -207,25 +208,44 @@ def read_ahead(
     *,
     threads: int = 1,
     depth: int = 64,
+    grids: dict[SliceRef, np.ndarray] | None = None,
+    all_read: threading.Event | None = None,
 ) -> Iterator[Item]:
     """Read and preprocess, in order, on ``threads`` threads while the model runs on the
     previous batch: file I/O, NumPy, Pillow and TensorFlow release the GIL (the JPEG decoders,
     GDCM and pylibjpeg, measured do not: two threads decode no faster than one).  At most
     ``depth`` files are in flight, so memory stays flat whatever the study size.  Frames of
-    one multi-frame file are read together, once."""
+    one multi-frame file are read together, once.
+
+    ``grids`` is filled with each frame's HU grid as soon as its file is read, and
+    ``all_read`` set once every file is: the lungs can be segmented while the model still
+    works through the last ``depth`` files."""
     groups = [list(g) for _, g in groupby(slices, key=lambda ref: ref.path)]
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="read-ahead")
+    lock = threading.Lock()
+    remaining = [len(groups)]
+
+    def read(group: list[SliceRef]) -> _Read:
+        done = _read_file(group, headers[group[0].instance_id])
+        if grids is not None:
+            grids.update((ref, g) for ref, _, g in done.items if g is not None)
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] == 0 and all_read is not None:
+                all_read.set()
+        return done
+
+    if not groups and all_read is not None:
+        all_read.set()
     try:
-        pending: deque[Future[_Read]] = deque(
-            pool.submit(_read_file, g, headers[g[0].instance_id]) for g in groups[:depth]
-        )
+        pending: deque[Future[_Read]] = deque(pool.submit(read, g) for g in groups[:depth])
         following = iter(groups[depth:])
         while pending:
             done = pending.popleft().result()
             t.read += done.read
             t.preprocess += done.preprocess
             if (group := next(following, None)) is not None:
-                pending.append(pool.submit(_read_file, group, headers[group[0].instance_id]))
+                pending.append(pool.submit(read, group))
             yield from done.items
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -280,32 +300,54 @@ def analyse(
         on_batch()
 
     grids: dict[SliceRef, np.ndarray] = {}
-    for ref, item, grid in read_ahead(
-        selection.slices, selection.headers, t, threads=settings.read_threads
-    ):
-        if grid is not None:
-            grids[ref] = grid
-        if isinstance(item, str):
-            out.skipped.append((ref, item))
-            continue
-        batch.append(item)
-        batch_refs.append(ref)
-        if len(batch) == settings.batch_size:
+    all_read, abandoned = threading.Event(), threading.Event()
+    lungs_thread = ThreadPoolExecutor(1, thread_name_prefix="lungs")
+
+    def measure() -> tuple[LungResult, float]:
+        # scipy.ndimage releases the GIL: this overlaps the model's last batches
+        all_read.wait()
+        if abandoned.is_set():
+            raise NoLungs("the analysis stopped before every slice was read")
+        t1 = time.perf_counter()
+        return measure_lungs(grids, selection.headers), time.perf_counter() - t1
+
+    lungs_future = lungs_thread.submit(measure)
+    try:
+        for ref, item, _ in read_ahead(
+            selection.slices,
+            selection.headers,
+            t,
+            threads=settings.read_threads,
+            grids=grids,
+            all_read=all_read,
+        ):
+            if isinstance(item, str):
+                out.skipped.append((ref, item))
+                continue
+            batch.append(item)
+            batch_refs.append(ref)
+            if len(batch) == settings.batch_size:
+                flush()
+        if batch:
             flush()
-    if batch:
-        flush()
+        t1 = time.perf_counter()
+        try:
+            out.lungs, t.lungs = lungs_future.result()
+        except NoLungs as exc:
+            out.reason = f"no lungs to analyse: {exc}"
+        t.extra["lungs_wait"] = time.perf_counter() - t1
+    finally:
+        if not lungs_future.done():  # the loop failed: do not segment half a series
+            abandoned.set()
+            all_read.set()
+        lungs_thread.shutdown(wait=True)
     t.slices = len(out.analysed)
     if not out.analysed:
         out.reason = "no slice shows enough lung: " + (out.skipped[0][1] if out.skipped else "")
         return out
-    t1 = time.perf_counter()
-    try:
-        out.lungs = lungs = measure_lungs(grids, selection.headers)
-    except NoLungs as exc:
-        out.reason = f"no lungs to analyse: {exc}"
+    if out.lungs is None:
         return out
-    finally:
-        t.lungs = time.perf_counter() - t1
+    lungs = out.lungs
     # the CNN's evidence comes from slices inside the segmented lungs only: a slice framed on
     # stomach or bowel gas, or on the trachea above the apices, is not lung
     kept = [i for i, ref in enumerate(out.analysed) if lungs.lung_fraction(ref) != 0.0]
