@@ -440,6 +440,7 @@ def environment() -> dict[str, str]:
 
 
 def write_card_markdown(card: dict[str, Any], path: Path) -> None:
+    """The card as Markdown, with ``<name>.notes.md`` beside it (written by hand) included."""
     lines = [
         f"# Model card: {card['version']}",
         "",
@@ -505,6 +506,9 @@ def write_card_markdown(card: dict[str, Any], path: Path) -> None:
                 f"- {s['name']} ({s['truth']}): study probability {s['probability']:.3f} "
                 f"-> {s['label']}; {s['analysed']} slices analysed, {s['skipped']} skipped"
             )
+    notes = path.with_name(path.name.removesuffix(".card.md") + ".notes.md")
+    if notes.is_file():  # kept by hand beside the card: the study rule and what was tried
+        lines += ["", notes.read_text(encoding="utf-8").strip()]
     lines += [
         "",
         "## Training history",

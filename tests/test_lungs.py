@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -179,3 +181,23 @@ def test_lobar_consolidation_is_never_present() -> None:
     assert q.pattern == "atypical"
     call, why = study_verdict(0.95, 0.5, 0.05, q)
     assert call == "Indeterminate" and "atypical" in why
+
+
+def test_model_card_includes_the_hand_kept_notes(tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from classifier.training import write_card_markdown
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    card = json.loads((models / "covidct.card.json").read_text())
+    out = tmp_path / "covidct.card.md"
+    write_card_markdown(card, out)
+    assert "## Study verdict" not in out.read_text()
+    shutil.copy(models / "covidct.notes.md", tmp_path / "covidct.notes.md")
+    write_card_markdown(card, out)
+    text = out.read_text()
+    assert "## Study verdict" in text and "## History" in text
+    assert text.index("## History") < text.index("## Training history")
+    # the shipped card is what the generator writes
+    assert text == (models / "covidct.card.md").read_text()
