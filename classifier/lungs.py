@@ -85,9 +85,6 @@ class Lungs:
     airway_ml: float
     notes: list[str]
 
-    def sides(self) -> list[int]:
-        return [side for side in (RIGHT, LEFT) if bool((self.labels == side).any())]
-
 
 def _disk(radius: int) -> np.ndarray:
     r = max(1, radius)
@@ -210,9 +207,8 @@ def segment(grid: Grid) -> Lungs:
     )
     volumes = (per_slice * voxel_ml[:, None]).sum(axis=0)[1:]
     inside = labels[candidates]
-    means = (
-        np.bincount(inside, weights=hu[candidates], minlength=count + 1)[1:]
-        / np.maximum(per_slice.sum(axis=0)[1:], 1)
+    means = np.bincount(inside, weights=hu[candidates], minlength=count + 1)[1:] / np.maximum(
+        per_slice.sum(axis=0)[1:], 1
     )
     lung_ids = [
         int(i)

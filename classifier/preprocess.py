@@ -212,28 +212,24 @@ def _dicom_frame_input(ds: Dataset, frame: int, framing: Framing) -> np.ndarray:
 @dataclass(frozen=True)
 class FrameAndGrid:
     """One decoded frame: its model input (or why it was skipped) and the frame in HU at
-    every ``step``-th pixel (int16), the grid the lung segmentation works on."""
+    every :func:`grid_step`-th pixel (int16), the grid the lung segmentation works on."""
 
     item: np.ndarray | str
     hu_grid: np.ndarray
-    step: int
 
 
 def frame_and_grid(ds: Dataset, frame: int = 0, framing: Framing = DEFAULT_FRAMING) -> FrameAndGrid:
     """Decode one frame once for both consumers: the classifier's input and the segmentation's
     grid (about 128 pixels a side; subsampled, not averaged, so HU stay unblurred)."""
     arr = _pixel_array(ds, frame)
-    if arr.ndim != 2:
-        raise UnusableInputError(f"unexpected pixel array shape {arr.shape}")
-    step = _box_step(arr.shape)
-    slope, intercept = _modality_lut(ds, frame)
-    small = arr[::step, ::step].astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    grid = np.clip(np.rint(small), -32768, 32767).astype(np.int16)
     try:
         item: np.ndarray | str = _input_from_array(ds, arr, frame, framing)
     except SliceSkipped as exc:
         item = str(exc)
-    return FrameAndGrid(item, grid, step)
+    step = grid_step(arr.shape)
+    slope, intercept = _modality_lut(ds, frame)
+    small = arr[::step, ::step].astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    return FrameAndGrid(item, np.clip(np.rint(small), -32768, 32767).astype(np.int16))
 
 
 def _input_from_array(ds: Dataset, arr: np.ndarray, frame: int, framing: Framing) -> np.ndarray:
@@ -249,7 +245,7 @@ def _frame_by_lookup(ds: Dataset, raw: np.ndarray, frame: int, framing: Framing)
     1.6 (medians, 512x512): the lung box is found on a small HU copy and one table maps
     stored values in the crop straight to windowed (and, for MONOCHROME1, inverted) gray."""
     slope, intercept = _modality_lut(ds, frame)
-    step = _box_step(raw.shape)
+    step = grid_step(raw.shape)
     small = raw[::step, ::step].astype(np.float32) * np.float32(slope) + np.float32(intercept)
     r0, r1, c0, c1 = _lung_box(small, step, raw.shape, framing)
     table = _gray_table(
@@ -321,15 +317,12 @@ def grid_step(shape: tuple[int, ...]) -> int:
     return max(1, min(shape[0], shape[1]) // 128)
 
 
-_box_step = grid_step
-
-
 def lung_box(hu: np.ndarray, framing: Framing = DEFAULT_FRAMING) -> tuple[int, int, int, int]:
     """Bounding box (r0, r1, c0, c1) of the lungs with a margin; :class:`SliceSkipped` if few.
 
     Works on a copy downsampled to about 128 pixels a side: about 1 ms on 512x512.
     """
-    step = _box_step(hu.shape)
+    step = grid_step(hu.shape)
     return _lung_box(hu[::step, ::step], step, hu.shape, framing)
 
 

@@ -381,3 +381,37 @@ def test_overlay_draws_contours_and_opacity() -> None:
     assert tuple(rgb[40, 140]) == OVERLAY_COLOURS["left"]
     assert rgb[110, 60, 0] > 100 and rgb[110, 60, 1] < 60  # consolidation tinted red
     assert tuple(rgb[120, 80]) == (40, 40, 40)  # inside the right lung, clear: untouched
+
+
+def test_overlay_of_an_analysed_study(
+    reader: FlaskClient, settings: Settings, tmp_path: Path
+) -> None:
+    """The worker's pipeline (in-process) analyses a drawn chest; the study page's top slices
+    get the overlay with the lungs' contours, and a slice of another series gets none."""
+    from dataclasses import replace
+
+    from classifier.inference import Classifier
+    from covidct.synthetic import SeriesSpec, make_study
+    from tests.helpers import make_tiny_model, spool_study
+    from web.views import OVERLAY_COLOURS
+    from worker.pipeline import analyse_study
+
+    model = make_tiny_model(tmp_path / "tiny.keras", weight=12.0, bias=-3.0)
+    study = make_study([SeriesSpec(slices=30, ground_glass=True, rows=256)])
+    study_id = spool_study(settings, study)
+    outcome = analyse_study(replace(settings, model_path=model), study_id, Classifier(model))
+    assert outcome.state == StudyState.DONE
+    uid = str(study[0].StudyInstanceUID)
+    html = reader.get(f"/studies/{uid}").get_data(as_text=True)
+    paths = re.findall(r'src="(/slices/\d+/overlay\.png)"', html)
+    assert paths, "the top slices carry overlays"
+    r = reader.get(paths[0])
+    assert r.status_code == 200 and r.mimetype == "image/png"
+    rgb = np.asarray(Image.open(io.BytesIO(r.data)).convert("RGB"))
+    colours = {tuple(int(v) for v in px) for px in rgb.reshape(-1, 3)}
+    assert OVERLAY_COLOURS["right"] in colours and OVERLAY_COLOURS["left"] in colours
+    with session_scope(settings.database_url) as db:
+        st = db.get(Study, study_id)
+        assert st is not None and st.quantification is not None
+        st.quantification = {**st.quantification, "series_instance_uid": "1.2.3"}
+    assert reader.get(paths[0]).status_code == 404

@@ -213,18 +213,22 @@ def slice_overlay_png(prediction_id: int) -> Any:
     """The slice in the lung window with the lungs' contour and the opacity map over it."""
     with session_scope(settings().database_url) as s:
         pred = s.get(Prediction, prediction_id)
-        study = s.get(Study, pred.study_id) if pred is not None else None
+        study = s.get(Study, pred.study_id) if pred and pred.study_id is not None else None
         q = study.quantification if study is not None else None
         overlay = Path(str(q["overlay"])) if q and q.get("overlay") else None
-    if pred is None or overlay is None or pred.position is None:
+    if pred is None or q is None or overlay is None or pred.position is None:
         abort(404, "No overlay for this slice.")
     ds, frame = _slice_source(prediction_id)
+    if str(ds.get("SeriesInstanceUID", "")) != q.get("series_instance_uid"):
+        abort(404, "This slice's series was not segmented.")
     try:
         with np.load(overlay) as saved:
             code, positions = saved["code"], saved["positions"]
     except (OSError, KeyError, ValueError):
         abort(410, "The overlay is no longer in the data directory.")
     z = int(np.argmin(np.abs(positions - pred.position)))
+    if abs(float(positions[z]) - pred.position) > 0.01:
+        abort(404, "No overlay for this slice.")
     gray = windowed_slice(ds, frame)
     return _png(draw_overlay(gray, code[z]))
 

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from classifier.lungs import Grid, Lungs, NoLungs, segment
 from classifier.preprocess import grid_step
 from classifier.quantify import Quantification, quantify
-from worker.selection import SliceRef
+from worker.selection import SliceRef, orientation
 
 
 @dataclass
@@ -61,19 +61,14 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float]:
     raise NoLungs("the series has no pixel spacing: volumes cannot be measured")
 
 
-def _orientation(ds: Dataset) -> tuple[bool, bool]:
-    """(patient's left towards higher columns, head towards higher positions)."""
-    iop = ds.get("ImageOrientationPatient")
-    for seq_name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        seq = ds.get(seq_name)
-        if iop is None and seq and seq[0].get("PlaneOrientationSequence"):
-            iop = seq[0].PlaneOrientationSequence[0].get("ImageOrientationPatient")
+def _directions(ds: Dataset) -> tuple[bool, bool]:
+    """(patient's left towards higher columns, head towards higher positions along the
+    slice normal) from the image orientation; the usual (True, True) when it is missing."""
+    iop = orientation(ds)
     if iop is None or len(iop) != 6:
         return True, True
-    row = np.array([float(v) for v in iop[:3]])
-    col = np.array([float(v) for v in iop[3:]])
-    normal = np.cross(row, col)
-    return bool(row[0] >= 0), bool(normal[2] >= 0)
+    row, col = np.array(iop[:3]), np.array(iop[3:])
+    return bool(row[0] >= 0), bool(np.cross(row, col)[2] >= 0)
 
 
 def measure_lungs(grids: dict[SliceRef, np.ndarray], headers: dict[int, Dataset]) -> LungResult:
@@ -91,7 +86,7 @@ def measure_lungs(grids: dict[SliceRef, np.ndarray], headers: dict[int, Dataset]
     refs = sorted((r for r in refs if grids[r].shape == shape), key=lambda r: r.position)
     header = headers[refs[0].instance_id]
     row_mm, col_mm = _pixel_spacing(header)
-    left_high, head_high = _orientation(header)
+    left_high, head_high = _directions(header)
     n = grid_step((int(header.Rows), int(header.Columns)))
     grid = Grid(
         hu=np.stack([grids[r] for r in refs]),

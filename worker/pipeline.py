@@ -330,6 +330,7 @@ def analyse(
                 flush()
         if batch:
             flush()
+        t.slices = len(out.analysed)
         t1 = time.perf_counter()
         try:
             out.lungs, t.lungs = lungs_future.result()
@@ -341,7 +342,6 @@ def analyse(
             abandoned.set()
             all_read.set()
         lungs_thread.shutdown(wait=True)
-    t.slices = len(out.analysed)
     if not out.analysed:
         out.reason = "no slice shows enough lung: " + (out.skipped[0][1] if out.skipped else "")
         return out

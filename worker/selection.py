@@ -47,7 +47,8 @@ class Selection:
         return "nothing analysable: " + "; ".join(reasons)
 
 
-def _orientation(ds: Dataset, frame: int = 0) -> list[float] | None:
+def orientation(ds: Dataset, frame: int = 0) -> list[float] | None:
+    """Image Orientation (Patient) of a frame: functional groups first, then the top level."""
     for seq_name in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
         seq = ds.get(seq_name)
         if seq:
@@ -84,7 +85,7 @@ def classify_instance(ds: Dataset) -> str:
         return "derived images"
     if len(image_type) > 1 and image_type[1] not in ("PRIMARY",):
         return "secondary images"
-    iop = _orientation(ds)
+    iop = orientation(ds)
     if iop is None or len(iop) != 6:
         return "no image orientation"
     normal = np.cross(iop[:3], iop[3:])
@@ -116,7 +117,7 @@ def select(instances: list[tuple[int, str]], min_series_slices: int) -> Selectio
             continue
         out.skipped.pop(series, None)
         for instance_id, path, ds in members:
-            iop = _orientation(ds)
+            iop = orientation(ds)
             assert iop is not None
             normal = np.cross(iop[:3], iop[3:])
             normal = normal / np.linalg.norm(normal)
