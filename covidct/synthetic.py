@@ -67,15 +67,16 @@ class Chest:
     x runs to the patient's left, y to the back, z from the bottom of the series (0) to its
     top (``height``).  Lungs: two half-ellipsoids of -860 HU spanning 8-92% of the height,
     50 x 72 mm semi-axes at their widest; a trachea of 9 mm radius from the top to 70% of the
-    height, then a main bronchus to each lung; three vessels of ``vessel_radius`` mm (+40 HU)
-    running up each lung; ``blobs`` of ground glass or consolidation.  A lung listed in
-    ``lungs`` only is drawn.
+    height, then a main bronchus to each lung; three vessels of ``vessel_radius`` mm and
+    ``vessel_hu`` running up each lung; ``blobs`` of ground glass or consolidation.  A lung
+    listed in ``lungs`` only is drawn.
     """
 
     height: float = 240.0
     lungs: tuple[str, ...] = ("right", "left")
     blobs: tuple[Blob, ...] = ()
     vessel_radius: float = 2.0
+    vessel_hu: float = 40.0  # 200-400 with intravenous contrast
     noise: float = 15.0
 
     def _lung_shape(self, z: float) -> float:
@@ -139,7 +140,7 @@ class Chest:
             cx = LUNG_CENTRES[side]
             for dx, dy in ((-20, -30), (10, 0), (-5, 35)):
                 vessel = (xx - cx - dx) ** 2 + (yy - dy) ** 2 < self.vessel_radius**2
-                hu[vessel & m] = 40.0
+                hu[vessel & m] = self.vessel_hu
         hu[airway] = -1000.0
         for blob in self.blobs:
             bx, by, bz = blob.centre
