@@ -13,8 +13,10 @@ quantitation of volumetric X-ray CT images", IEEE TMI 20(6):490-498, 2001:
    column where the lungs' projection is thinnest (the anterior/posterior junction), a single
    lung kept alone;
 5. per slice and lung: a closing with a disk of ``CLOSING_MM`` (juxta-pleural opacities and the
-   hilum's bites stay inside the lung), then holes filled (vessels, nodules, consolidation
-   enclosed by aerated lung).
+   hilum's bites stay inside the lung), then holes filled (vessels, nodules, ground glass and
+   consolidation enclosed by aerated lung), except organs seen in section: islands wider than
+   ``MAX_ISLAND_CM2`` that continue across slices into tissue outside the lung (the
+   diaphragm's domes, the heart's border).
 
 The input is a subsampled grid (every n-th pixel: the worker keeps about 128 pixels a side,
 2.5-3.5 mm), so a 600-slice series is 600 x 128 x 128 int16, 20 MB: the segmentation's memory
@@ -37,6 +39,7 @@ MIN_COMPONENT_ML = 5.0
 MIN_SECTION_CM2 = 30.0
 MAX_AIRWAY_CM2 = 6.0  # a trachea is 15-25 mm across (2-5 cm2), a main bronchus less
 CLOSING_MM = 10.0
+MAX_ISLAND_CM2 = 3.0  # an island wider than about 2 cm that leaves the lung is an organ
 BODY_OPENING_MM = 5.0
 TOP_CUT_FRACTION = 0.5  # lungs this wide at the series' top slice are cut off, not covered
 
@@ -263,15 +266,18 @@ def segment(grid: Grid) -> Lungs:
         else:
             high = centre > body_col
         side = LEFT if high == grid.left_at_high_col else RIGHT
-        out[_close_and_fill(piece, grid, candidates) & (out == 0)] = side
+        out[_close_and_fill(piece, grid, candidates, hu) & (out == 0)] = side
     airway_ml = float((airway.sum(axis=(1, 2)) * voxel_ml).sum())
     _check_coverage(out, grid, notes)
     return Lungs(out, airway_ml, notes)
 
 
-def _close_and_fill(piece: np.ndarray, grid: Grid, candidates: np.ndarray) -> np.ndarray:
+def _close_and_fill(
+    piece: np.ndarray, grid: Grid, candidates: np.ndarray, hu: np.ndarray
+) -> np.ndarray:
     """Step 5, in-plane: closing with a disk, then holes filled, on the piece's bounding
-    box; the closing never takes air that belongs to the other lung or lies outside."""
+    box; the closing never takes air that belongs to the other lung or lies outside; organs
+    seen in section as islands are left out (:func:`_organs`)."""
     radius = int(round(CLOSING_MM / max(min(grid.pixel_mm), 1e-6)))
     pad = radius + 1
     zs = np.flatnonzero(piece.any(axis=(1, 2)))
@@ -283,10 +289,36 @@ def _close_and_fill(piece: np.ndarray, grid: Grid, candidates: np.ndarray) -> np
     padded = np.pad(piece[box], ((0, 0), (pad, pad), (pad, pad)))
     closed = ndimage.binary_closing(padded, structure=_disk(radius)[np.newaxis])
     filled = fill_holes_2d(closed)[:, pad:-pad, pad:-pad]
+    closed = closed[:, pad:-pad, pad:-pad]
+    filled &= ~_organs(filled & ~closed, filled, hu[box], grid)
     other_air = candidates[box] & ~piece[box]
     out = np.zeros_like(piece)
     out[box] = filled & ~other_air
     return out
+
+
+def _organs(holes: np.ndarray, lung: np.ndarray, hu: np.ndarray, grid: Grid) -> np.ndarray:
+    """Islands inside the lung's outline that are organs, not lung: near the bases the domes
+    of the diaphragm (liver, spleen, stomach) and beside the heart its border cut through the
+    lung as round islands.  An island is an organ when, in 3D, it continues across slices into
+    tissue outside the lung and one of its sections is wider than ``MAX_ISLAND_CM2``; a
+    nodule or consolidation enclosed by lung ends inside it, and vessels are narrower."""
+    per_slice, _ = ndimage.label(holes, structure=_IN_PLANE)
+    pixel_cm2 = grid.pixel_mm[0] * grid.pixel_mm[1] / 100.0
+    section = np.bincount(per_slice.ravel()) * pixel_cm2
+    bodies, count = ndimage.label(holes)
+    if count == 0:
+        return np.zeros_like(holes)
+    widest = np.zeros(count + 1)
+    inside = per_slice > 0
+    np.maximum.at(widest, bodies[inside], section[per_slice[inside]])
+    tissue_outside = ~lung & (hu > AIR_HU)
+    touches = np.zeros(count + 1, dtype=bool)
+    touches[bodies[1:][holes[1:] & tissue_outside[:-1]]] = True
+    touches[bodies[:-1][holes[:-1] & tissue_outside[1:]]] = True
+    organ = touches & (widest > MAX_ISLAND_CM2)
+    organ[0] = False
+    return organ[bodies]
 
 
 def _check_coverage(labels: np.ndarray, grid: Grid, notes: list[str]) -> None:

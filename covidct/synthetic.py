@@ -69,7 +69,7 @@ class Chest:
     50 x 72 mm semi-axes at their widest; a trachea of 9 mm radius from the top to 70% of the
     height, then a main bronchus to each lung; three vessels of ``vessel_radius`` mm and
     ``vessel_hu`` running up each lung; ``blobs`` of ground glass or consolidation.  A lung
-    listed in ``lungs`` only is drawn.
+    listed in ``lungs`` only is drawn; ``dome`` raises the right diaphragm into the lung base.
     """
 
     height: float = 240.0
@@ -77,6 +77,7 @@ class Chest:
     blobs: tuple[Blob, ...] = ()
     vessel_radius: float = 2.0
     vessel_hu: float = 40.0  # 200-400 with intravenous contrast
+    dome: float = 0.0  # mm the right diaphragm's dome (liver, +40 HU) rises into the lung
     noise: float = 15.0
 
     def _lung_shape(self, z: float) -> float:
@@ -101,6 +102,12 @@ class Chest:
                 lungs[side] = ((xx - cx) / (50 * scale)) ** 2 + ((yy + 5) / (72 * scale)) ** 2 < 1
             else:
                 lungs[side] = np.zeros((rows, rows), dtype=bool)
+        if self.dome > 0 and "right" in lungs:
+            radius = 45.0  # seen in section: a round island of liver inside the lung
+            top = 0.08 * self.height + self.dome
+            r2 = radius**2 - (z - (top - radius)) ** 2
+            if r2 > 0:
+                lungs["right"] &= (xx - LUNG_CENTRES["right"]) ** 2 + (yy - 5) ** 2 >= r2
         airway = np.zeros((rows, rows), dtype=bool)
         carina = 0.70 * self.height
         if z >= carina:

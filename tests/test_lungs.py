@@ -81,6 +81,15 @@ def test_gaps_between_slices_and_contrast() -> None:
     assert q.total.opacity_percent < 0.1
 
 
+def test_the_diaphragm_dome_is_not_lung_nor_opacity() -> None:
+    """The liver's dome rising 40 mm into the right base is seen in section as round islands
+    of soft tissue inside the lung: left out of the lung, not counted as consolidation."""
+    grid, truth = scan(Chest(dome=40.0), 2.5)
+    q = quantify(grid, segment(grid))
+    assert within(q.lungs["right"].volume_ml, truth["right"])
+    assert q.total.consolidation_percent < 0.1 and q.pattern == "negative"
+
+
 def test_left_and_right_are_not_swapped() -> None:
     grid, _ = scan(Chest(blobs=BLOBS), 5.0)
     labels = segment(grid).labels
