@@ -15,7 +15,7 @@ from core.settings import Settings
 from covidct.synthetic import SeriesSpec, make_study, write_study
 from tests.conftest import need_tool
 from tests.helpers import make_tiny_model
-from worker.pipeline import analyse
+from worker.analysis import analyse
 from worker.sr import Finding, build_sr, lung_measurements, read_finding, read_lung_measurements
 
 pytestmark = pytest.mark.integration

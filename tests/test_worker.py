@@ -388,7 +388,7 @@ def test_read_ahead_keeps_order_and_memory_flat(tmp_path: Path) -> None:
     multi-frame file included; the headers kept for the SR hold no pixel data afterwards."""
     import numpy as np
 
-    from worker.pipeline import Timings, read_ahead
+    from worker.analysis import Timings, read_ahead
     from worker.selection import select as select_slices
 
     datasets = make_study([SeriesSpec(slices=12, rows=128)], seed=4) + [enhanced_ct(6, 128)]

@@ -3,7 +3,7 @@
 ROOT holds class folders ``covid/``, ``pneumonia/`` (any non-COVID pneumonia) and
 ``normal/``; each holds study folders of DICOM files (any order, any transfer syntax, UIDs as
 they come: files are keyed by path, never by SOP Instance UID).  Every study goes through
-:func:`worker.pipeline.analyse`, the exact code the worker runs, without the results store or
+:func:`worker.analysis.analyse`, the exact code the worker runs, without the results store or
 the network.
 
 A call is right when a COVID-19 study is Present and a pneumonia or normal study is Absent;
@@ -21,7 +21,7 @@ import numpy as np
 from classifier.inference import Classifier
 from classifier.metrics import auc
 from core.settings import Settings
-from worker.pipeline import analyse
+from worker.analysis import analyse
 
 CLASSES = ("covid", "pneumonia", "normal")
 OUTCOMES = ("Present", "Indeterminate", "Absent", "not_analysable")
