@@ -106,6 +106,12 @@ class Study(Base):
     # lung segmentation and opacity measurements (classifier.quantify), and what the verdict
     # rested on; None before analysis or when the series could not be segmented
     quantification: Mapped[dict[str, object] | None] = mapped_column(JSON, default=None)
+    # why the study may lack instances its sender meant to send (an aborted association, an
+    # instance refused for disk trouble, the listener stopped mid-association); "" = complete
+    incomplete_reason: Mapped[str] = mapped_column(Text, default="")
+    # associations that have stored into this study and not yet ended: it is not queued while
+    # one is open (unless quiet for incomplete_grace_seconds)
+    open_associations: Mapped[int] = mapped_column(Integer, default=0)
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
     reports: Mapped[list[Report]] = relationship(back_populates="study")
@@ -180,6 +186,10 @@ class Delivery(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str] = mapped_column(Text, default="")
     next_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    # held by a running attempt until then; an attempt that died leaves it set, and the next
+    # attempt counts it in ``interrupted`` (the PACS may have the SR already: at-least-once)
+    claimed_until: Mapped[datetime | None] = mapped_column(default=None)
+    interrupted: Mapped[int] = mapped_column(Integer, default=0)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
 
     report: Mapped[Report] = relationship(back_populates="deliveries")
@@ -205,6 +215,17 @@ class Upload(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     queued_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WorkerProcess(Base):
+    """A live worker says so every ``heartbeat_seconds``; /readyz reads it."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)  # host:pid
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 class User(Base):

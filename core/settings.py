@@ -77,8 +77,11 @@ class Settings:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     sweep_seconds: float = 5.0
-    task_stale_seconds: float = 120.0
+    heartbeat_seconds: float = 2.0
+    task_stale_seconds: float = 10.0
     requeue_seconds: float = 900.0
+    redeliver_seconds: float = 30.0
+    incomplete_grace_seconds: float = 300.0
     indeterminate_band: float = 0.05
     min_series_slices: int = 10
     batch_size: int = 32
@@ -290,8 +293,11 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "tls_key": _existing_file,
     "tls_ca": _existing_file,
     "sweep_seconds": _float(0.1, 3600.0),
+    "heartbeat_seconds": _float(0.1, 600.0),
     "task_stale_seconds": _float(1.0, 86400.0),
     "requeue_seconds": _float(1.0, 86400.0),
+    "redeliver_seconds": _float(1.0, 86400.0),
+    "incomplete_grace_seconds": _float(0.0, 7 * 86400.0),
     "indeterminate_band": _float(0.0, 0.5),
     "min_series_slices": _int(1, 10000),
     "batch_size": _int(1, 1024),
@@ -373,6 +379,10 @@ def load_settings(
         raise SettingsError(f"{PREFIX}TLS_CA needs {PREFIX}TLS_CERT and {PREFIX}TLS_KEY")
     if values.get("dimse_timeout", 30.0) >= values.get("network_timeout", 60.0):
         raise SettingsError(f"{PREFIX}DIMSE_TIMEOUT must be shorter than {PREFIX}NETWORK_TIMEOUT")
+    if values.get("heartbeat_seconds", 2.0) * 2 > values.get("task_stale_seconds", 10.0):
+        raise SettingsError(
+            f"{PREFIX}TASK_STALE_SECONDS must be at least twice {PREFIX}HEARTBEAT_SECONDS"
+        )
 
     if create_dirs:
         try:

@@ -38,15 +38,16 @@ TABLES = {
     "users",
     "api_tokens",
     "audit_log",
+    "workers",
     "alembic_version",
 }
 
 
 def test_migrations_create_every_table(db_url: str) -> None:
-    assert current_revision(db_url) == "0002"
+    assert current_revision(db_url) == "0003"
     assert set(inspect(get_engine(db_url)).get_table_names()) == TABLES
     upgrade(db_url)  # idempotent
-    assert current_revision(db_url) == "0002"
+    assert current_revision(db_url) == "0003"
 
 
 def test_models_and_migrations_agree(db_url: str) -> None:

@@ -305,17 +305,16 @@ def test_upload_task(celery_setup: tuple, tmp_path: Path) -> None:
 def test_worker_killed_mid_task_is_redelivered_and_finished_once(
     tmp_path: Path, redis_db: int, pacs: TestPACS
 ) -> None:
-    """A real `covidct worker` (prefork); its child is SIGKILLed while it analyses a study."""
-    settings = make_settings(
-        tmp_path, redis_db, pacs.destination, COVIDCT_TASK_STALE_SECONDS="3", COVIDCT_BATCH_SIZE="4"
-    )
+    """A real `covidct worker` (prefork); its child is SIGKILLed while it analyses a study.
+    The lease (default: renewed every 2 s, stale after 10 s) lets the re-delivered task take
+    the study over within 15 s of the kill."""
+    settings = make_settings(tmp_path, redis_db, pacs.destination, COVIDCT_BATCH_SIZE="4")
     env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
         "COVIDCT_DATA_DIR": str(settings.data_dir),
         "COVIDCT_BROKER_URL": settings.broker_url,
         "COVIDCT_MODEL_PATH": str(settings.model_path),
         "COVIDCT_DESTINATIONS": pacs.destination,
         "COVIDCT_MIN_SERIES_SLICES": "5",
-        "COVIDCT_TASK_STALE_SECONDS": "3",
         "COVIDCT_BATCH_SIZE": "4",
     }
     study_id = spool_study(settings, make_study([SeriesSpec(slices=120)]))
@@ -342,6 +341,10 @@ def test_worker_killed_mid_task_is_redelivered_and_finished_once(
         assert children, "the prefork child is running"
         for pid in children:
             os.kill(int(pid), signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: study_row(settings, study_id).attempts >= 2, timeout=60, what="takeover")
+        takeover = time.monotonic() - killed
+        assert takeover < 15, f"taken over {takeover:.1f} s after the kill"
         wait_for(
             lambda: study_row(settings, study_id).state == StudyState.DONE,
             timeout=180,

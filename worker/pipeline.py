@@ -35,6 +35,7 @@ from core.models import (
 )
 from core.settings import Settings
 from worker.analysis import Timings, analyse
+from worker.lease import Claim, Lease
 from worker.selection import Selection, SliceRef
 from worker.sr import Finding, build_sr, lung_measurements
 
@@ -56,8 +57,9 @@ class Outcome:
     timings: Timings = field(default_factory=Timings)
 
 
-def claim(settings: Settings, study_id: int) -> int | None:
-    """Take the study (queued, or processing with a dead worker); return its generation."""
+def claim(settings: Settings, study_id: int) -> Claim | None:
+    """Take the study (queued, or processing with a dead worker: no lease renewed for
+    ``task_stale_seconds``); None when there is nothing to do."""
     now = utcnow()
     stale = now - timedelta(seconds=settings.task_stale_seconds)
     with session_scope(settings.database_url) as s:
@@ -92,23 +94,20 @@ def claim(settings: Settings, study_id: int) -> int | None:
         if taken != 1:
             logger.info("study %s is %s: nothing to do", study.study_instance_uid, study.state)
             return None
-        return study.generation
-
-
-def heartbeat(settings: Settings, study_id: int) -> None:
-    with session_scope(settings.database_url) as s:
-        s.execute(update(Study).where(Study.id == study_id).values(heartbeat_at=utcnow()))
+        s.refresh(study)
+        return Claim(study_id, study.generation, study.attempts)
 
 
 def finish(
     settings: Settings,
-    study_id: int,
-    generation: int,
+    taken: Claim,
     state: StudyState,
     reason: str = "",
     **values: object,
 ) -> str:
-    """Set the final state unless new instances arrived meanwhile (then they win)."""
+    """Set the final state unless new instances arrived meanwhile (then they win) or
+    another worker took the study over."""
+    study_id, generation = taken.study_id, taken.generation
     with session_scope(settings.database_url) as s:
         done = s.execute(
             update(Study)
@@ -116,6 +115,7 @@ def finish(
                 Study.id == study_id,
                 Study.state == StudyState.PROCESSING,
                 Study.generation == generation,
+                Study.attempts == taken.attempt,
             )
             .values(
                 state=state,
@@ -139,9 +139,19 @@ def finish(
 def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> Outcome:
     """Run the whole pipeline for one study; see the module docstring."""
     started = time.perf_counter()
-    generation = claim(settings, study_id)
-    if generation is None:
+    taken = claim(settings, study_id)
+    if taken is None:
         return Outcome(study_id, "skipped")
+    with Lease(settings, taken) as lease:
+        outcome = _analyse_claimed(settings, taken, classifier, lease)
+    outcome.timings.total = time.perf_counter() - started
+    return outcome
+
+
+def _analyse_claimed(
+    settings: Settings, taken: Claim, classifier: Classifier, lease: Lease
+) -> Outcome:
+    study_id, generation = taken.study_id, taken.generation
     with session_scope(settings.database_url) as s:
         study = s.get(Study, study_id)
         assert study is not None
@@ -152,17 +162,15 @@ def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> 
     logger.info(
         "analysing study %s (generation %d, %d instances)", study_uid, generation, len(rows)
     )
-    a = analyse(
-        [(r[0], r[1]) for r in rows],
-        settings,
-        classifier,
-        on_batch=lambda: heartbeat(settings, study_id),
-    )
+    a = analyse([(r[0], r[1]) for r in rows], settings, classifier)
     t = a.timings
+    if lease.lost.is_set():
+        logger.warning("study %s was taken over by another worker: storing nothing", study_uid)
+        return Outcome(study_id, "skipped", "taken over", timings=t)
     if a.reason or a.lungs is None or a.probability is None or a.verdict is None:
         reason = a.reason or "not analysable"
         state = finish(
-            settings, study_id, generation, StudyState.NOT_ANALYSABLE, reason, slices_analysed=0
+            settings, taken, StudyState.NOT_ANALYSABLE, reason, slices_analysed=0
         )
         logger.info("study %s not analysable: %s", study_uid, reason)
         return Outcome(study_id, state, reason, timings=t)
@@ -194,8 +202,7 @@ def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> 
     t.sr += time.perf_counter() - t1
     state = finish(
         settings,
-        study_id,
-        generation,
+        taken,
         StudyState.DONE,
         "",
         verdict=call,
@@ -204,14 +211,8 @@ def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> 
         model_version=classifier.version,
         quantification=measured,
     )
-    t.total = time.perf_counter() - started
     logger.info(
-        "study %s: %s (p=%.3f, %d slices, %.1f s)",
-        study_uid,
-        call,
-        probability,
-        len(analysed),
-        t.total,
+        "study %s: %s (p=%.3f, %d slices)", study_uid, call, probability, len(analysed)
     )
     return Outcome(study_id, state, "", probability, call, report_id, t)
 
