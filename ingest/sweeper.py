@@ -9,8 +9,12 @@ Every ``sweep_seconds`` the sweeper:
    by a transport, or a broker restarted without persistence);
 3. re-queues a ``processing`` study whose worker has not sent a heartbeat for
    ``task_stale_seconds`` (a worker killed mid-task);
-4. re-publishes report deliveries that are due;
-5. re-publishes uploads still ``queued`` after ``requeue_seconds`` (broker down at upload).
+4. re-publishes report deliveries that are due: never tried, backed off, or published
+   ``redeliver_seconds`` ago and not taken (a lost message), unless an attempt holds their
+   claim (a dead attempt's claim lapses ``task_stale_seconds`` after its last renewal);
+5. re-publishes uploads still ``queued`` or ``processing`` ``redeliver_seconds`` after they
+   were last published (broker down at upload, a lost message, a worker killed mid-upload;
+   an upload's analysis takes well under a second and is idempotent).
 """
 
 from __future__ import annotations
@@ -82,14 +86,15 @@ class Sweeper:
                 select(Delivery.id).where(
                     Delivery.state == DeliveryState.PENDING,
                     or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now),
+                    or_(Delivery.claimed_until.is_(None), Delivery.claimed_until <= now),
                 )
             ).all()
 
         with session_scope(url) as session:
             uploads = session.scalars(
                 select(Upload.id).where(
-                    Upload.state == UploadState.QUEUED,
-                    Upload.queued_at <= now - timedelta(seconds=s.requeue_seconds),
+                    Upload.state.in_((UploadState.QUEUED, UploadState.PROCESSING)),
+                    Upload.queued_at <= now - timedelta(seconds=s.redeliver_seconds),
                 )
             ).all()
         for upload_id in uploads:
@@ -119,8 +124,8 @@ class Sweeper:
                 row = session.get(Delivery, delivery_id)
                 if row is None or row.state != DeliveryState.PENDING:
                     continue
-                # hold it off while the task runs; the task sets the real next attempt
-                row.next_attempt_at = now + timedelta(seconds=s.requeue_seconds)
+                # hold it off until its message is taken; the task sets the real next attempt
+                row.next_attempt_at = now + timedelta(seconds=s.redeliver_seconds)
             if self._publish(DELIVER_TASK, delivery_id, result):
                 result.deliveries += 1
             else:

@@ -43,12 +43,21 @@ def tiny_model_output(inputs: np.ndarray, weight: float = 8.0, bias: float = -4.
 class TestPACS:
     """A pynetdicom storage SCP on a free port that keeps what it receives in memory."""
 
-    def __init__(self, ae_title: str = "PACS", port: int = 0, status: int = 0x0000) -> None:
+    def __init__(
+        self,
+        ae_title: str = "PACS",
+        port: int = 0,
+        status: int = 0x0000,
+        gate: threading.Event | None = None,
+    ) -> None:
+        """``gate``: a PACS that hangs: each C-STORE is kept (and counted) at once but
+        answered only when the event is set."""
         from pynetdicom import AE, evt
         from pynetdicom.sop_class import Verification
 
         self.received: list[Any] = []
         self.status = status
+        self.gate = gate
         self.lock = threading.Lock()
         self.ae = AE(ae_title=ae_title)
         self.ae.add_supported_context(Verification)
@@ -64,6 +73,8 @@ class TestPACS:
         ds.file_meta = event.file_meta
         with self.lock:
             self.received.append(ds)
+        if self.gate is not None:
+            self.gate.wait(120)
         return self.status
 
     @property

@@ -542,7 +542,7 @@ def test_sweeper_republishes_a_stale_upload_once(listener: tuple[Listener, Publi
             )
         )
     assert lst.sweeper is not None
-    later = utcnow() + timedelta(seconds=lst.settings.requeue_seconds + 1)
+    later = utcnow() + timedelta(seconds=lst.settings.redeliver_seconds + 1)
     assert lst.sweeper.sweep_once(later).uploads == 1
     assert lst.sweeper.sweep_once(later).uploads == 0
     assert published == [("covidct.analyse_upload", 1)]

@@ -118,6 +118,12 @@ def test_study_to_validated_sr_in_the_pacs(celery_setup: tuple) -> None:
     study_id = spool_study(settings, study)
     publish(app, STUDY_TASK, study_id)
     wait_for(lambda: len(pacs.received) == 1, what="the SR at the PACS")
+
+    def delivered() -> bool:  # the PACS answers before the worker commits its outcome
+        with session_scope(settings.database_url) as s:
+            return s.scalar(select(Delivery.state)) == "delivered"
+
+    wait_for(delivered, what="the delivery recorded")
     row = study_row(settings, study_id)
     # the drawn chest's apex and base slices hold too little lung to frame
     assert row.state == StudyState.DONE and 10 <= row.slices_analysed < 24
@@ -138,7 +144,6 @@ def test_study_to_validated_sr_in_the_pacs(celery_setup: tuple) -> None:
             select(func.count()).select_from(Prediction).where(Prediction.kind == "slice")
         )
         assert n_slices == 24
-        assert s.scalar(select(Delivery.state)) == "delivered"
     saved = Path(report.path)
     assert saved.is_file()
     assert dciodvfy_errors(saved) == []
@@ -195,7 +200,13 @@ def test_pacs_down_then_up_delivers_after_retries(tmp_path: Path, redis_db: int)
             assert row is not None and row.state == "pending" and "refused" in row.last_error
         pacs = TestPACS(port=port)
         try:
-            sweep_until(lambda: len(pacs.received) == 1, "delivery once the PACS is up")
+            def delivered() -> bool:  # the PACS answers before the outcome is committed
+                with session_scope(settings.database_url) as s:
+                    return s.scalar(select(Delivery.state)) == "delivered"
+
+            sweep_until(
+                lambda: len(pacs.received) == 1 and delivered(), "delivery once the PACS is up"
+            )
             with session_scope(settings.database_url) as s:
                 row = s.scalar(select(Delivery))
                 assert row is not None and row.state == "delivered" and row.attempts >= 3

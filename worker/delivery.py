@@ -12,11 +12,13 @@ from datetime import timedelta
 
 import pydicom
 from pynetdicom import AE
+from sqlalchemy import case, or_, update
 
 from core import audit
 from core.db import session_scope
 from core.models import Delivery, DeliveryState, Report, utcnow
 from core.settings import Destination, Settings
+from worker.lease import Lease, renew_delivery
 
 logger = logging.getLogger(__name__)
 
@@ -55,30 +57,72 @@ def c_store(settings: Settings, dest: Destination, path: str) -> None:
         raise DeliveryError(f"{dest} answered status 0x{code:04X}")
 
 
-def deliver(settings: Settings, delivery_id: int) -> str:
-    """One attempt; returns the new state.  Never raises for a delivery problem."""
+BUSY = "busy"  # another attempt holds the delivery: try again after its lease
+
+
+def claim_delivery(settings: Settings, delivery_id: int) -> tuple[str, str, str] | str:
+    """Take a pending delivery for one attempt: (report path, destination, SR UID), or the
+    state that says why not (``delivered``, ``failed``, ``missing``, ``busy``).
+
+    An earlier attempt that died (its claim expired, its outcome never written) is counted
+    in ``interrupted``: the PACS may hold the SR already, so this attempt may be a re-send of
+    the same SOP Instance UID (delivery is at-least-once; see docs/operations.md)."""
+    now = utcnow()
     with session_scope(settings.database_url) as s:
+        taken = s.execute(
+            update(Delivery)
+            .where(
+                Delivery.id == delivery_id,
+                Delivery.state == DeliveryState.PENDING,
+                or_(Delivery.claimed_until.is_(None), Delivery.claimed_until <= now),
+            )
+            .values(
+                claimed_until=now + timedelta(seconds=settings.task_stale_seconds),
+                interrupted=Delivery.interrupted
+                + case((Delivery.claimed_until.is_not(None), 1), else_=0),
+            )
+        ).rowcount
         row = s.get(Delivery, delivery_id)
         if row is None:
             return "missing"
-        if row.state != DeliveryState.PENDING:
-            return str(row.state)
+        if taken != 1:
+            return str(row.state) if row.state != DeliveryState.PENDING else BUSY
+        s.refresh(row)
         report = s.get(Report, row.report_id)
         assert report is not None
-        path, destination = report.path, row.destination
-    try:
-        c_store(settings, parse_destination(destination), path)
-        error = ""
-    except (DeliveryError, OSError, ValueError, RuntimeError) as exc:
-        error = str(exc) or exc.__class__.__name__
+        if row.interrupted:
+            logger.warning(
+                "report %s to %s: %d earlier attempt(s) interrupted; sending again",
+                report.sop_instance_uid,
+                row.destination,
+                row.interrupted,
+            )
+        return report.path, row.destination, report.sop_instance_uid
+
+
+def deliver(settings: Settings, delivery_id: int) -> str:
+    """One attempt; returns the new state (or ``busy``).  Never raises for a delivery
+    problem.  The outcome is logged only after it is committed."""
+    claimed = claim_delivery(settings, delivery_id)
+    if isinstance(claimed, str):
+        return claimed
+    path, destination, sop_uid = claimed
+    renew = lambda: renew_delivery(settings, delivery_id)  # noqa: E731
+    with Lease(settings, f"delivery {delivery_id}", renew):
+        try:
+            c_store(settings, parse_destination(destination), path)
+            error = ""
+        except (DeliveryError, OSError, ValueError, RuntimeError) as exc:
+            error = str(exc) or exc.__class__.__name__
     with session_scope(settings.database_url) as s:
         row = s.get(Delivery, delivery_id)
         assert row is not None
         row.attempts += 1
+        row.claimed_until = None
         if not error:
             row.state, row.delivered_at, row.last_error = DeliveryState.DELIVERED, utcnow(), ""
             row.next_attempt_at = None
-            audit.record(s, "worker", "report.export", destination, report=report.sop_instance_uid)
+            audit.record(s, "worker", "report.export", destination, report=sop_uid)
         else:
             row.last_error = error[:2000]
             if row.attempts >= settings.sr_max_attempts:
@@ -90,20 +134,21 @@ def deliver(settings: Settings, delivery_id: int) -> str:
                     "report.export",
                     destination,
                     outcome="failed",
-                    report=report.sop_instance_uid,
+                    report=sop_uid,
                     error=error[:200],
                 )
             else:
                 wait = settings.sr_retry_base_seconds * 2 ** (row.attempts - 1)
                 row.next_attempt_at = utcnow() + timedelta(seconds=wait)
-        logger.log(
-            logging.INFO if not error else logging.WARNING,
-            "report %s to %s: %s",
-            report.sop_instance_uid,
-            destination,
-            "delivered" if not error else f"attempt {row.attempts} failed: {error}",
-        )
-        return str(row.state)
+        state, attempts = str(row.state), row.attempts
+    logger.log(
+        logging.INFO if not error else logging.WARNING,
+        "report %s to %s: %s",
+        sop_uid,
+        destination,
+        "delivered" if not error else f"attempt {attempts} failed: {error}",
+    )
+    return state
 
 
 def resend(settings: Settings, delivery_id: int, actor: str) -> None:
@@ -113,4 +158,5 @@ def resend(settings: Settings, delivery_id: int, actor: str) -> None:
         if row is None:
             raise KeyError(delivery_id)
         row.state, row.attempts, row.next_attempt_at = DeliveryState.PENDING, 0, None
+        row.claimed_until = None
         audit.record(s, actor, "report.resend", row.destination, delivery=delivery_id)

@@ -35,7 +35,7 @@ from core.models import (
 )
 from core.settings import Settings
 from worker.analysis import Timings, analyse
-from worker.lease import Claim, Lease
+from worker.lease import Claim, Lease, renew_study
 from worker.selection import Selection, SliceRef
 from worker.sr import Finding, build_sr, lung_measurements
 
@@ -142,7 +142,7 @@ def analyse_study(settings: Settings, study_id: int, classifier: Classifier) -> 
     taken = claim(settings, study_id)
     if taken is None:
         return Outcome(study_id, "skipped")
-    with Lease(settings, taken) as lease:
+    with Lease(settings, f"study id {study_id}", lambda: renew_study(settings, taken)) as lease:
         outcome = _analyse_claimed(settings, taken, classifier, lease)
     outcome.timings.total = time.perf_counter() - started
     return outcome
@@ -169,9 +169,7 @@ def _analyse_claimed(
         return Outcome(study_id, "skipped", "taken over", timings=t)
     if a.reason or a.lungs is None or a.probability is None or a.verdict is None:
         reason = a.reason or "not analysable"
-        state = finish(
-            settings, taken, StudyState.NOT_ANALYSABLE, reason, slices_analysed=0
-        )
+        state = finish(settings, taken, StudyState.NOT_ANALYSABLE, reason, slices_analysed=0)
         logger.info("study %s not analysable: %s", study_uid, reason)
         return Outcome(study_id, state, reason, timings=t)
     lungs, analysed, probs, skipped = a.lungs, a.analysed, a.probs, a.skipped
@@ -211,9 +209,7 @@ def _analyse_claimed(
         model_version=classifier.version,
         quantification=measured,
     )
-    logger.info(
-        "study %s: %s (p=%.3f, %d slices)", study_uid, call, probability, len(analysed)
-    )
+    logger.info("study %s: %s (p=%.3f, %d slices)", study_uid, call, probability, len(analysed))
     return Outcome(study_id, state, "", probability, call, report_id, t)
 
 

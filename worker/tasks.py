@@ -23,7 +23,7 @@ from core.db import dispose_engines, session_scope
 from core.models import Delivery, DeliveryState, Study, StudyState, Upload, UploadState, utcnow
 from core.settings import Settings
 from worker.app import DELIVER_TASK, STUDY_TASK, UPLOAD_TASK, publish
-from worker.delivery import deliver
+from worker.delivery import BUSY, deliver
 from worker.pipeline import StudyBusy, analyse_study
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def _fail_study(settings: Settings, study_id: int, reason: str) -> None:
 
 def send_pending_deliveries(app: Celery, settings: Settings, report_id: int) -> int:
     """Publish the outbox rows of a new report now rather than at the next sweep."""
-    hold = utcnow() + timedelta(seconds=settings.requeue_seconds)
+    hold = utcnow() + timedelta(seconds=settings.redeliver_seconds)
     with session_scope(settings.database_url) as s:
         rows = s.scalars(
             select(Delivery).where(
@@ -134,7 +134,10 @@ def register_tasks(app: Celery) -> None:
 
     @app.task(name=DELIVER_TASK, **TASK_OPTIONS)
     def deliver_task(self: Task, delivery_id: int) -> str:
-        return deliver(settings, delivery_id)
+        state = deliver(settings, delivery_id)
+        if state == BUSY:  # another attempt holds it, or held it and died: its lease decides
+            raise self.retry(countdown=settings.task_stale_seconds / 2, max_retries=20)
+        return state
 
 
 def analyse_upload(settings: Settings, upload_id: int, classifier: Classifier) -> str:
