@@ -93,3 +93,16 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def env(tmp_path: Path) -> dict[str, str]:
     """A minimal environment for load_settings with its own data dir."""
     return {"COVIDCT_DATA_DIR": str(tmp_path / "var")}
+
+
+@pytest.fixture
+def redis_db() -> Iterator[int]:
+    """A Redis database of our own on the shared server, emptied before and after."""
+    need(port_open(REDIS_HOST, REDIS_PORT), "Redis on 127.0.0.1:6379")
+    import redis
+
+    db = 5 + os.getpid() % 10
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
+    client.flushdb()
+    yield db
+    client.flushdb()

@@ -25,7 +25,7 @@ from core.settings import Settings
 from covidct.synthetic import SeriesSpec, make_study
 from ingest.sweeper import Sweeper
 from tests.helpers import TestPACS, spool_study
-from tests.test_worker import make_settings, redis_db, wait_for  # noqa: F401 (fixture)
+from tests.test_worker import make_settings, wait_for
 from worker.app import DELIVER_TASK, publish
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ from core.models import Delivery, Prediction, Report, Study, StudyState, Upload
 from core.settings import Settings, load_settings
 from covidct.synthetic import SeriesSpec, make_study
 from ingest.sweeper import Sweeper
-from tests.conftest import REDIS_HOST, REDIS_PORT, free_port, need, need_tool, port_open
+from tests.conftest import REDIS_HOST, REDIS_PORT, free_port, need_tool
 from tests.factories import enhanced_ct, to_bytes
 from tests.helpers import TestPACS, make_tiny_model, spool_study
 from worker.app import QUEUES, STUDY_TASK, UPLOAD_TASK, publish
@@ -38,19 +38,6 @@ def wait_for(check: Callable[[], bool], timeout: float = 60.0, what: str = "cond
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
-
-
-@pytest.fixture
-def redis_db() -> Iterator[int]:
-    """A Redis database of our own on the shared server, emptied before and after."""
-    need(port_open(REDIS_HOST, REDIS_PORT), "Redis on 127.0.0.1:6379")
-    import redis
-
-    db = 5 + os.getpid() % 10
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=db)
-    client.flushdb()
-    yield db
-    client.flushdb()
 
 
 @pytest.fixture
@@ -200,6 +187,7 @@ def test_pacs_down_then_up_delivers_after_retries(tmp_path: Path, redis_db: int)
             assert row is not None and row.state == "pending" and "refused" in row.last_error
         pacs = TestPACS(port=port)
         try:
+
             def delivered() -> bool:  # the PACS answers before the outcome is committed
                 with session_scope(settings.database_url) as s:
                     return s.scalar(select(Delivery.state)) == "delivered"
