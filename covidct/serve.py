@@ -3,8 +3,10 @@
 Each stage runs in its own process (the same ``covidct`` command line), so TensorFlow lives
 only in the worker and a crash of one stage is visible.  All three share the data directory:
 SQLite results store and the embedded filesystem queue by default, Redis and PostgreSQL as
-soon as their URLs are set.  Ctrl-C (SIGINT) or SIGTERM stops them in order; studies that
-were queued resume at the next start because the results store, not the queue, holds them.
+soon as their URLs are set.  A stage that dies is restarted (after 1, 2, 4 ... 30 s) while the
+others keep serving; one that keeps dying stops the service, loudly.  Ctrl-C (SIGINT) or
+SIGTERM stops them in order; studies that were queued resume at the next start because the
+results store, not the queue, holds them.
 """
 
 from __future__ import annotations
@@ -42,10 +44,71 @@ def banner(settings: Settings) -> str:
     )
 
 
+RESTART_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # seconds before the 1st, 2nd, ... restart
+CRASH_LOOP = (5, 120.0)  # this many deaths of one stage within this many seconds stop serve
+
+
+def _start(stage: str, env: dict[str, str], workers: int) -> subprocess.Popen:
+    args = [sys.executable, "-m", "covidct.cli", stage]
+    if stage == "worker":
+        args += ["--concurrency", str(workers)]
+    return subprocess.Popen(args, env=env, start_new_session=True)
+
+
+class Supervisor:
+    """Restarts a stage that died, after a growing delay, while the others keep running; a
+    stage that dies ``CRASH_LOOP[0]`` times within ``CRASH_LOOP[1]`` seconds stops serve."""
+
+    def __init__(self, env: dict[str, str], workers: int) -> None:
+        self.env, self.workers = env, workers
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.deaths: dict[str, list[float]] = {stage: [] for stage in STAGES}
+        self.restart_at: dict[str, float] = {}
+
+    def start_all(self) -> None:
+        for stage in STAGES:
+            self.procs[stage] = _start(stage, self.env, self.workers)
+
+    def check(self, now: float) -> str | None:
+        """One look at every stage; the reason to stop serve, or None."""
+        for stage, proc in self.procs.items():
+            if stage in self.restart_at:
+                if now >= self.restart_at[stage]:
+                    del self.restart_at[stage]
+                    self.procs[stage] = _start(stage, self.env, self.workers)
+                    logger.warning("%s restarted (pid %d)", stage, self.procs[stage].pid)
+                continue
+            if proc.poll() is None:
+                continue
+            _kill_group(proc)  # a dead worker's pool children must not linger
+            deaths = [t for t in self.deaths[stage] if now - t < CRASH_LOOP[1]] + [now]
+            self.deaths[stage] = deaths
+            if len(deaths) >= CRASH_LOOP[0]:
+                return (
+                    f"{stage} exited {len(deaths)} times within {CRASH_LOOP[1]:.0f} s "
+                    f"(last status {proc.returncode}): stopping covidct"
+                )
+            delay = RESTART_DELAYS[min(len(deaths), len(RESTART_DELAYS)) - 1]
+            logger.error(
+                "%s exited with status %s; restarting it in %.0f s; the other stages go on",
+                stage,
+                proc.returncode,
+                delay,
+            )
+            self.restart_at[stage] = now + delay
+        return None
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def serve(settings: Settings, *, workers: int = 1) -> int:
     upgrade(settings.database_url)
     settings.log_effective()
-    procs: dict[str, subprocess.Popen] = {}
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -56,20 +119,18 @@ def serve(settings: Settings, *, workers: int = 1) -> int:
     env = dict(os.environ)
     env.setdefault("COVIDCT_DATA_DIR", str(settings.data_dir))
     env.setdefault("COVIDCT_SECRET_KEY", settings.secret_key)
-    for stage in STAGES:
-        args = [sys.executable, "-m", "covidct.cli", stage]
-        if stage == "worker":
-            args += ["--concurrency", str(workers)]
-        procs[stage] = subprocess.Popen(args, env=env, start_new_session=True)
+    supervisor = Supervisor(env, workers)
+    supervisor.start_all()
     print(banner(settings), flush=True)
     exit_code = 0
     while not stop.wait(0.5):
-        for stage, proc in procs.items():
-            if proc.poll() is not None:
-                logger.error("%s exited with status %s; stopping", stage, proc.returncode)
-                exit_code = 1
-                stop.set()
-    shutdown(procs)
+        reason = supervisor.check(time.monotonic())
+        if reason:
+            logger.critical("%s", reason)
+            print(f"covidct: {reason}", file=sys.stderr, flush=True)
+            exit_code = 1
+            break
+    shutdown(supervisor.procs)
     return exit_code
 
 

@@ -138,3 +138,62 @@ def test_a_lost_delivery_message_is_published_again_after_redeliver_seconds(
     assert sweeper.sweep_once(later).deliveries == 1
     assert sent == [(DELIVER_TASK, delivery_row(settings).id)]
     assert settings.redeliver_seconds <= 30
+
+
+def stage_pids(serve_pid: int) -> dict[str, int]:
+    """The main process of each stage ``covidct serve`` started."""
+    out = subprocess.run(["pgrep", "-P", str(serve_pid)], capture_output=True, text=True)
+    pids: dict[str, int] = {}
+    for pid in map(int, out.stdout.split()):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for stage in ("listener", "worker", "web"):
+            if stage.encode() in args:
+                pids[stage] = pid
+    return pids
+
+
+@pytest.mark.slow
+def test_serve_restarts_a_dead_stage_and_keeps_the_port_open(tmp_path: Path) -> None:
+    """The worker stage killed -9: the DICOM port stays open and a new worker starts; the
+    listener stage killed -9: the port is open again within 15 s; a study sent afterwards
+    is analysed by the restarted worker."""
+    import sqlite3
+
+    from tests.conftest import port_open
+    from tests.test_e2e import base_env, send_study, serve, wait
+
+    env = base_env(tmp_path)
+    port = int(env["COVIDCT_DICOM_PORT"])
+    log = tmp_path / "serve.log"
+    with serve(env, log) as proc:
+        first = wait(lambda: (p := stage_pids(proc.pid)) and len(p) == 3 and p, 30, "3 stages")
+        os.kill(first["worker"], signal.SIGKILL)
+        for _ in range(10):  # the listener is not touched by the worker's death
+            assert port_open("127.0.0.1", port)
+            time.sleep(0.3)
+        wait(
+            lambda: stage_pids(proc.pid).get("worker", first["worker"]) != first["worker"],
+            15,
+            "a new worker",
+        )
+        os.kill(first["listener"], signal.SIGKILL)
+        killed = time.monotonic()
+        wait(lambda: not port_open("127.0.0.1", port) or time.monotonic() - killed > 1, 5, "")
+        wait(lambda: port_open("127.0.0.1", port), 15, "the DICOM port open again")
+        study_uid, _ = send_study(env, tmp_path)
+        db = tmp_path / "var" / "covidct.sqlite3"
+
+        def finished() -> str | None:
+            with sqlite3.connect(db) as con:
+                row = con.execute(
+                    "SELECT state FROM studies WHERE study_instance_uid = ?", (study_uid,)
+                ).fetchone()
+            return row[0] if row and row[0] in ("done", "not_analysable", "failed") else None
+
+        assert wait(finished, 120, "the study analysed") == "done"
+    text = log.read_text()
+    assert "worker exited with status -9; restarting it" in text
+    assert "listener exited with status -9; restarting it" in text
