@@ -10,7 +10,6 @@ patient names never.
 from __future__ import annotations
 
 import logging
-import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from core import audit
 from core.db import session_scope
+from core.health import free_disk_mb
 from core.settings import Settings
 from ingest import tuning
 from ingest.part10 import file_meta
@@ -60,11 +60,6 @@ def _audit(
             audit.record(s, actor or "?", action, obj, outcome=outcome, remote=remote, **detail)
     except Exception:  # the audit log must never take the SCP down
         logger.exception("could not write audit event %s", action)
-
-
-def free_disk_mb(path: Path) -> float:
-    """Free space where ``path`` lives (the spool, created by the Listener at start-up)."""
-    return shutil.disk_usage(path).free / (1024 * 1024)
 
 
 def handle_conn_open(event: Any) -> None:

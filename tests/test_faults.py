@@ -155,6 +155,19 @@ def stage_pids(serve_pid: int) -> dict[str, int]:
     return pids
 
 
+def readyz(env: dict[str, str]) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    url = f"http://127.0.0.1:{env['COVIDCT_WEB_PORT']}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 @pytest.mark.slow
 def test_serve_restarts_a_dead_stage_and_keeps_the_port_open(tmp_path: Path) -> None:
     """The worker stage killed -9: the DICOM port stays open and a new worker starts; the
@@ -169,6 +182,7 @@ def test_serve_restarts_a_dead_stage_and_keeps_the_port_open(tmp_path: Path) -> 
     port = int(env["COVIDCT_DICOM_PORT"])
     log = tmp_path / "serve.log"
     with serve(env, log) as proc:
+        wait(lambda: readyz(env)[0] == 200, 60, "/readyz 200 (the worker says it is alive)")
         first = wait(lambda: (p := stage_pids(proc.pid)) and len(p) == 3 and p, 30, "3 stages")
         os.kill(first["worker"], signal.SIGKILL)
         for _ in range(10):  # the listener is not touched by the worker's death

@@ -164,6 +164,34 @@ def test_health_endpoints_are_open(client: FlaskClient) -> None:
     assert r.json["database"] == "ok" and r.json["broker"] == "ok"
 
 
+def test_readyz_names_each_reason_it_cannot_take_work(tmp_path: Path) -> None:
+    """No live worker, then free disk below the listener's floor: 503 with the reasons;
+    a worker seen recently and a floor the disk clears: 200."""
+    from core import health
+
+    settings = load_settings(
+        {"COVIDCT_DATA_DIR": str(tmp_path / "var"), "COVIDCT_MIN_FREE_DISK_MB": str(10**7)}
+    )
+    upgrade(settings.database_url)
+    client = create_app(settings, {"TESTING": True}).test_client()
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json["status"] == "unavailable"
+    assert r.json["workers"].startswith("no live worker")
+    assert "DICOM associations are refused" in r.json["disk"]
+    assert len(r.json["reasons"]) == 2
+    health.beat(settings, "host:1")
+    r = client.get("/readyz")
+    assert r.status_code == 503 and r.json["workers"] == "ok"
+    assert [x.split(":")[0] for x in r.json["reasons"]] == ["disk"]
+
+    roomy = load_settings({"COVIDCT_DATA_DIR": str(tmp_path / "var")})
+    health.beat(roomy, "host:1")
+    r = create_app(roomy, {"TESTING": True}).test_client().get("/readyz")
+    assert r.status_code == 200 and r.json["reasons"] == [], r.json
+    health.gone(roomy, "host:1")
+    assert health.live_workers(roomy) == 0
+
+
 def test_post_without_csrf_is_refused(client: FlaskClient, settings: Settings) -> None:
     r = client.post("/login", data={"username": "reader", "password": "reader password"})
     assert r.status_code == 400

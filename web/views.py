@@ -23,12 +23,13 @@ from flask import (
 from flask_login import current_user, login_required
 from PIL import Image
 from scipy import ndimage
-from sqlalchemy import select, text, update
+from sqlalchemy import select, update
 
 from classifier.errors import UnusableInputError
 from classifier.preprocess import to_model_input, windowed_slice
 from core import audit
 from core.db import session_scope
+from core.health import readiness
 from core.models import Delivery, Instance, Prediction, Report, Study, StudyState, Upload, utcnow
 from core.settings import Settings
 from web.queries import (
@@ -62,23 +63,21 @@ def healthz() -> Any:
 
 @bp.route("/readyz")
 def readyz() -> Any:
-    checks: dict[str, str] = {}
-    try:
-        with session_scope(settings().database_url) as s:
-            s.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:
-        checks["database"] = f"error: {exc.__class__.__name__}"
+    """503 with each reason the service cannot take work: database, broker, free disk under
+    the listener's floor, no live worker."""
     try:
         from worker.app import celery_for
 
         with celery_for(settings()).connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
-        checks["broker"] = "ok"
+        broker = "ok"
     except Exception as exc:
-        checks["broker"] = f"error: {exc.__class__.__name__}"
-    ok = all(v == "ok" for v in checks.values())
-    return jsonify(status="ok" if ok else "unavailable", **checks), 200 if ok else 503
+        broker = f"error: {exc.__class__.__name__}"
+    ok, checks = readiness(settings(), broker)
+    reasons = [f"{k}: {v}" for k, v in checks.items() if v != "ok"]
+    return jsonify(
+        status="ok" if ok else "unavailable", reasons=reasons, **checks
+    ), 200 if ok else 503
 
 
 @bp.route("/")

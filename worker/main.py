@@ -1,11 +1,24 @@
-"""``covidct worker``: a Celery worker on the configured broker, prefork pool."""
+"""``covidct worker``: a Celery worker on the configured broker, prefork pool.
+
+The main process says it is alive (``core.health.beat``) every ``heartbeat_seconds`` from a
+thread, so that ``/readyz`` can tell that no worker is running.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
+import threading
+from typing import Any
 
+from celery.signals import worker_ready, worker_shutdown
+
+from core import health
 from core.db import upgrade
 from core.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 def run_worker(
@@ -15,6 +28,30 @@ def run_worker(
 
     upgrade(settings.database_url)
     app = create_app(settings)
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    stop = threading.Event()
+
+    def beat_until_stopped() -> None:
+        while True:
+            try:
+                health.beat(settings, name)
+            except Exception as exc:  # the store is down: /readyz says so on its own
+                logger.warning("worker heartbeat not recorded: %s", exc)
+            if stop.wait(settings.heartbeat_seconds):
+                return
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_: Any) -> None:
+        threading.Thread(target=beat_until_stopped, name="worker-heartbeat", daemon=True).start()
+
+    @worker_shutdown.connect(weak=False)
+    def _shutdown(**_: Any) -> None:
+        stop.set()
+        try:
+            health.gone(settings, name)
+        except Exception:
+            logger.warning("could not remove worker %s from the store", name)
+
     argv = [
         "worker",
         f"--loglevel={settings.log_level}",
