@@ -109,6 +109,7 @@ class Study(Base):
     # why the study may lack instances its sender meant to send (an aborted association, an
     # instance refused for disk trouble, the listener stopped mid-association); "" = complete
     incomplete_reason: Mapped[str] = mapped_column(Text, default="")
+    incomplete_at: Mapped[datetime | None] = mapped_column(default=None)
     # associations that have stored into this study and not yet ended: it is not queued while
     # one is open (unless quiet for incomplete_grace_seconds)
     open_associations: Mapped[int] = mapped_column(Integer, default=0)

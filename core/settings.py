@@ -98,6 +98,11 @@ class Settings:
         return self.data_dir / "spool"
 
     @property
+    def pending_dir(self) -> Path:
+        """Notes the listener could not write to the store (ingest.completeness)."""
+        return self.data_dir / "pending"
+
+    @property
     def reports_dir(self) -> Path:
         return self.data_dir / "reports"
 

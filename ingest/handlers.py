@@ -19,7 +19,7 @@ from core import audit
 from core.db import session_scope
 from core.health import free_disk_mb
 from core.settings import Settings
-from ingest import tuning
+from ingest import completeness, tuning
 from ingest.part10 import file_meta
 from ingest.records import UnreadableDatasetError, read_header, record_instance
 from ingest.spool import InvalidUIDError, instance_path, write_durable
@@ -74,8 +74,18 @@ def handle_conn_open(event: Any) -> None:
             logger.warning("could not set TCP_NODELAY")
 
 
-def handle_conn_close(event: Any) -> None:
+def handle_conn_close(event: Any, ctx: IngestContext) -> None:
+    """Settle the studies this association stored into (ingest.completeness): ended without
+    A-RELEASE means they may be incomplete."""
     tuning.detach(event.assoc)
+    if completeness.tallies(event.assoc):
+        released = bool(getattr(event.assoc, "covidct_released", False))
+        calling, _ = _peer(event)
+        completeness.closed(ctx.settings, event.assoc, released, calling)
+
+
+def handle_released(event: Any) -> None:
+    event.assoc.covidct_released = True
 
 
 def access_decision(
@@ -149,17 +159,26 @@ def handle_store(event: Any, ctx: IngestContext) -> int:
     try:
         if floor and free_disk_mb(ctx.spool) < floor:
             logger.error("free disk below %.0f MB: refusing %s", floor, header.sop_uid)
+            completeness.refused(event.assoc, header.study_uid, "free disk below the floor")
             return OUT_OF_RESOURCES
         path = instance_path(ctx.spool, header.study_uid, header.series_uid, header.sop_uid)
         write_durable(path, data, direct=ctx.settings.spool_direct_io)
-    except OSError:
+    except OSError as exc:
         logger.exception("cannot write instance %s", header.sop_uid)
+        completeness.refused(event.assoc, header.study_uid, f"write failed ({exc.strerror})")
         return OUT_OF_RESOURCES
     try:
         new = record_instance(ctx.settings.database_url, header, path, len(data), calling)
+        completeness.stored(ctx.settings, event.assoc, header.study_uid)
     except Exception:
         logger.exception("cannot record instance %s", header.sop_uid)
-        return OUT_OF_RESOURCES  # the file stays; the start-up scan records it
+        try:  # the file stays; the sweeper records it from the note
+            completeness.write_note(
+                ctx.settings, {"kind": "instance", "path": str(path), "calling_ae": calling}
+            )
+        except OSError:
+            logger.exception("cannot note instance %s; the next start-up records it", path)
+        return OUT_OF_RESOURCES
     logger.debug(
         "stored %s of study %s%s", header.sop_uid, header.study_uid, "" if new else " (duplicate)"
     )

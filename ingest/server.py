@@ -23,13 +23,14 @@ from sqlalchemy import select
 from core.db import session_scope, upgrade
 from core.models import Instance
 from core.settings import Settings
-from ingest import tuning
+from ingest import completeness, tuning
 from ingest.handlers import (
     IngestContext,
     handle_accepted,
     handle_conn_close,
     handle_conn_open,
     handle_echo,
+    handle_released,
     handle_requested,
     handle_store,
 )
@@ -84,7 +85,8 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 def handlers(ctx: IngestContext) -> list[tuple[Any, ...]]:
     return [
         (evt.EVT_CONN_OPEN, handle_conn_open),
-        (evt.EVT_CONN_CLOSE, handle_conn_close),
+        (evt.EVT_CONN_CLOSE, handle_conn_close, [ctx]),
+        (evt.EVT_RELEASED, handle_released),
         (evt.EVT_REQUESTED, handle_requested, [ctx]),
         (evt.EVT_ACCEPTED, handle_accepted, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),
@@ -135,6 +137,8 @@ class Listener:
         if primary:
             upgrade(settings.database_url)
             reconcile_spool(settings)
+            completeness.listener_restarted(settings)
+            completeness.apply_notes(settings)
         self.ctx = IngestContext(settings)
         tuning.install()
         self.ae = build_ae(settings)

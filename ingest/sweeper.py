@@ -2,9 +2,14 @@
 
 Every ``sweep_seconds`` the sweeper:
 
-1. queues each ``receiving`` study that has been quiet for ``stable_seconds`` (state ->
-   ``queued``, then the task is published; if the broker is down the state goes back to
-   ``receiving`` and the next sweep tries again, so a broker outage loses nothing);
+0. applies the listener's notes (``ingest.completeness``): instances written while the store
+   was down are recorded, associations that closed meanwhile are settled;
+1. queues each ``receiving`` study that has been quiet for ``stable_seconds`` with no
+   association open and nothing missing (state -> ``queued``, then the task is published; if
+   the broker is down the state goes back to ``receiving`` and the next sweep tries again, so
+   a broker outage loses nothing); a study that may be incomplete (or whose association
+   stayed open: its listener process died) is queued after ``incomplete_grace_seconds`` of
+   quiet instead, so that the sender's retry can complete it first;
 2. re-publishes a ``queued`` study whose message has waited ``requeue_seconds`` (a message lost
    by a transport, or a broker restarted without persistence);
 3. re-queues a ``processing`` study whose worker has not sent a heartbeat for
@@ -30,6 +35,7 @@ from sqlalchemy import and_, or_, select, update
 from core.db import session_scope
 from core.models import Delivery, DeliveryState, Study, StudyState, Upload, UploadState, utcnow
 from core.settings import Settings
+from ingest import completeness
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ class SweepResult:
     deliveries: int = 0
     uploads: int = 0
     publish_failures: int = 0
+    noted: int = 0
 
 
 class Sweeper:
@@ -60,11 +67,24 @@ class Sweeper:
 
         now = now or utcnow()
         s, url, result = self.settings, self.settings.database_url, SweepResult()
+        result.noted = completeness.apply_notes(s)
         stable_before = now - timedelta(seconds=s.stable_seconds)
+        grace_before = now - timedelta(seconds=s.incomplete_grace_seconds)
+        settled = and_(Study.open_associations == 0, Study.incomplete_reason == "")
+        unsettled = or_(Study.open_associations > 0, Study.incomplete_reason != "")
         with session_scope(url) as session:
             ready = session.scalars(
                 select(Study.id).where(
-                    Study.state == StudyState.RECEIVING, Study.last_instance_at <= stable_before
+                    Study.state == StudyState.RECEIVING,
+                    Study.last_instance_at <= stable_before,
+                    settled,
+                )
+            ).all()
+            overdue = session.scalars(
+                select(Study.id).where(
+                    Study.state == StudyState.RECEIVING,
+                    Study.last_instance_at <= grace_before,
+                    unsettled,
                 )
             ).all()
             waiting = session.scalars(
@@ -102,8 +122,19 @@ class Sweeper:
                 result.uploads += 1
         for study_id in ready:
             if self._transition(
-                study_id, StudyState.RECEIVING, now, extra=Study.last_instance_at <= stable_before
+                study_id,
+                StudyState.RECEIVING,
+                now,
+                extra=and_(Study.last_instance_at <= stable_before, settled),
             ):
+                if self._publish(STUDY_TASK, study_id, result, revert=StudyState.RECEIVING):
+                    result.queued += 1
+        for study_id in overdue:
+            self._give_up_waiting(study_id, now)
+            if self._transition(
+                study_id, StudyState.RECEIVING, now, extra=Study.last_instance_at <= grace_before
+            ):
+                logger.warning("study id %d: analysed although it may be incomplete", study_id)
                 if self._publish(STUDY_TASK, study_id, result, revert=StudyState.RECEIVING):
                     result.queued += 1
         for study_id in waiting:
@@ -134,6 +165,17 @@ class Sweeper:
                     if row is not None:
                         row.next_attempt_at = now
         return result
+
+    def _give_up_waiting(self, study_id: int, now: datetime) -> None:
+        """An association still counted open after the grace belonged to a listener process
+        that died: nothing will close it."""
+        with session_scope(self.settings.database_url) as session:
+            study = session.get(Study, study_id)
+            if study is not None and study.open_associations > 0:
+                study.open_associations = 0
+                if not study.incomplete_reason:
+                    study.incomplete_reason = "an association stayed open with nothing received"
+                    study.incomplete_at = now
 
     def _transition(
         self,

@@ -211,3 +211,279 @@ def test_serve_restarts_a_dead_stage_and_keeps_the_port_open(tmp_path: Path) -> 
     text = log.read_text()
     assert "worker exited with status -9; restarting it" in text
     assert "listener exited with status -9; restarting it" in text
+
+
+# --- partial studies ----------------------------------------------------------------------
+
+
+def listener_settings(tmp_path: Path, **extra: str) -> Settings:
+    from core.settings import load_settings
+    from tests.conftest import free_port
+
+    return load_settings(
+        {
+            "COVIDCT_DATA_DIR": str(tmp_path / "var"),
+            "COVIDCT_DICOM_PORT": str(free_port()),
+            "COVIDCT_STABLE_SECONDS": "1",
+            "COVIDCT_SWEEP_SECONDS": "3600",  # the tests sweep themselves
+            "COVIDCT_MIN_FREE_DISK_MB": "0",
+        }
+        | extra
+    )
+
+
+def study_state(settings: Settings) -> dict:
+    from core.models import Study
+
+    with session_scope(settings.database_url) as s:
+        st = s.scalar(select(Study))
+        assert st is not None
+        return {
+            "state": st.state,
+            "generation": st.generation,
+            "incomplete": st.incomplete_reason,
+            "open": st.open_associations,
+            "instances": st.instance_count,
+        }
+
+
+def sender(settings: Settings):  # type: ignore[no-untyped-def]
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", settings.dicom_port, ae_title=settings.ae_title)
+    assert assoc.is_established
+    return assoc
+
+
+def test_aborted_association_waits_the_grace_and_a_retry_completes_the_study(
+    tmp_path: Path,
+) -> None:
+    """Half a study, then A-ABORT: marked incomplete, not queued after the stable time but
+    after the grace; the sender's retry (a released association) clears the mark and opens
+    the study again so that a complete analysis supersedes the partial one."""
+    from ingest.server import Listener
+
+    settings = listener_settings(tmp_path)
+    sent: list[tuple[str, int]] = []
+    listener = Listener(settings, publish=lambda task, obj: sent.append((task, obj)))
+    assert listener.sweeper is not None
+    try:
+        study = make_study([SeriesSpec(slices=10)])
+        assoc = sender(settings)
+        assert all(assoc.send_c_store(ds).Status == 0 for ds in study[:4])
+        assoc.abort()
+        wait_for(lambda: study_state(settings)["incomplete"] != "", 10, "the abort settled")
+        st = study_state(settings)
+        assert "ended without release after 4 instance(s)" in st["incomplete"] and st["open"] == 0
+        now = utcnow()
+        assert listener.sweeper.sweep_once(now + timedelta(seconds=5)).queued == 0
+        grace = timedelta(seconds=settings.incomplete_grace_seconds + 1)
+        assert listener.sweeper.sweep_once(now + grace).queued == 1
+        assert study_state(settings)["state"] == "queued"
+
+        retry = sender(settings)  # the sender retries the whole study
+        assert all(retry.send_c_store(ds).Status == 0 for ds in study)
+        retry.release()
+        wait_for(lambda: study_state(settings)["incomplete"] == "", 10, "the retry settled")
+        st = study_state(settings)
+        assert st["state"] == "receiving" and st["generation"] == 1 and st["instances"] == 10
+        assert listener.sweeper.sweep_once(utcnow() + timedelta(seconds=2)).queued == 1
+    finally:
+        listener.stop()
+
+
+def test_sender_killed_part_way_marks_the_study_incomplete(tmp_path: Path) -> None:
+    """DCMTK's storescu killed -9 while it sends: the association ends without release."""
+    from ingest.server import Listener
+    from tests.conftest import need_tool
+
+    settings = listener_settings(tmp_path)
+    listener = Listener(settings, publish=lambda task, obj: None)
+    try:
+        from covidct.synthetic import write_study
+
+        files = write_study(make_study([SeriesSpec(slices=120)]), tmp_path / "study")
+        proc = subprocess.Popen(
+            [need_tool("storescu"), "-aec", settings.ae_title, "-aet", "MODALITY"]
+            + ["127.0.0.1", str(settings.dicom_port), *map(str, files)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        from core.models import Instance
+
+        def stored() -> int:
+            with session_scope(settings.database_url) as s:
+                return len(s.scalars(select(Instance.id)).all())
+
+        wait_for(lambda: stored() >= 10, 60, "some instances stored")
+        proc.kill()
+        proc.wait()
+        wait_for(lambda: study_state(settings)["incomplete"] != "", 10, "the close settled")
+        st = study_state(settings)
+        assert "ended without release" in st["incomplete"] and st["instances"] < 120
+    finally:
+        listener.stop()
+
+
+def test_listener_killed_mid_association_marks_the_study_at_restart(tmp_path: Path) -> None:
+    """``covidct listener`` killed -9 while an association is open: at its restart the
+    study it was receiving is marked incomplete."""
+    settings = listener_settings(tmp_path, COVIDCT_LISTENER_PROCESSES="1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
+        "COVIDCT_DATA_DIR": str(settings.data_dir),
+        "COVIDCT_DICOM_PORT": str(settings.dicom_port),
+        "COVIDCT_LISTENER_PROCESSES": "1",
+        "COVIDCT_MIN_FREE_DISK_MB": "0",
+    }
+    from tests.conftest import port_open
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "covidct.cli", "listener"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        wait_for(lambda: port_open("127.0.0.1", settings.dicom_port), 60, "the listener")
+        return proc
+
+    proc = start()
+    try:
+        study = make_study([SeriesSpec(slices=6)])
+        assoc = sender(settings)
+        assert all(assoc.send_c_store(ds).Status == 0 for ds in study[:3])
+        assert study_state(settings)["open"] == 1
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assoc.abort()
+        proc = start()
+        st = study_state(settings)
+        assert st["open"] == 0 and "listener stopped" in st["incomplete"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_store_outage_during_receive_is_noted_and_recorded_by_the_sweeper(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """PostgreSQL refuses connections while an instance arrives: the instance is written,
+    answered 0xA700 and noted; once the database is back the sweeper records it (no
+    restart, no resend); the association that saw the refusal is settled too."""
+    import sqlalchemy as sa
+
+    from core.db import dispose_engines, upgrade
+    from ingest.server import Listener
+    from tests.conftest import PG_ADMIN_URL
+
+    settings = listener_settings(tmp_path, COVIDCT_DATABASE_URL=pg_url)
+    upgrade(pg_url)
+    listener = Listener(settings, publish=lambda task, obj: None)
+    assert listener.sweeper is not None
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = pg_url.rsplit("/", 1)[1]
+
+    def outage(on: bool) -> None:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {not on}'))
+            if on:
+                conn.execute(
+                    sa.text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        "WHERE datname = :n AND pid <> pg_backend_pid()"
+                    ),
+                    {"n": name},
+                )
+
+    try:
+        study = make_study([SeriesSpec(slices=6)])
+        assoc = sender(settings)
+        assert all(assoc.send_c_store(ds).Status == 0 for ds in study[:3])
+        outage(True)
+        assert assoc.send_c_store(study[3]).Status == 0xA700
+        assoc.release()
+        outage(False)
+        dispose_engines()
+        notes = list(settings.pending_dir.glob("*.json"))
+        assert len(notes) >= 1  # the instance, and the close if the store was still down
+        result = listener.sweeper.sweep_once()
+        assert result.noted == len(notes)
+        st = study_state(settings)
+        assert st["instances"] == 4 and st["open"] == 0
+        assert list(settings.pending_dir.glob("*.json")) == []
+    finally:
+        outage(False)
+        listener.stop()
+        admin.dispose()
+
+
+def test_a_retry_of_duplicates_supersedes_a_partial_analysis(tmp_path: Path) -> None:
+    """Every instance arrived but the association aborted; the study was analysed as
+    partial.  The sender's retry (duplicates only, released) clears the mark and opens the
+    study again (next generation)."""
+    from core.models import Study, StudyState
+    from ingest.server import Listener
+
+    settings = listener_settings(tmp_path)
+    listener = Listener(settings, publish=lambda task, obj: None)
+    try:
+        study = make_study([SeriesSpec(slices=5)])
+        assoc = sender(settings)
+        assert all(assoc.send_c_store(ds).Status == 0 for ds in study)
+        assoc.abort()
+        wait_for(lambda: study_state(settings)["incomplete"] != "", 10, "the abort settled")
+        with session_scope(settings.database_url) as s:  # as the worker's finish leaves it
+            row = s.scalar(select(Study))
+            assert row is not None
+            row.state = StudyState.DONE
+        retry = sender(settings)
+        assert all(retry.send_c_store(ds).Status == 0 for ds in study)
+        retry.release()
+        wait_for(lambda: study_state(settings)["incomplete"] == "", 10, "the retry settled")
+        st = study_state(settings)
+        assert st["state"] == "receiving" and st["generation"] == 1 and st["instances"] == 5
+    finally:
+        listener.stop()
+
+
+def test_partial_study_sr_says_partial_and_validates(tmp_path: Path) -> None:
+    from classifier.inference import Classifier
+    from core.db import upgrade
+    from core.models import Report, Study
+    from core.settings import load_settings
+    from tests.helpers import make_tiny_model
+    from worker.pipeline import analyse_study
+    from worker.sr import read_finding
+
+    settings = load_settings(
+        {
+            "COVIDCT_DATA_DIR": str(tmp_path / "var"),
+            "COVIDCT_MODEL_PATH": str(make_tiny_model(tmp_path / "m" / "tiny.keras")),
+            "COVIDCT_MIN_SERIES_SLICES": "5",
+        }
+    )
+    upgrade(settings.database_url)
+    study_id = spool_study(settings, make_study([SeriesSpec(slices=24)]))
+    with session_scope(settings.database_url) as s:
+        row = s.get(Study, study_id)
+        assert row is not None
+        row.incomplete_reason = "the association from CT1 ended without release after 24"
+    outcome = analyse_study(settings, study_id, Classifier(settings.model_path))
+    assert outcome.state == "done"
+    with session_scope(settings.database_url) as s:
+        path = s.scalar(select(Report.path))
+    import pydicom
+
+    from tests.test_worker import dciodvfy_errors
+
+    sr = pydicom.dcmread(path)
+    assert sr.CompletionFlag == "PARTIAL"
+    assert sr.CompletionFlagDescription.startswith("may be incomplete: ")
+    assert "transfer interrupted" in sr.CompletionFlagDescription
+    assert read_finding(sr)[1] == outcome.verdict
+    assert dciodvfy_errors(Path(path)) == []

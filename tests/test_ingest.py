@@ -76,6 +76,15 @@ def associate(
     )
 
 
+def release(assoc, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """Release, then wait for the listener to settle the association (its close handler
+    runs just after the peer has its A-RELEASE-RP)."""
+    assoc.release()
+    deadline = time.monotonic() + 10
+    while count(settings, Study, Study.open_associations > 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def count(settings: Settings, model: type, *where: object) -> int:
     with session_scope(settings.database_url) as s:
         return int(s.scalar(select(func.count()).select_from(model).where(*where)) or 0)
@@ -325,7 +334,7 @@ def test_study_queued_once_when_stable(listener: tuple[Listener, Published]) -> 
     assoc = associate(lst.settings)
     for ds in study:
         assoc.send_c_store(ds)
-    assoc.release()
+    release(assoc, lst.settings)
     assert lst.sweeper is not None
     assert lst.sweeper.sweep_once().queued == 0  # not yet stable
     later = utcnow() + timedelta(seconds=3)
@@ -337,7 +346,7 @@ def test_study_queued_once_when_stable(listener: tuple[Listener, Published]) -> 
     extra.StudyInstanceUID = study[0].StudyInstanceUID
     assoc = associate(lst.settings)
     assert assoc.send_c_store(extra).Status == 0
-    assoc.release()
+    release(assoc, lst.settings)
     with session_scope(lst.settings.database_url) as s:
         st = s.scalar(select(Study))
         assert st is not None and st.state == StudyState.RECEIVING and st.generation == 1
@@ -351,14 +360,14 @@ def test_listener_restart_between_two_halves(tmp_path: Path) -> None:
     first = Listener(settings, publish=Published())
     assoc = associate(settings)
     assert all(assoc.send_c_store(ds).Status == 0 for ds in study[:5])
-    assoc.release()
+    release(assoc, settings)
     first.stop()
     published = Published()
     second = Listener(settings, publish=published)
     try:
         assoc = associate(settings)
         assert all(assoc.send_c_store(ds).Status == 0 for ds in study[5:])
-        assoc.release()
+        release(assoc, settings)
         assert count(settings, Instance) == 10
         assert second.sweeper is not None
         second.sweeper.sweep_once(utcnow() + timedelta(seconds=3))
@@ -506,7 +515,7 @@ def test_redis_down_during_transfer_loses_nothing(
         assert all(assoc.send_c_store(ds).Status == 0 for ds in study_a[:5])
         client.shutdown(nosave=True)  # the broker goes down mid-transfer
         assert all(assoc.send_c_store(ds).Status == 0 for ds in study_a[5:] + study_b)
-        assoc.release()
+        release(assoc, settings)
         later = utcnow() + timedelta(seconds=3)
         result = lst.sweeper.sweep_once(later)
         assert result.queued == 0 and result.publish_failures == 2

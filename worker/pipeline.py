@@ -22,7 +22,6 @@ from sqlalchemy import delete, insert, or_, select, update
 
 from classifier.aggregate import STUDY_RULE
 from classifier.inference import Classifier
-from classifier.quantify import Quantification
 from core.db import session_scope
 from core.models import (
     Delivery,
@@ -34,9 +33,8 @@ from core.models import (
     utcnow,
 )
 from core.settings import Settings
-from worker.analysis import Timings, analyse
+from worker.analysis import Analysis, Timings, analyse
 from worker.lease import Claim, Lease, renew_study
-from worker.selection import Selection, SliceRef
 from worker.sr import Finding, build_sr, lung_measurements
 
 logger = logging.getLogger(__name__)
@@ -155,7 +153,7 @@ def _analyse_claimed(
     with session_scope(settings.database_url) as s:
         study = s.get(Study, study_id)
         assert study is not None
-        study_uid = study.study_instance_uid
+        study_uid, incomplete = study.study_instance_uid, study.incomplete_reason
         rows = s.execute(
             select(Instance.id, Instance.spool_path).where(Instance.study_id == study_id)
         ).all()
@@ -172,8 +170,7 @@ def _analyse_claimed(
         state = finish(settings, taken, StudyState.NOT_ANALYSABLE, reason, slices_analysed=0)
         logger.info("study %s not analysable: %s", study_uid, reason)
         return Outcome(study_id, state, reason, timings=t)
-    lungs, analysed, probs, skipped = a.lungs, a.analysed, a.probs, a.skipped
-    probability, call, top, selection = a.probability, a.verdict, a.top, a.selection
+    lungs, analysed, probability, call = a.lungs, a.analysed, a.probability, a.verdict
     overlay = settings.reports_dir / study_uid / f"lungs-g{generation}.npz"
     lungs.save_overlay(overlay)
     measured = {
@@ -183,20 +180,7 @@ def _analyse_claimed(
         "overlay": str(overlay),
     }
     t1 = time.perf_counter()
-    report_id = _store_results(
-        settings,
-        study_id,
-        generation,
-        classifier,
-        analysed,
-        probs,
-        skipped,
-        probability,
-        call,
-        top,
-        selection,
-        lungs.quantification,
-    )
+    report_id = _store_results(settings, taken, classifier, a, incomplete)
     t.sr += time.perf_counter() - t1
     state = finish(
         settings,
@@ -214,20 +198,13 @@ def _analyse_claimed(
 
 
 def _store_results(
-    settings: Settings,
-    study_id: int,
-    generation: int,
-    classifier: Classifier,
-    analysed: list[SliceRef],
-    probs: list[float],
-    skipped: list[tuple[SliceRef, str]],
-    probability: float,
-    call: str,
-    top: list[int],
-    selection: Selection,
-    quantification: Quantification,
+    settings: Settings, taken: Claim, classifier: Classifier, a: Analysis, incomplete: str
 ) -> int:
     """Predictions, the SR file, the report and its outbox rows, in one transaction."""
+    assert a.lungs is not None and a.probability is not None and a.verdict is not None
+    study_id, generation = taken.study_id, taken.generation
+    analysed, probs, skipped, top, selection = a.analysed, a.probs, a.skipped, a.top, a.selection
+    probability, call, quantification = a.probability, a.verdict, a.lungs.quantification
     version, threshold = classifier.version, classifier.threshold
     with session_scope(settings.database_url) as s:
         study = s.get(Study, study_id)
@@ -314,6 +291,7 @@ def _store_results(
                     aggregation=STUDY_RULE,
                     model_version=version,
                     slices_analysed=len(analysed),
+                    incomplete=incomplete,
                 ),
                 lung_measurements(quantification),
                 generation=generation,

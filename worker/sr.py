@@ -74,6 +74,8 @@ class Finding:
     aggregation: str
     model_version: str
     slices_analysed: int
+    # why the study may lack instances (ingest.completeness); "" = received whole
+    incomplete: str = ""
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ def build_sr(
         procedure_reported=CodedConcept("418023006", "SCT", "CT of chest"),
         imaging_measurements=groups,
     )
-    return Comprehensive3DSR(
+    sr = Comprehensive3DSR(
         evidence=list(evidence),
         content=report,
         series_instance_uid=deterministic_uid("series", study_uid, finding.model_version),
@@ -194,12 +196,27 @@ def build_sr(
         sop_instance_uid=deterministic_uid("sr", study_uid, finding.model_version, str(generation)),
         instance_number=generation + 1,
         manufacturer=MANUFACTURER,
-        is_complete=True,
+        is_complete=not finding.incomplete,
         is_final=False,
         is_verified=False,
         series_description=SERIES_DESCRIPTION,
         previous_versions=[predecessor] if predecessor is not None else None,
     )
+    if finding.incomplete:  # CompletionFlag PARTIAL says so; LO: 64 characters
+        sr.CompletionFlagDescription = _partial_description(
+            finding.slices_analysed, finding.incomplete
+        )
+    return sr
+
+
+def _partial_description(slices: int, reason: str) -> str:
+    if "refused" in reason:
+        why = "instances refused"
+    elif "release" in reason or "listener" in reason or "open" in reason:
+        why = "transfer interrupted"
+    else:
+        why = "sender may not have sent all"
+    return f"may be incomplete: {why}; {slices} slices analysed"[:64]
 
 
 def _lung_group(

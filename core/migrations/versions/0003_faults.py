@@ -22,6 +22,9 @@ def upgrade() -> None:
             sa.Column("incomplete_reason", sa.Text(), nullable=False, server_default="")
         )
         batch_op.add_column(
+            sa.Column("incomplete_at", sa.DateTime(timezone=True), nullable=True)
+        )
+        batch_op.add_column(
             sa.Column("open_associations", sa.Integer(), nullable=False, server_default="0")
         )
     with op.batch_alter_table("deliveries", schema=None) as batch_op:
@@ -49,4 +52,5 @@ def downgrade() -> None:
         batch_op.drop_column("claimed_until")
     with op.batch_alter_table("studies", schema=None) as batch_op:
         batch_op.drop_column("open_associations")
+        batch_op.drop_column("incomplete_at")
         batch_op.drop_column("incomplete_reason")
