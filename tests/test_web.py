@@ -443,3 +443,18 @@ def test_overlay_of_an_analysed_study(
         assert st is not None and st.quantification is not None
         st.quantification = {**st.quantification, "series_instance_uid": "1.2.3"}
     assert reader.get(paths[0]).status_code == 404
+
+
+def test_an_incomplete_study_says_so_in_the_worklist_detail_and_api(
+    reader: FlaskClient, study: int, settings: Settings
+) -> None:
+    with session_scope(settings.database_url) as db:
+        st = db.get(Study, study)
+        assert st is not None
+        st.incomplete_reason = "the association from <CT1> ended without release after 40"
+    html = reader.get("/").get_data(as_text=True)
+    assert 'class="incomplete"' in html and ">partial</span>" in html
+    detail = reader.get("/studies/1.2.826.0.1.3680043.10.1404.77").get_data(as_text=True)
+    assert "The study may be incomplete" in detail and "&lt;CT1&gt;" in detail
+    api = reader.get("/api/studies/1.2.826.0.1.3680043.10.1404.77").json
+    assert api["incomplete_reason"].startswith("the association from <CT1>")

@@ -124,6 +124,7 @@ def study_dict(session: Session, st: Study) -> dict[str, Any]:
         "received_at": st.received_at.isoformat(timespec="seconds"),
         "state": st.state,
         "state_reason": st.state_reason,
+        "incomplete_reason": st.incomplete_reason,
         "slices_analysed": st.slices_analysed,
         "verdict": st.verdict,
         "probability": st.probability,
@@ -205,6 +206,7 @@ def study_detail(session: Session, uid: str) -> dict[str, Any] | None:
                 "destination": d.destination,
                 "state": d.state,
                 "attempts": d.attempts,
+                "interrupted": d.interrupted,
                 "last_error": d.last_error,
                 "delivered_at": d.delivered_at.isoformat(timespec="seconds")
                 if d.delivered_at
