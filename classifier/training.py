@@ -439,6 +439,17 @@ def environment() -> dict[str, str]:
     }
 
 
+def _litert_line(card: dict[str, Any]) -> list[str]:
+    lite = card.get("litert")
+    if not lite:
+        return []
+    return [
+        f"- Served by LiteRT from `{lite['file']}`: largest difference from Keras "
+        f"{lite['max_abs_difference']:.1e} over {lite['images']} images ({lite['checked_on']}; "
+        f"tolerance {lite['tolerance']:.0e})"
+    ]
+
+
 def write_card_markdown(card: dict[str, Any], path: Path) -> None:
     """The card as Markdown, with ``<name>.notes.md`` beside it (written by hand) included."""
     lines = [
@@ -454,6 +465,7 @@ def write_card_markdown(card: dict[str, Any], path: Path) -> None:
         f"- Study aggregation: {card.get('aggregation', '')}",
         f"- Shipped seed: {card.get('seed')} (best mean val AUC of {len(card.get('seeds', []))}); "
         f"training took {card['training_seconds']:.0f} s",
+        *_litert_line(card),
         "",
         "## Data and licenses",
         "",

@@ -64,6 +64,7 @@ class Settings:
     web_port: int = 8000
     secret_key: str = field(default="", repr=False)
     model_path: Path = SHIPPED_MODEL
+    model_runtime: str = "auto"
     sop_classes: tuple[str, ...] = (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE)
     max_associations: int = 10
     listener_processes: int = 2
@@ -260,6 +261,16 @@ def _bool(raw: str) -> bool:
     raise ValueError("must be true or false")
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
 def _level(raw: str) -> str:
     value = raw.strip().upper()
     if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -285,6 +296,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "web_port": _int(1, 65535),
     "secret_key": _secret,
     "model_path": _path,
+    "model_runtime": _choice("auto", "keras", "litert"),
     "sop_classes": _uid_list,
     "max_associations": _int(1, 1000),
     "listener_processes": _int(1, 64),

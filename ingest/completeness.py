@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -75,9 +76,15 @@ def refused(assoc: Any, study_uid: str, reason: str) -> None:
     tally.refused_reason = reason
 
 
+_SETTLING = threading.Lock()
+
+
 def closed(settings: Settings, assoc: Any, released: bool, calling_ae: str) -> None:
-    """The association's connection closed: settle each study it touched."""
-    for study_uid, tally in tallies(assoc).items():
+    """The association ended: settle each study it touched, once (the first caller wins)."""
+    with _SETTLING:
+        touched = dict(tallies(assoc))
+        tallies(assoc).clear()
+    for study_uid, tally in touched.items():
         note = {
             "kind": "close",
             "study_uid": study_uid,
@@ -94,7 +101,6 @@ def closed(settings: Settings, assoc: Any, released: bool, calling_ae: str) -> N
         except Exception as exc:  # the store is down: the sweeper applies the note later
             logger.warning("study %s: close noted for later (%s)", study_uid, exc)
             write_note(settings, note)
-    tallies(assoc).clear()
 
 
 def settle(settings: Settings, note: dict[str, Any]) -> None:

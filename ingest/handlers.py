@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,17 +76,37 @@ def handle_conn_open(event: Any) -> None:
 
 
 def handle_conn_close(event: Any, ctx: IngestContext) -> None:
-    """Settle the studies this association stored into (ingest.completeness): ended without
-    A-RELEASE means they may be incomplete."""
+    """The connection closed.  The association's end is settled by EVT_RELEASED or
+    EVT_ABORTED, which the association's own thread may trigger just after this (the peer
+    can close the socket as soon as it has the A-RELEASE-RP); if neither came within
+    ``SETTLE_AFTER_CLOSE`` seconds, the association died without one: settle it as ended
+    without release."""
     tuning.detach(event.assoc)
     if completeness.tallies(event.assoc):
-        released = bool(getattr(event.assoc, "covidct_released", False))
         calling, _ = _peer(event)
-        completeness.closed(ctx.settings, event.assoc, released, calling)
+        timer = threading.Timer(
+            SETTLE_AFTER_CLOSE,
+            completeness.closed,
+            (ctx.settings, event.assoc, False, calling),
+        )
+        timer.daemon = True
+        timer.start()
 
 
-def handle_released(event: Any) -> None:
-    event.assoc.covidct_released = True
+SETTLE_AFTER_CLOSE = 5.0
+
+
+def handle_released(event: Any, ctx: IngestContext) -> None:
+    """A-RELEASE: the sender says it sent what it meant to (ingest.completeness)."""
+    calling, _ = _peer(event)
+    completeness.closed(ctx.settings, event.assoc, True, calling)
+
+
+def handle_aborted(event: Any, ctx: IngestContext) -> None:
+    """A-ABORT or A-P-ABORT (the sender or the network died): the studies it stored into
+    may be incomplete (ingest.completeness)."""
+    calling, _ = _peer(event)
+    completeness.closed(ctx.settings, event.assoc, False, calling)
 
 
 def access_decision(

@@ -26,6 +26,7 @@ from core.settings import Settings
 from ingest import completeness, tuning
 from ingest.handlers import (
     IngestContext,
+    handle_aborted,
     handle_accepted,
     handle_conn_close,
     handle_conn_open,
@@ -86,7 +87,8 @@ def handlers(ctx: IngestContext) -> list[tuple[Any, ...]]:
     return [
         (evt.EVT_CONN_OPEN, handle_conn_open),
         (evt.EVT_CONN_CLOSE, handle_conn_close, [ctx]),
-        (evt.EVT_RELEASED, handle_released),
+        (evt.EVT_RELEASED, handle_released, [ctx]),
+        (evt.EVT_ABORTED, handle_aborted, [ctx]),
         (evt.EVT_REQUESTED, handle_requested, [ctx]),
         (evt.EVT_ACCEPTED, handle_accepted, [ctx]),
         (evt.EVT_C_ECHO, handle_echo),

@@ -49,8 +49,8 @@ TASK_OPTIONS: dict[str, Any] = {
 def get_classifier(settings: Settings) -> Classifier:
     key = str(settings.model_path)
     if key not in _classifiers:
-        _classifiers[key] = Classifier(settings.model_path)
-        logger.info("loaded model %s", _classifiers[key].version)
+        _classifiers[key] = Classifier(settings.model_path, runtime=settings.model_runtime)
+        logger.info("loaded model %s (%s)", _classifiers[key].version, _classifiers[key].runtime)
     return _classifiers[key]
 
 

@@ -21,9 +21,7 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("incomplete_reason", sa.Text(), nullable=False, server_default="")
         )
-        batch_op.add_column(
-            sa.Column("incomplete_at", sa.DateTime(timezone=True), nullable=True)
-        )
+        batch_op.add_column(sa.Column("incomplete_at", sa.DateTime(timezone=True), nullable=True))
         batch_op.add_column(
             sa.Column("open_associations", sa.Integer(), nullable=False, server_default="0")
         )
