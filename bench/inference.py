@@ -49,7 +49,8 @@ def main() -> int:
     from classifier.preprocess import to_model_input
     from covidct.synthetic import SeriesSpec, make_study
 
-    clf = Classifier(args.model)
+    clf = Classifier(args.model)  # what the worker serves (LiteRT when exported)
+    clf_keras = Classifier(args.model, runtime="keras")
     model = clf.model
 
     @tf.function(reduce_retracing=True)
@@ -58,14 +59,20 @@ def main() -> int:
 
     rng = np.random.default_rng(0)
     print(f"model {clf.version} ({model.count_params():,} parameters), TensorFlow {tf.__version__}")
-    print(f"{'batch':>5} {'bare img/s':>11} {'API img/s':>10} {'API/bare time':>14}")
+    print("bare: a Keras forward pass (tf.function); API: Classifier.probabilities per runtime")
+    print(f"{'batch':>5} {'runtime':>8} {'bare img/s':>11} {'API img/s':>10} {'API/bare time':>14}")
     for batch in (1, 32):
         x = rng.integers(0, 256, (batch, 200, 200, 3)).astype(np.uint8)
         xt = tf.convert_to_tensor(x.astype(np.float32))
         n = 64 if batch == 1 else 8
         t_bare = timed(lambda xt=xt, n=n: [bare(xt).numpy() for _ in range(n)], args.rounds) / n
-        t_api = timed(lambda x=x, n=n: [clf.probabilities(x) for _ in range(n)], args.rounds) / n
-        print(f"{batch:>5} {batch / t_bare:>11.1f} {batch / t_api:>10.1f} {t_api / t_bare:>14.3f}")
+        for c in (clf_keras, clf):
+            t_api = timed(lambda x=x, n=n, c=c: [c.probabilities(x) for _ in range(n)], args.rounds)
+            t_api /= n
+            print(
+                f"{batch:>5} {c.runtime:>8} {batch / t_bare:>11.1f} {batch / t_api:>10.1f} "
+                f"{t_api / t_bare:>14.3f}"
+            )
 
     series = make_study([SeriesSpec(slices=40)])
     ds = series[len(series) // 2]  # mid-chest: enough lung to be framed, not skipped

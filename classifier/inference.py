@@ -81,6 +81,7 @@ class Classifier:
             self._backend = _Keras(model_path)
             self.runtime = "keras"
         self.model_path = model_path
+        self._keras: _Keras | None = None
         self.version: str = str(
             self.card.get("version") or f"unversioned-{file_sha256(model_path)[:8]}"
         )
@@ -91,11 +92,13 @@ class Classifier:
 
     @property
     def model(self) -> Any:
-        """The Keras model (evaluation and training tools); loads it when LiteRT serves."""
-        if not isinstance(self._backend, _Keras):
-            self._backend = _Keras(self.model_path.with_suffix(".keras"))
-            self.runtime = "keras"
-        return self._backend.model
+        """The Keras model (evaluation tools, benchmarks' bare reference); loaded on first use
+        when LiteRT serves, which goes on serving."""
+        if isinstance(self._backend, _Keras):
+            return self._backend.model
+        if self._keras is None:
+            self._keras = _Keras(self.model_path.with_suffix(".keras"))
+        return self._keras.model
 
     def raw(self, batch: np.ndarray) -> np.ndarray:
         """Uncalibrated model outputs for a (N, 200, 200, 3) batch."""

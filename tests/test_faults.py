@@ -112,6 +112,7 @@ def test_worker_killed_during_delivery_resends_within_seconds_and_counts_it(
             )
             took = time.monotonic() - killed
         row = delivery_row(settings)
+        print(f"\ndelivered {took:.1f} s after its worker was killed")
         assert took < 20, f"delivered {took:.1f} s after the kill"
         assert row.interrupted == 1 and row.attempts == 1 and row.claimed_until is None
         assert len(pacs.received) == 2
@@ -197,6 +198,7 @@ def test_serve_restarts_a_dead_stage_and_keeps_the_port_open(tmp_path: Path) -> 
         killed = time.monotonic()
         wait(lambda: not port_open("127.0.0.1", port) or time.monotonic() - killed > 1, 5, "")
         wait(lambda: port_open("127.0.0.1", port), 15, "the DICOM port open again")
+        print(f"\nDICOM port open again {time.monotonic() - killed:.1f} s after the kill")
         study_uid, _ = send_study(env, tmp_path)
         db = tmp_path / "var" / "covidct.sqlite3"
 

@@ -343,6 +343,7 @@ def test_worker_killed_mid_task_is_redelivered_and_finished_once(
         killed = time.monotonic()
         wait_for(lambda: study_row(settings, study_id).attempts >= 2, timeout=60, what="takeover")
         takeover = time.monotonic() - killed
+        print(f"\nstudy taken over {takeover:.1f} s after its worker was killed")
         assert takeover < 15, f"taken over {takeover:.1f} s after the kill"
         wait_for(
             lambda: study_row(settings, study_id).state == StudyState.DONE,

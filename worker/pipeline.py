@@ -41,7 +41,12 @@ logger = logging.getLogger(__name__)
 
 
 class StudyBusy(Exception):
-    """Another worker holds the study and is alive: try again later."""
+    """Another worker holds the study and is alive: try again in ``retry_in`` seconds, when
+    its lease would have lapsed."""
+
+    def __init__(self, message: str, retry_in: float) -> None:
+        super().__init__(message)
+        self.retry_in = retry_in
 
 
 @dataclass
@@ -70,7 +75,10 @@ def claim(settings: Settings, study_id: int) -> Claim | None:
             and study.heartbeat_at
             and study.heartbeat_at > stale
         ):
-            raise StudyBusy(f"study {study.study_instance_uid} is being processed")
+            lapse = (study.heartbeat_at - stale).total_seconds()
+            raise StudyBusy(
+                f"study {study.study_instance_uid} is being processed", max(0.5, lapse + 0.5)
+            )
         taken = s.execute(
             update(Study)
             .where(

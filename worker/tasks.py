@@ -106,9 +106,7 @@ def register_tasks(app: Celery) -> None:
         try:
             outcome = analyse_study(settings, study_id, get_classifier(settings))
         except StudyBusy as exc:
-            raise self.retry(
-                countdown=settings.task_stale_seconds / 2, exc=exc, max_retries=20
-            ) from exc
+            raise self.retry(countdown=exc.retry_in, exc=exc, max_retries=20) from exc
         except OperationalError:
             raise
         except SoftTimeLimitExceeded:
@@ -136,7 +134,7 @@ def register_tasks(app: Celery) -> None:
     def deliver_task(self: Task, delivery_id: int) -> str:
         state = deliver(settings, delivery_id)
         if state == BUSY:  # another attempt holds it, or held it and died: its lease decides
-            raise self.retry(countdown=settings.task_stale_seconds / 2, max_retries=20)
+            raise self.retry(countdown=settings.heartbeat_seconds, max_retries=60)
         return state
 
 
