@@ -28,7 +28,18 @@ def convert(model_path: Path) -> bytes:
     import tensorflow as tf
 
     model = keras.saving.load_model(model_path, compile=False)
-    return bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+    shape = [None, *model.input_shape[1:]]
+
+    # a concrete function, not from_keras_model: that path needs Keras registered with
+    # TensorFlow, which it is not in every process that imported both
+    @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32)])
+    def forward(x: Any) -> Any:
+        return model(x, training=False)
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(
+        [forward.get_concrete_function()], model
+    )
+    return bytes(converter.convert())
 
 
 def max_difference(model_path: Path, images: np.ndarray, batch: int = 32) -> float:
