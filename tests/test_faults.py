@@ -40,7 +40,9 @@ def worker_process(settings: Settings) -> Iterator[subprocess.Popen]:
         "COVIDCT_BROKER_URL": settings.broker_url,
         "COVIDCT_MODEL_PATH": str(settings.model_path),
         "COVIDCT_DESTINATIONS": ",".join(map(str, settings.destinations)),
+        "COVIDCT_DATABASE_URL": settings.database_url,
         "COVIDCT_MIN_SERIES_SLICES": "5",
+        "COVIDCT_BATCH_SIZE": str(settings.batch_size),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "covidct.cli", "worker", "--concurrency", "1"],
@@ -215,6 +217,81 @@ def test_serve_restarts_a_dead_stage_and_keeps_the_port_open(tmp_path: Path) -> 
     assert "listener exited with status -9; restarting it" in text
 
 
+class Outage:
+    """A real outage of one PostgreSQL database: new connections refused, open ones ended."""
+
+    def __init__(self, url: str) -> None:
+        import sqlalchemy as sa
+
+        from tests.conftest import PG_ADMIN_URL
+
+        self.sa, self.name = sa, url.rsplit("/", 1)[1]
+        self.admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+
+    def begin(self) -> None:
+        with self.admin.connect() as conn:
+            conn.execute(self.sa.text(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS false'))
+            conn.execute(
+                self.sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :n AND pid <> pg_backend_pid()"
+                ),
+                {"n": self.name},
+            )
+
+    def end(self) -> None:
+        with self.admin.connect() as conn:
+            conn.execute(self.sa.text(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS true'))
+
+
+def test_database_down_35_s_during_analysis_is_ridden_out(
+    tmp_path: Path, redis_db: int, pg_url: str
+) -> None:
+    """PostgreSQL refuses connections for 35 s while a real worker analyses a study (once
+    beyond the 5 retries' 31 s): the task's backoff (1, 2, 4, 8, 16, then 30 s) outlasts it
+    and the study ends done with one report and one SR at the PACS."""
+    from core.db import dispose_engines, upgrade
+    from core.models import Report, Study, StudyState
+    from worker.app import STUDY_TASK
+
+    pacs = TestPACS()
+    outage = Outage(pg_url)
+    try:
+        settings = make_settings(
+            tmp_path,
+            redis_db,
+            pacs.destination,
+            COVIDCT_DATABASE_URL=pg_url,
+            COVIDCT_BATCH_SIZE="4",
+        )
+        upgrade(pg_url)
+        study_id = spool_study(settings, make_study([SeriesSpec(slices=120)]))
+        from worker.tasks import create_app
+
+        def state() -> str:
+            with session_scope(settings.database_url) as s:
+                row = s.get(Study, study_id)
+                return str(row.state) if row else ""
+
+        with worker_process(settings):
+            publish(create_app(settings), STUDY_TASK, study_id)
+            wait_for(lambda: state() == StudyState.PROCESSING, 120, "processing")
+            outage.begin()
+            time.sleep(35)
+            outage.end()
+            dispose_engines()
+            wait_for(lambda: state() == StudyState.DONE, 180, "done after the outage")
+            wait_for(lambda: len(pacs.received) == 1, 60, "the SR")
+        with session_scope(settings.database_url) as s:
+            assert len(s.scalars(select(Report.id)).all()) == 1
+            row = s.get(Study, study_id)
+            assert row is not None and row.attempts >= 2  # the retried task claimed it again
+        assert len(pacs.received) == 1
+    finally:
+        outage.end()
+        pacs.stop()
+
+
 # --- partial studies ----------------------------------------------------------------------
 
 
@@ -377,39 +454,22 @@ def test_store_outage_during_receive_is_noted_and_recorded_by_the_sweeper(
     """PostgreSQL refuses connections while an instance arrives: the instance is written,
     answered 0xA700 and noted; once the database is back the sweeper records it (no
     restart, no resend); the association that saw the refusal is settled too."""
-    import sqlalchemy as sa
-
     from core.db import dispose_engines, upgrade
     from ingest.server import Listener
-    from tests.conftest import PG_ADMIN_URL
 
     settings = listener_settings(tmp_path, COVIDCT_DATABASE_URL=pg_url)
     upgrade(pg_url)
     listener = Listener(settings, publish=lambda task, obj: None)
     assert listener.sweeper is not None
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = pg_url.rsplit("/", 1)[1]
-
-    def outage(on: bool) -> None:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {not on}'))
-            if on:
-                conn.execute(
-                    sa.text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = :n AND pid <> pg_backend_pid()"
-                    ),
-                    {"n": name},
-                )
-
+    outage = Outage(pg_url)
     try:
         study = make_study([SeriesSpec(slices=6)])
         assoc = sender(settings)
         assert all(assoc.send_c_store(ds).Status == 0 for ds in study[:3])
-        outage(True)
+        outage.begin()
         assert assoc.send_c_store(study[3]).Status == 0xA700
         assoc.release()
-        outage(False)
+        outage.end()
         dispose_engines()
         notes = list(settings.pending_dir.glob("*.json"))
         assert len(notes) >= 1  # the instance, and the close if the store was still down
@@ -419,9 +479,8 @@ def test_store_outage_during_receive_is_noted_and_recorded_by_the_sweeper(
         assert st["instances"] == 4 and st["open"] == 0
         assert list(settings.pending_dir.glob("*.json")) == []
     finally:
-        outage(False)
+        outage.end()
         listener.stop()
-        admin.dispose()
 
 
 def test_a_retry_of_duplicates_supersedes_a_partial_analysis(tmp_path: Path) -> None:
