@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from classifier import metrics as M
-from classifier.training import rgb_batch
+from classifier.preprocess import rgb_batch
 
 GATE_LAYER = "gate"
 EXPERTS_LAYER = "experts"

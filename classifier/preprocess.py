@@ -170,6 +170,11 @@ def gray_to_input(gray: np.ndarray) -> np.ndarray:
 # --- DICOM -----------------------------------------------------------------------------
 
 
+def rgb_batch(gray: np.ndarray) -> np.ndarray:
+    """Gray (N, H, W) ``uint8`` images as the model's float (N, H, W, 3) batch."""
+    return np.repeat(gray[..., None], 3, axis=3).astype(np.float32)
+
+
 def is_dicom(data: bytes) -> bool:
     return len(data) >= 132 and data[128:132] == b"DICM"
 

@@ -35,7 +35,7 @@ from PIL import Image
 
 from classifier import metrics as M
 from classifier.errors import UnusableInputError
-from classifier.preprocess import to_model_input
+from classifier.preprocess import rgb_batch, to_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -153,11 +153,6 @@ def cached_split(root: Path, split: str, cache: Path | None, *, limit: int | Non
         json.dumps({"labels": s.labels.tolist(), "formats": s.formats, "names": s.names})
     )
     return s
-
-
-def rgb_batch(gray: np.ndarray) -> np.ndarray:
-    """Gray (N, H, W) ``uint8`` images as the model's float (N, H, W, 3) batch."""
-    return np.repeat(gray[..., None], 3, axis=3).astype(np.float32)
 
 
 def jpeg_roundtrip(gray: np.ndarray, quality: int) -> np.ndarray:

@@ -170,6 +170,8 @@ def cmd_create_token(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from covidct.demo import run_demo
 
+    if not 1 <= args.studies <= 50:
+        raise CommandError("--studies must be between 1 and 50")
     return run_demo(_settings(args), studies=args.studies)
 
 
@@ -234,8 +236,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     p = add("create-token", cmd_create_token, "print a new API bearer token for a user")
     p.add_argument("username")
-    p = add("demo", cmd_demo, "send demo CT studies to the running service over C-STORE")
-    p.add_argument("--studies", type=int, default=3, help="how many studies (default 3)")
+    p = add(
+        "demo",
+        cmd_demo,
+        "send 3 demo CT studies to the running service over C-STORE: a chest with ground "
+        "glass (Present), a clear one (Absent), one slice (not analysable, with the reason)",
+    )
+    p.add_argument(
+        "--studies", type=int, default=3, help="how many studies in all (default 3; 1 to 50)"
+    )
     p = add("db", lambda a: _db_help(parser), "database maintenance")
     dbsub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     up = dbsub.add_parser("upgrade", help="apply migrations", description="apply migrations")

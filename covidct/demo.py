@@ -1,8 +1,15 @@
-"""``covidct demo``: send a few CT studies to a running covidct over real C-STORE.
+"""``covidct demo``: send three CT studies to a running covidct over real C-STORE.
 
-The studies are made here, not copied from any dataset: synthetic chest CT series (one with
-ground-glass patches, one clear, one with a localizer and a derived series that the worker
-skips) and a study built around pydicom's bundled ``CT_small.dcm``.
+The studies are made here, not copied from any dataset, and each shows one outcome:
+
+1. a drawn chest with multifocal ground glass at the periphery of both lungs (as typical
+   COVID-19 pneumonia looks), with a localizer and a derived series that the worker leaves out:
+   expect Present;
+2. the same chest, clear: expect Absent;
+3. one slice (pydicom's bundled ``CT_small.dcm``, given fresh UIDs): not analysable, with the
+   reason (too few slices to segment lungs).
+
+``--studies N`` sends N studies, repeating the first two recipes, and the one-slice study last.
 """
 
 from __future__ import annotations
@@ -21,23 +28,20 @@ logger = logging.getLogger(__name__)
 
 
 def demo_studies(count: int) -> list[list[pydicom.Dataset]]:
+    """``count`` studies: the last is the one-slice study, the others the two chests."""
     recipes = [
         (
             "Demo^GroundGlass",
-            [SeriesSpec(slices=40, ground_glass=True), SeriesSpec(kind="localizer")],
-        ),
-        ("Demo^Clear", [SeriesSpec(slices=40), SeriesSpec(kind="localizer")]),
-        (
-            "Demo^Mixed",
             [
-                SeriesSpec(slices=30),
+                SeriesSpec(slices=40, ground_glass=True, multifocal=True),
                 SeriesSpec(kind="localizer"),
-                SeriesSpec(slices=10, kind="derived"),
+                SeriesSpec(slices=8, kind="derived"),
             ],
         ),
+        ("Demo^Clear", [SeriesSpec(slices=40), SeriesSpec(kind="localizer")]),
     ]
     studies = []
-    for i in range(count):
+    for i in range(max(0, count - 1)):
         name, series = recipes[i % len(recipes)]
         studies.append(
             make_study(
@@ -48,7 +52,8 @@ def demo_studies(count: int) -> list[list[pydicom.Dataset]]:
                 seed=100 + i,
             )
         )
-    studies.append([_pydicom_ct()])
+    if count >= 1:
+        studies.append([_pydicom_ct()])
     return studies
 
 

@@ -46,6 +46,9 @@ class SeriesSpec:
     description: str = "Chest 1.0 B70f"
     ground_glass: bool = False
     rows: int = 512
+    # with ground_glass: 40 patches scattered over both lungs' periphery at every height
+    # (multifocal, as in typical COVID-19 pneumonia) instead of four in the lower zones
+    multifocal: bool = False
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,22 @@ def typical_covid_blobs(height: float) -> tuple[Blob, ...]:
     )
 
 
+def multifocal_covid_blobs(height: float, seed: int = 0) -> tuple[Blob, ...]:
+    """Ground glass (-650 to -350 HU) in 40 patches of 10-22 mm radius, alternating sides,
+    in the outer half of each lung from 12% to 85% of the height: bilateral, peripheral,
+    multifocal."""
+    rng = np.random.default_rng(seed)
+    blobs = []
+    for i in range(40):
+        side = -1.0 if i % 2 else 1.0
+        angle = rng.uniform(-np.pi / 2, np.pi / 2)
+        x = side * (LUNG_CENTRES["left"] + 38.0 * np.cos(angle))
+        y = -5.0 + 60.0 * np.sin(angle)
+        z = rng.uniform(0.12, 0.85) * height
+        blobs.append(Blob((x, y, z), rng.uniform(10.0, 22.0), -500.0 + rng.uniform(-150, 150)))
+    return tuple(blobs)
+
+
 def make_series(
     study: Dataset, spec: SeriesSpec, series_number: int, seed: int = 0
 ) -> Iterator[Dataset]:
@@ -184,7 +203,12 @@ def make_series(
     # a full chest when the series can hold one; a short series (under 16 slices, for tests of
     # single slices and frames) shows the middle of a 240 mm chest in every slice
     height = 2.5 * (count - 1) if count >= 16 else 240.0
-    chest = Chest(height, blobs=typical_covid_blobs(height) if spec.ground_glass else ())
+    blobs: tuple[Blob, ...] = ()
+    if spec.ground_glass:
+        blobs = (
+            multifocal_covid_blobs(height, seed) if spec.multifocal else typical_covid_blobs(height)
+        )
+    chest = Chest(height, blobs=blobs)
     for i in range(count):
         ds = Dataset()
         ds.file_meta = FileMetaDataset()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from classifier.gate import SHARPENING, fit_softmax, refit_gate
-from classifier.training import rgb_batch
+from classifier.preprocess import rgb_batch
 
 pytestmark = pytest.mark.unit
 

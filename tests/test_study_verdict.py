@@ -162,3 +162,27 @@ def test_evaluate_studies_prints_lines_and_one_json_object(tmp_path: Path, tiny:
     )
     assert human.returncode == 0 and "calls right" in human.stdout
     assert "covid" in human.stdout.splitlines()[0]
+
+
+def test_the_demo_studies_show_what_the_demo_help_says(tmp_path: Path) -> None:
+    """`covidct demo` sends three studies, served by the shipped model: Present, Absent, and
+    not analysable with the reason."""
+    from classifier.inference import Classifier
+    from core.db import upgrade
+    from core.settings import SHIPPED_MODEL, load_settings
+    from covidct.demo import demo_studies
+    from tests.helpers import spool_study
+    from worker.pipeline import analyse_study
+
+    settings = load_settings({"COVIDCT_DATA_DIR": str(tmp_path / "var")})
+    upgrade(settings.database_url)
+    clf = Classifier(SHIPPED_MODEL)
+    studies = demo_studies(3)
+    assert len(studies) == 3
+    outcomes = [analyse_study(settings, spool_study(settings, st), clf) for st in studies]
+    assert [(o.state, o.verdict) for o in outcomes] == [
+        ("done", "Present"),
+        ("done", "Absent"),
+        ("not_analysable", None),
+    ]
+    assert "shorter than" in outcomes[2].reason

@@ -10,8 +10,8 @@ from flask_login import current_user, login_required
 from core.db import session_scope
 from core.models import Upload
 from core.settings import Settings
-from web.app import NOTICE
 from web.queries import Filters, list_studies, list_uploads, study_detail, upload_dict
+from web.session import NOTICE
 from web.uploads import UploadRejected, accept_upload, queue_upload
 
 bp = Blueprint("api", __name__)

@@ -18,10 +18,10 @@ from werkzeug.exceptions import HTTPException
 from core.db import session_scope, upgrade
 from core.models import User
 from core.settings import Settings
+from web.session import NOTICE, SessionUser
 
 logger = logging.getLogger(__name__)
 
-NOTICE = "Research and triage support only: results are unverified AI output, not a diagnosis."
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "object-src 'none'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
@@ -29,21 +29,6 @@ CSP = (
 
 csrf = CSRFProtect()
 login_manager = LoginManager()
-
-
-class SessionUser:
-    """What Flask-Login keeps for a request: a detached snapshot of the user row."""
-
-    def __init__(self, user: User) -> None:
-        self.id = user.id
-        self.username = user.username
-        self.is_admin = user.is_admin
-        self.is_active = user.active
-        self.is_authenticated = True
-        self.is_anonymous = False
-
-    def get_id(self) -> str:
-        return str(self.id)
 
 
 def create_app(settings: Settings, test_config: dict[str, Any] | None = None) -> Flask:

@@ -12,6 +12,7 @@ from core import audit
 from core.db import session_scope
 from core.settings import Settings
 from core.users import authenticate, user_for_token
+from web.session import SessionUser
 
 bp = Blueprint("auth", __name__)
 
@@ -21,8 +22,6 @@ def settings() -> Settings:
 
 
 def user_from_bearer(s: Settings, header: str) -> Any:
-    from web.app import SessionUser
-
     if not header.startswith("Bearer "):
         return None
     token = header[len("Bearer ") :].strip()
@@ -46,8 +45,6 @@ def _safe_next(target: str | None) -> str:
 
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Any:
-    from web.app import SessionUser
-
     if request.method == "POST":
         username = request.form.get("username", "").strip()[:64]
         password = request.form.get("password", "")

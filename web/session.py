@@ -1,0 +1,26 @@
+"""What every part of the web stage shares: the notice on each answer, and the signed-in user.
+
+Kept apart from the application factory so that the blueprints (auth, api, views) import it
+without importing the app that imports them.
+"""
+
+from __future__ import annotations
+
+from core.models import User
+
+NOTICE = "Research and triage support only: results are unverified AI output, not a diagnosis."
+
+
+class SessionUser:
+    """What Flask-Login keeps for a request: a detached snapshot of the user row."""
+
+    def __init__(self, user: User) -> None:
+        self.id = user.id
+        self.username = user.username
+        self.is_admin = user.is_admin
+        self.is_active = user.active
+        self.is_authenticated = True
+        self.is_anonymous = False
+
+    def get_id(self) -> str:
+        return str(self.id)
