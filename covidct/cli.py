@@ -43,6 +43,7 @@ def _configure_logging(level: str) -> None:
 def _settings(args: argparse.Namespace) -> Settings:
     settings = load_settings()
     _configure_logging(settings.log_level)
+    args.settings = settings  # for main's error translation (the database's URL)
     return settings
 
 
@@ -55,28 +56,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(_settings(args), workers=args.workers)
 
 
+def _stage_settings(args: argparse.Namespace) -> Settings:
+    """A stage's settings, logged once: by the stage, or by ``serve`` for its stages."""
+    settings = _settings(args)
+    if not args.under_serve:
+        settings.log_effective()
+    return settings
+
+
 def cmd_listener(args: argparse.Namespace) -> int:
     from ingest.server import run_listener
 
-    settings = _settings(args)
-    settings.log_effective()
-    return run_listener(settings)
+    return run_listener(_stage_settings(args))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker.main import run_worker
 
-    settings = _settings(args)
-    settings.log_effective()
-    return run_worker(settings, concurrency=args.concurrency, queues=args.queues)
+    return run_worker(
+        _stage_settings(args),
+        concurrency=args.concurrency,
+        queues=args.queues,
+        quiet=args.under_serve,
+    )
 
 
 def cmd_web(args: argparse.Namespace) -> int:
     from web.app import run_web
 
-    settings = _settings(args)
-    settings.log_effective()
-    return run_web(settings)
+    return run_web(_stage_settings(args))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -139,9 +147,18 @@ def cmd_create_user(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
+    elif not sys.stdin.isatty():
+        raise CommandError(
+            "no terminal to ask for the password: pipe it in with --password-stdin, e.g. "
+            f"printf '%s\\n' \"$PASSWORD\" | covidct create-user {args.username} --password-stdin"
+        )
     else:
-        password = getpass.getpass(f"Password for {args.username}: ")
-        if getpass.getpass("Repeat it: ") != password:
+        try:
+            password = getpass.getpass(f"Password for {args.username}: ")
+            again = getpass.getpass("Repeat it: ")
+        except EOFError:
+            raise CommandError("no password given (use --password-stdin to pipe one)") from None
+        if again != password:
             raise CommandError("the passwords differ")
     upgrade(settings.database_url)
     with session_scope(settings.database_url) as session:
@@ -203,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.set_defaults(func=func)
+        if name in ("listener", "worker", "web"):  # started by serve: serve speaks for it
+            p.add_argument("--under-serve", action="store_true", help=argparse.SUPPRESS)
         return p
 
     p = add("serve", cmd_serve, "run listener, worker and dashboard on this machine")
@@ -269,7 +288,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _is_user_error(exc):
             print(f"covidct: error: {exc}", file=sys.stderr)
             return EXIT_USAGE if isinstance(exc, SettingsError) else EXIT_FAILURE
+        store = _database_error(exc, getattr(args, "settings", None))
+        if store:
+            print(f"covidct: error: {store}", file=sys.stderr)
+            return EXIT_FAILURE
         raise
+
+
+def _database_error(exc: Exception, settings: Settings | None) -> str:
+    """One line for a results store that cannot be used: its URL (password hidden) and the
+    server's reason."""
+    from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+
+    if not isinstance(exc, DBAPIError | ArgumentError | NoSuchModuleError) or settings is None:
+        return ""
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    url = settings.masked()["database_url"]
+    return f"cannot use the results store {url}: {reason[0] if reason else type(exc).__name__}"
 
 
 def _is_user_error(exc: Exception) -> bool:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from core.db import upgrade
 from core.settings import Settings
@@ -25,6 +28,19 @@ from core.settings import Settings
 logger = logging.getLogger(__name__)
 
 STAGES = ("listener", "worker", "web")
+
+
+def command() -> str:
+    """How to run ``covidct`` from this shell: the console script beside this Python (a
+    virtual environment's bin, not on the PATH after ./scripts/run.sh), else the module."""
+    script = Path(sys.executable).parent / "covidct"
+    if shutil.which("covidct") == str(script):
+        return "covidct"
+    if script.is_file():
+        return (
+            os.path.relpath(script) if not os.path.relpath(script).startswith("..") else str(script)
+        )
+    return f"{sys.executable} -m covidct.cli"
 
 
 def banner(settings: Settings) -> str:
@@ -37,8 +53,8 @@ def banner(settings: Settings) -> str:
             f"  Data:      {settings.data_dir}",
             "  Results go to: "
             + (", ".join(map(str, settings.destinations)) or "the data directory only"),
-            "  First user: covidct create-user NAME --admin   (in another terminal)",
-            "  Demo data:  covidct demo",
+            f"  First user: {command()} create-user NAME --admin   (in another terminal)",
+            f"  Demo data:  {command()} demo",
             "  Stop:       Ctrl-C",
         ]
     )
@@ -49,7 +65,7 @@ CRASH_LOOP = (5, 120.0)  # this many deaths of one stage within this many second
 
 
 def _start(stage: str, env: dict[str, str], workers: int) -> subprocess.Popen:
-    args = [sys.executable, "-m", "covidct.cli", stage]
+    args = [sys.executable, "-m", "covidct.cli", stage, "--under-serve"]
     if stage == "worker":
         args += ["--concurrency", str(workers)]
     return subprocess.Popen(args, env=env, start_new_session=True)
@@ -106,7 +122,30 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def check_ports(settings: Settings) -> None:
+    """Refuse to start, naming the port, when the DICOM or web port is taken (by another
+    covidct too: its listener shares its port only with its own processes)."""
+    from ingest.server import PortInUse, claim_port
+
+    claim_port(settings.dicom_port).close()
+    for name, host, port, var in (
+        ("DICOM", settings.dicom_host, settings.dicom_port, "COVIDCT_DICOM_PORT"),
+        ("web", settings.web_host, settings.web_port, "COVIDCT_WEB_PORT"),
+    ):
+        probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            raise PortInUse(
+                f"{name} port {port} on {host} is in use: stop what uses it, or set {var}"
+            ) from None
+        finally:
+            probe.close()
+
+
 def serve(settings: Settings, *, workers: int = 1) -> int:
+    check_ports(settings)
     upgrade(settings.database_url)
     settings.log_effective()
     stop = threading.Event()

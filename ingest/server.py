@@ -7,10 +7,12 @@ of interrupted writes are removed, and the sweeper starts.
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
 import signal
+import socket
 import ssl
 import threading
 from dataclasses import replace
@@ -55,6 +57,28 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
+
+
+class PortInUse(OSError):
+    """The DICOM port is taken, by another covidct listener or another program."""
+
+
+def claim_port(port: int) -> socket.socket:
+    """An abstract Unix socket named after the DICOM port, held while the listener runs.
+
+    SO_REUSEPORT lets our own listener processes share the port, and would as well let a
+    second covidct service share it, splitting the incoming studies between the two: the
+    second one's first process fails here instead."""
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind(f"\0covidct-dicom-port-{port}")
+    except OSError:
+        lock.close()
+        raise PortInUse(
+            f"DICOM port {port} is already used by another covidct listener on this machine: "
+            "stop it, or set COVIDCT_DICOM_PORT"
+        ) from None
+    return lock
 
 
 def build_ae(settings: Settings) -> AE:
@@ -136,6 +160,9 @@ class Listener:
         ``share_port``: bind with SO_REUSEPORT beside other listener processes."""
         self.settings = settings
         settings.spool_dir.mkdir(parents=True, exist_ok=True)
+        self._port_lock = (
+            claim_port(settings.dicom_port) if primary and settings.dicom_port else None
+        )
         if primary:
             upgrade(settings.database_url)
             reconcile_spool(settings)
@@ -145,12 +172,21 @@ class Listener:
         tuning.install()
         self.ae = build_ae(settings)
         self.ae.covidct_share_port = share_port  # read by tuning's server_bind
-        self.server = self.ae.start_server(
-            (settings.dicom_host, settings.dicom_port),
-            block=False,
-            evt_handlers=handlers(self.ctx),
-            ssl_context=ssl_context(settings),
-        )
+        try:
+            self.server = self.ae.start_server(
+                (settings.dicom_host, settings.dicom_port),
+                block=False,
+                evt_handlers=handlers(self.ctx),
+                ssl_context=ssl_context(settings),
+            )
+        except OSError as exc:
+            self._release_port()
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(
+                    f"DICOM port {settings.dicom_port} on {settings.dicom_host} is in use by "
+                    "another program: stop it, or set COVIDCT_DICOM_PORT"
+                ) from None
+            raise
         self.sweeper: Sweeper | None = None
         if sweeper:
             self.sweeper = Sweeper(
@@ -174,6 +210,12 @@ class Listener:
             self.sweeper.stop()
         self.server.shutdown()
         self.ae.shutdown()
+        self._release_port()
+
+    def _release_port(self) -> None:
+        if self._port_lock is not None:
+            self._port_lock.close()
+            self._port_lock = None
 
 
 def _celery_publisher(settings: Settings) -> Any:

@@ -98,6 +98,8 @@ def test_dashboard_in_chromium(tmp_path: Path) -> None:
             page.wait_for_function(ALL_LOADED % ".slices img")
             page.screenshot(path=str(SHOTS / "study.png"), full_page=True)
             page.click("text=Uploads")
+            page.click("text=Upload and classify")  # nothing chosen: the page says so
+            assert "Choose one or more PNG or JPEG files." in page.inner_text("ul.flashes")
             page.set_input_files("input[type=file]", str(png))
             page.click("text=Upload and classify")
             expect(page.locator(".flashes")).to_contain_text("1 image(s) queued")

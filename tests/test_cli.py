@@ -73,3 +73,24 @@ def test_db_upgrade_create_user_and_token(env: dict[str, str], tmp_path: Path) -
     out = run(["create-token", "nobody"], env)
     assert out.returncode == 1 and "no user" in out.stderr
     assert (tmp_path / "var" / "covidct.sqlite3").is_file()
+
+
+def test_a_database_that_cannot_be_used_is_one_line_with_the_password_hidden(
+    env: dict[str, str],
+) -> None:
+    from tests.conftest import free_port
+
+    url = f"postgresql+psycopg://bob:s3cret@127.0.0.1:{free_port()}/nothing"
+    out = run(["db", "upgrade"], env | {"COVIDCT_DATABASE_URL": url})
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert "bob:***@127.0.0.1" in lines[0] and "s3cret" not in lines[0]
+    assert "refused" in lines[0] or "failed" in lines[0]
+
+
+def test_create_user_without_a_terminal_says_to_use_password_stdin(env: dict[str, str]) -> None:
+    out = run(["create-user", "bob"], env)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 1 and "--password-stdin" in lines[0]
+    out = run(["create-user", "bob", "--password-stdin"], env, stdin="a long password\n")
+    assert out.returncode == 0 and "created reader bob" in out.stdout

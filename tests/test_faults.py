@@ -212,7 +212,22 @@ def test_serve_restarts_a_dead_stage_and_keeps_the_port_open(tmp_path: Path) -> 
             return row[0] if row and row[0] in ("done", "not_analysable", "failed") else None
 
         assert wait(finished, 120, "the study analysed") == "done"
+        second = subprocess.run(  # a second service on the same ports refuses to start
+            [sys.executable, "-m", "covidct.cli", "serve"],
+            env=env | {"COVIDCT_DATA_DIR": str(tmp_path / "other")},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 1 and len(lines) == 1, second.stderr
+        assert f"DICOM port {port} is already used by another covidct listener" in lines[0]
     text = log.read_text()
+    # start-up says things once, and nothing a user cannot act on
+    assert text.count("effective settings") == 1
+    for noise in ("SecurityWarning", "No hostname was supplied", "oneDNN", "-------------- ["):
+        assert noise not in text, noise
     assert "worker exited with status -9; restarting it" in text
     assert "listener exited with status -9; restarting it" in text
 

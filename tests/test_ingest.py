@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -723,3 +724,18 @@ def test_helper_listener_stops_when_the_first_one_dies(tmp_path: Path) -> None:
     while any(Path(f"/proc/{pid}").exists() for pid in helpers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(Path(f"/proc/{pid}").exists() for pid in helpers)
+
+
+def test_a_second_listener_on_the_same_port_refuses_to_start(tmp_path: Path) -> None:
+    """SO_REUSEPORT would let it share the port and split the studies: it must not."""
+    from ingest.server import PortInUse
+
+    first = Listener(settings_for(tmp_path / "a"), publish=Published())
+    try:
+        other = replace(settings_for(tmp_path / "b"), dicom_port=first.settings.dicom_port)
+        with pytest.raises(PortInUse, match=f"DICOM port {first.port} is already used"):
+            Listener(other, publish=Published())
+    finally:
+        first.stop()
+    again = Listener(first.settings, publish=Published())  # the port was released at stop
+    again.stop()

@@ -7,6 +7,7 @@ stack trace.  Every page carries the notice that results are not a diagnosis.
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
@@ -133,5 +134,13 @@ def run_web(settings: Settings) -> int:
 
     app = create_app(settings)
     print(f"covidct dashboard: http://{settings.web_host}:{settings.web_port}/", flush=True)
-    serve(app, host=settings.web_host, port=settings.web_port, threads=8, ident="covidct")
+    try:
+        serve(app, host=settings.web_host, port=settings.web_port, threads=8, ident="covidct")
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(
+                f"web port {settings.web_port} on {settings.web_host} is in use: stop what uses "
+                "it, or set COVIDCT_WEB_PORT"
+            ) from None
+        raise
     return 0

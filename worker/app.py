@@ -47,7 +47,9 @@ def broker_options(settings: Settings) -> dict:
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("covidct", broker=settings.broker_url, set_as_current=False)
+    # the embedded queue has no host; naming one keeps kombu from warning at every start
+    url = "filesystem://localhost//" if settings.broker_is_embedded else settings.broker_url
+    app = Celery("covidct", broker=url, set_as_current=False)
     if settings.broker_is_embedded:  # message files renamed into place whole (fs_transport)
         app.conf.broker_transport = "worker.fs_transport:Transport"
     app.conf.update(

@@ -10,8 +10,10 @@ import logging
 import os
 import socket
 import threading
+import warnings
 from typing import Any
 
+from celery.exceptions import SecurityWarning
 from celery.signals import worker_ready, worker_shutdown
 
 from core import health
@@ -22,8 +24,13 @@ logger = logging.getLogger(__name__)
 
 
 def run_worker(
-    settings: Settings, *, concurrency: int = 1, queues: str = "studies,uploads,exports"
+    settings: Settings,
+    *,
+    concurrency: int = 1,
+    queues: str = "studies,uploads,exports",
+    quiet: bool = False,
 ) -> int:
+    """``quiet``: no Celery banner (under ``covidct serve``, whose banner says it all)."""
     from worker.tasks import create_app
 
     upgrade(settings.database_url)
@@ -52,7 +59,10 @@ def run_worker(
         except Exception:
             logger.warning("could not remove worker %s from the store", name)
 
+    # a container runs as root by design; Celery's advice about it is not the user's to act on
+    warnings.filterwarnings("ignore", category=SecurityWarning)
     argv = [
+        *(["--quiet"] if quiet else []),
         "worker",
         f"--loglevel={settings.log_level}",
         f"--concurrency={max(1, concurrency)}",
