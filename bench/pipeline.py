@@ -109,7 +109,7 @@ def main() -> int:
     from core.db import upgrade
     from core.settings import load_settings
     from covidct.synthetic import SeriesSpec, make_study
-    from tests.helpers import TestPACS, spool_study
+    from covidct.testbed import TestPACS, spool_study
 
     pacs = TestPACS()
     work = Path(tempfile.mkdtemp(prefix="covidct-pipeline-"))

@@ -23,8 +23,8 @@ from core.db import session_scope
 from core.models import Delivery, DeliveryState, utcnow
 from core.settings import Settings
 from covidct.synthetic import SeriesSpec, make_study
+from covidct.testbed import TestPACS, spool_study
 from ingest.sweeper import Sweeper
-from tests.helpers import TestPACS, spool_study
 from tests.test_worker import make_settings, wait_for
 from worker.app import DELIVER_TASK, publish
 

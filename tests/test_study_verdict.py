@@ -171,7 +171,7 @@ def test_the_demo_studies_show_what_the_demo_help_says(tmp_path: Path) -> None:
     from core.db import upgrade
     from core.settings import SHIPPED_MODEL, load_settings
     from covidct.demo import demo_studies
-    from tests.helpers import spool_study
+    from covidct.testbed import spool_study
     from worker.pipeline import analyse_study
 
     settings = load_settings({"COVIDCT_DATA_DIR": str(tmp_path / "var")})

@@ -420,7 +420,8 @@ def test_overlay_of_an_analysed_study(
 
     from classifier.inference import Classifier
     from covidct.synthetic import SeriesSpec, make_study
-    from tests.helpers import make_tiny_model, spool_study
+    from covidct.testbed import spool_study
+    from tests.helpers import make_tiny_model
     from web.views import OVERLAY_COLOURS
     from worker.pipeline import analyse_study
 

@@ -20,10 +20,11 @@ from core.db import session_scope, upgrade
 from core.models import Delivery, Prediction, Report, Study, StudyState, Upload
 from core.settings import Settings, load_settings
 from covidct.synthetic import SeriesSpec, make_study
+from covidct.testbed import TestPACS, spool_study
 from ingest.sweeper import Sweeper
 from tests.conftest import REDIS_HOST, REDIS_PORT, free_port, need_tool
 from tests.factories import enhanced_ct, to_bytes
-from tests.helpers import TestPACS, make_tiny_model, spool_study
+from tests.helpers import make_tiny_model
 from worker.app import QUEUES, STUDY_TASK, UPLOAD_TASK, publish
 from worker.sr import read_finding
 

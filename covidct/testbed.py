@@ -1,0 +1,92 @@
+"""Studies and a PACS for tests, benchmarks and trials: what both may import.
+
+:class:`TestPACS` is a pynetdicom storage SCP that keeps what it receives (optionally hanging
+on each C-STORE, to try what a worker does when the PACS stops answering);
+:func:`spool_study` puts a study in the spool and the results store as the listener would, and
+marks it queued, so that the worker's pipeline can run without a network.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+
+class TestPACS:
+    """A pynetdicom storage SCP on a free port that keeps what it receives in memory."""
+
+    __test__ = False  # not a pytest test class, though its name starts with Test
+
+    def __init__(
+        self,
+        ae_title: str = "PACS",
+        port: int = 0,
+        status: int = 0x0000,
+        gate: threading.Event | None = None,
+    ) -> None:
+        """``gate``: a PACS that hangs: each C-STORE is kept (and counted) at once but
+        answered only when the event is set."""
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import Verification
+
+        self.received: list[Any] = []
+        self.status = status
+        self.gate = gate
+        self.lock = threading.Lock()
+        self.ae = AE(ae_title=ae_title)
+        self.ae.add_supported_context(Verification)
+        self.ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.34")  # Comprehensive 3D SR
+        self.ae_title = ae_title
+        self.server = self.ae.start_server(
+            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
+        self.port = int(self.server.server_address[1])
+
+    def _store(self, event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        with self.lock:
+            self.received.append(ds)
+        if self.gate is not None:
+            self.gate.wait(120)
+        return self.status
+
+    @property
+    def destination(self) -> str:
+        return f"{self.ae_title}@127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def spool_study(settings: Any, items: list[Any], calling_ae: str = "TEST") -> int:
+    """Put a study (datasets or Part 10 files) in the spool as the listener would and mark
+    it queued; return its id."""
+    import io
+
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.models import Study, StudyState
+    from ingest.records import read_header, record_instance
+    from ingest.spool import instance_path, write_durable
+
+    uid = None
+    for item in items:
+        if isinstance(item, Path):
+            data = item.read_bytes()
+        else:
+            buf = io.BytesIO()
+            item.save_as(buf, enforce_file_format=True)
+            data = buf.getvalue()
+        h = read_header(data)
+        uid = h.study_uid
+        path = instance_path(settings.spool_dir, h.study_uid, h.series_uid, h.sop_uid)
+        write_durable(path, data)
+        record_instance(settings.database_url, h, path, len(data), calling_ae)
+    with session_scope(settings.database_url) as s:
+        study = s.scalar(select(Study).where(Study.study_instance_uid == uid))
+        assert study is not None
+        study.state = StudyState.QUEUED
+        return study.id
