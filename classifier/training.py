@@ -438,6 +438,8 @@ def _litert_line(card: dict[str, Any]) -> list[str]:
     lite = card.get("litert")
     if not lite:
         return []
+    if "file" not in lite:
+        return [f"- Served by Keras: no LiteRT export ({lite.get('reason', 'not made')})"]
     return [
         f"- Served by LiteRT from `{lite['file']}`: largest difference from Keras "
         f"{lite['max_abs_difference']:.1e} over {lite['images']} images ({lite['checked_on']}; "

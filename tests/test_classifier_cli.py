@@ -82,10 +82,15 @@ def test_train_one_epoch_each_recipe(tmp_path: Path, recipe: str) -> None:
     for plot in ("accuracy", "loss", "roc", "confusion", "reliability"):
         assert (out / f"{stem}.{plot}.png").stat().st_size > 1000
     assert (out / f"{stem}.card.md").read_text().startswith("# Model card")
-    # the LiteRT export the worker serves, checked against Keras on the val images
-    assert card["litert"]["max_abs_difference"] <= 1e-5 and card["litert"]["images"] > 0
-    assert (out / f"{stem}.tflite").stat().st_size > 1000
-    assert "Served by LiteRT" in (out / f"{stem}.card.md").read_text()
+    # the LiteRT export the worker serves, checked against Keras on the val images: made
+    # when they agree within 1e-5, else left out with the reason (the worker serves Keras)
+    lite, md = card["litert"], (out / f"{stem}.card.md").read_text()
+    if "file" in lite:
+        assert lite["max_abs_difference"] <= 1e-5 and lite["images"] > 0
+        assert (out / f"{stem}.tflite").stat().st_size > 1000 and "Served by LiteRT" in md
+    else:
+        assert "differs from Keras" in lite["reason"] and not (out / f"{stem}.tflite").exists()
+        assert "Served by Keras" in md
     # saved without optimizer state: only the model's own weights
     import zipfile
 
