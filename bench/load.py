@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from covidct.testbed import child_pids, stage_pids  # noqa: E402
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -59,24 +61,6 @@ def rss_mb(pid: int) -> float:
     return int(text.split("VmRSS:")[1].split()[0]) / 1024 if "VmRSS:" in text else 0.0
 
 
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def stage_pids(serve_pid: int) -> dict[str, int]:
-    found = {}
-    for pid in children(serve_pid):
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for stage in ("listener", "worker", "web"):
-            if stage.encode() in args:
-                found[stage] = pid
-    return found
-
-
 class Sampler(threading.Thread):
     """Peak RSS of a process and its children: the worker's main process and pool."""
 
@@ -89,12 +73,12 @@ class Sampler(threading.Thread):
         while not self.stop.wait(0.2):
             stages = stage_pids(self.serve_pid)
             if "worker" in stages:
-                pids = [stages["worker"], *children(stages["worker"])]
+                pids = [stages["worker"], *child_pids(stages["worker"])]
                 sizes = [rss_mb(p) for p in pids]
                 self.peak["worker"] = max(self.peak["worker"], sum(sizes))
                 self.peak["worker process"] = max(self.peak["worker process"], max(sizes))
             if "listener" in stages:
-                pids = [stages["listener"], *children(stages["listener"])]
+                pids = [stages["listener"], *child_pids(stages["listener"])]
                 self.peak["listener"] = max(self.peak["listener"], sum(map(rss_mb, pids)))
 
 

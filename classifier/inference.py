@@ -7,7 +7,8 @@ every caller sees the same calibrated probability the threshold was chosen on.
 Two runtimes serve the same weights.  LiteRT (``ai-edge-litert``) runs the ``<model>.tflite``
 exported beside the Keras file (``classifier/export.py``; it agrees with Keras within 1e-5 on
 the validation images, checked at export and recorded in the card) without importing
-TensorFlow: a worker process needs about 600 MB less.  Keras runs the ``.keras`` file (training,
+TensorFlow: a worker process needed 478 MB less idle and 560 MB less at peak under load
+(``bench/load.py``, 2026-12-04).  Keras runs the ``.keras`` file (training,
 evaluation, models without an export).  ``auto`` takes LiteRT when the export is there.
 """
 

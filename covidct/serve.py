@@ -37,9 +37,8 @@ def command() -> str:
     if shutil.which("covidct") == str(script):
         return "covidct"
     if script.is_file():
-        return (
-            os.path.relpath(script) if not os.path.relpath(script).startswith("..") else str(script)
-        )
+        relative = os.path.relpath(script)
+        return str(script) if relative.startswith("..") else relative
     return f"{sys.executable} -m covidct.cli"
 
 
@@ -125,7 +124,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def check_ports(settings: Settings) -> None:
     """Refuse to start, naming the port, when the DICOM or web port is taken (by another
     covidct too: its listener shares its port only with its own processes)."""
-    from ingest.server import PortInUse, claim_port
+    from ingest.server import claim_port, port_in_use
 
     claim_port(settings.dicom_port).close()
     for name, host, port, var in (
@@ -137,9 +136,7 @@ def check_ports(settings: Settings) -> None:
         try:
             probe.bind((host, port))
         except OSError:
-            raise PortInUse(
-                f"{name} port {port} on {host} is in use: stop what uses it, or set {var}"
-            ) from None
+            raise port_in_use(name, host, port, var) from None
         finally:
             probe.close()
 

@@ -1,4 +1,4 @@
-"""Studies and a PACS for tests, benchmarks and trials: what both may import.
+"""Studies, a PACS and a look at running processes for tests and benchmarks: what both import.
 
 :class:`TestPACS` is a pynetdicom storage SCP that keeps what it receives (optionally hanging
 on each C-STORE, to try what a worker does when the PACS stops answering);
@@ -8,6 +8,7 @@ marks it queued, so that the worker's pipeline can run without a network.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from pathlib import Path
 from typing import Any
@@ -90,3 +91,22 @@ def spool_study(settings: Any, items: list[Any], calling_ae: str = "TEST") -> in
         assert study is not None
         study.state = StudyState.QUEUED
         return study.id
+
+
+def child_pids(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def stage_pids(serve_pid: int) -> dict[str, int]:
+    """The main process of each stage that ``covidct serve`` (process ``serve_pid``) runs."""
+    found: dict[str, int] = {}
+    for pid in child_pids(serve_pid):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for stage in ("listener", "worker", "web"):
+            if stage.encode() in args:
+                found[stage] = pid
+    return found

@@ -63,6 +63,12 @@ class PortInUse(OSError):
     """The DICOM port is taken, by another covidct listener or another program."""
 
 
+def port_in_use(name: str, host: str, port: int, variable: str) -> PortInUse:
+    return PortInUse(
+        f"{name} port {port} on {host} is in use: stop what uses it, or set {variable}"
+    )
+
+
 def claim_port(port: int) -> socket.socket:
     """An abstract Unix socket named after the DICOM port, held while the listener runs.
 
@@ -182,9 +188,8 @@ class Listener:
         except OSError as exc:
             self._release_port()
             if exc.errno == errno.EADDRINUSE:
-                raise PortInUse(
-                    f"DICOM port {settings.dicom_port} on {settings.dicom_host} is in use by "
-                    "another program: stop it, or set COVIDCT_DICOM_PORT"
+                raise port_in_use(
+                    "DICOM", settings.dicom_host, settings.dicom_port, "COVIDCT_DICOM_PORT"
                 ) from None
             raise
         self.sweeper: Sweeper | None = None

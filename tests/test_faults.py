@@ -23,7 +23,7 @@ from core.db import session_scope
 from core.models import Delivery, DeliveryState, utcnow
 from core.settings import Settings
 from covidct.synthetic import SeriesSpec, make_study
-from covidct.testbed import TestPACS, spool_study
+from covidct.testbed import TestPACS, child_pids, spool_study, stage_pids
 from ingest.sweeper import Sweeper
 from tests.test_worker import make_settings, wait_for
 from worker.app import DELIVER_TASK, publish
@@ -64,8 +64,7 @@ def worker_process(settings: Settings) -> Iterator[subprocess.Popen]:
 
 
 def kill_children(proc: subprocess.Popen) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
-    pids = [int(p) for p in out.stdout.split()]
+    pids = child_pids(proc.pid)
     for pid in pids:
         os.kill(pid, signal.SIGKILL)
     return pids
@@ -143,21 +142,6 @@ def test_a_lost_delivery_message_is_published_again_after_redeliver_seconds(
     assert settings.redeliver_seconds <= 30
 
 
-def stage_pids(serve_pid: int) -> dict[str, int]:
-    """The main process of each stage ``covidct serve`` started."""
-    out = subprocess.run(["pgrep", "-P", str(serve_pid)], capture_output=True, text=True)
-    pids: dict[str, int] = {}
-    for pid in map(int, out.stdout.split()):
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for stage in ("listener", "worker", "web"):
-            if stage.encode() in args:
-                pids[stage] = pid
-    return pids
-
-
 def readyz(env: dict[str, str]) -> tuple[int, dict]:
     import json
     import urllib.error
@@ -198,7 +182,11 @@ def test_serve_restarts_a_dead_stage_and_keeps_the_port_open(tmp_path: Path) -> 
         )
         os.kill(first["listener"], signal.SIGKILL)
         killed = time.monotonic()
-        wait(lambda: not port_open("127.0.0.1", port) or time.monotonic() - killed > 1, 5, "")
+        wait(
+            lambda: stage_pids(proc.pid).get("listener", first["listener"]) != first["listener"],
+            15,
+            "a new listener",
+        )
         wait(lambda: port_open("127.0.0.1", port), 15, "the DICOM port open again")
         print(f"\nDICOM port open again {time.monotonic() - killed:.1f} s after the kill")
         study_uid, _ = send_study(env, tmp_path)

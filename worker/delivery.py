@@ -87,7 +87,6 @@ def claim_delivery(settings: Settings, delivery_id: int) -> tuple[str, str, str]
             return "missing"
         if taken != 1:
             return str(row.state) if row.state != DeliveryState.PENDING else BUSY
-        s.refresh(row)
         report = s.get(Report, row.report_id)
         assert report is not None
         if row.interrupted:
