@@ -45,8 +45,9 @@ def verdict(probability: float, threshold: float, band: float) -> str:
 MULTIFOCAL_ZONES = 2
 STUDY_RULE = (
     "CNN: mean of the top 10% slice probabilities (at least 5) over slices inside the lung;"
-    " Present needs opacity in at least 2 of 6 lung zones and a pattern that is not"
-    " atypical (RSNA); fewer involved zones is near-normal lung and Absent"
+    " lungs that fail the segmentation's checks make it Indeterminate; Present needs opacity"
+    " in at least 2 of 6 lung zones and a pattern that is not atypical (RSNA); fewer involved"
+    " zones is near-normal lung and Absent"
 )
 
 
@@ -56,12 +57,20 @@ def study_verdict(
     """The study's call from the CNN's study probability and the measured lungs, with the
     reason in words.
 
+    * Lungs that fail the quality gate (:mod:`classifier.lungcheck`) make the study
+      Indeterminate, whatever the CNN says: the opacity figures and the near-normal rule
+      would rest on lung the segmentation lost, so a failed segmentation never gives Absent.
     * Near-normal lung (opacity in fewer than ``MULTIFOCAL_ZONES`` zones: COVID-19 pneumonia
       is multifocal in the RSNA consensus's typical and indeterminate patterns) is Absent
       whatever the CNN says: a 2D model scores lung bases and apices high on normal chests.
     * Otherwise the CNN's call (:func:`verdict`), except that Present with the RSNA atypical
       pattern (unilateral, mostly consolidation: lobar pneumonia) becomes Indeterminate.
     """
+    check = quantification.check
+    if check is not None and not check.ok:
+        return "Indeterminate", (
+            f"{check.summary()}; CNN probability {probability:.3f} against {threshold:.3f}"
+        )
     involved = sum(score > 0 for score in quantification.zone_scores().values())
     if involved < MULTIFOCAL_ZONES:
         return "Absent", (

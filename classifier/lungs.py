@@ -3,8 +3,9 @@
 A classical pipeline after Hu, Hoffman and Reinhardt, "Automatic lung segmentation for accurate
 quantitation of volumetric X-ray CT images", IEEE TMI 20(6):490-498, 2001:
 
-1. air inside the body: voxels below -400 HU inside the body's outline, filled per slice (the
-   image border closes the outline where the field of view clips the chest);
+1. air inside the body: voxels below -400 HU that no path of air joins to the image border in
+   their slice (the border closes the outline where the field of view clips the chest);
+   tissue is not opened first, so a chest wall of 5 mm still encloses the lungs;
 2. 3D components of that air; gas that is pure air (mean below -950 HU: stomach, bowel,
    sinuses) and specks under ``MIN_COMPONENT_ML`` are dropped;
 3. trachea and main bronchi removed: tracked from the top slice down as small blobs of air
@@ -117,25 +118,28 @@ def fill_holes_2d(stack: np.ndarray) -> np.ndarray:
 
 
 def _inner_air(hu: np.ndarray, grid: Grid) -> np.ndarray:
-    """Step 1: air inside the body.  The body is the largest 3D component of tissue above
-    ``AIR_HU`` after an in-plane opening of ``BODY_OPENING_MM`` (which parts it from the table
-    and the mattress), filled per slice; where the body meets the image border (a field of
-    view that clips the chest) the border closes it."""
+    """Step 1: air inside the body, per slice: air that no 4-connected path of air joins to
+    the image border.  Tissue is taken as it is, not opened, so a chest wall one pixel thick
+    (5 mm on the grid) still closes the lungs; air that sheets, blankets or the mattress close
+    against the skin is enclosed too, and dropped in step 2 as pure air or as too small.
+    Where the body meets the image border (a field of view that clips the chest) the border
+    closes it; the body there is the largest 3D component of tissue after an in-plane opening
+    of ``BODY_OPENING_MM`` (which parts it from the table, the mattress and bedding)."""
+    tissue = hu > AIR_HU
     radius = max(1, int(round(BODY_OPENING_MM / max(min(grid.pixel_mm), 1e-6))))
-    tissue = ndimage.binary_opening(hu > AIR_HU, structure=_disk(radius)[np.newaxis])
-    labels, count = ndimage.label(tissue)
+    opened = ndimage.binary_opening(tissue, structure=_disk(radius)[np.newaxis])
+    labels, count = ndimage.label(opened)
     if count == 0:
         raise NoLungs("no body in the series")
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     body = labels == int(sizes.argmax())
-    frame = np.pad(body, ((0, 0), (1, 1), (1, 1)))
+    frame = np.pad(tissue, ((0, 0), (1, 1), (1, 1)))
     frame[:, 0, :] = body[:, 0, :].any(axis=1)[:, None]
     frame[:, -1, :] = body[:, -1, :].any(axis=1)[:, None]
     frame[:, :, 0] = body[:, :, 0].any(axis=1)[:, None]
     frame[:, :, -1] = body[:, :, -1].any(axis=1)[:, None]
-    inside = fill_holes_2d(frame)[:, 1:-1, 1:-1]
-    return inside & (hu < AIR_HU)
+    return fill_holes_2d(frame)[:, 1:-1, 1:-1] & ~tissue
 
 
 def _airways(component: np.ndarray, grid: Grid) -> np.ndarray:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from classifier.lungcheck import LungCheck, check_lungs
 from classifier.lungs import LEFT, RIGHT, Grid, Lungs
 
 GGO_HU = (-700.0, -100.0)
@@ -100,6 +101,13 @@ class Quantification:
     notes: list[str] = field(default_factory=list)
     # per voxel of the grid: 0 clear or outside the lungs, 1 ground glass, 2 consolidation
     opacity: np.ndarray | None = field(default=None, repr=False)
+    # the quality gate (classifier.lungcheck); None only for quantifications built by hand
+    check: LungCheck | None = None
+
+    @property
+    def lungs_ok(self) -> bool:
+        """Whether the segmentation passed the gate, so the opacity figures can be used."""
+        return self.check is None or self.check.ok
 
     @property
     def total(self) -> Region:
@@ -160,6 +168,7 @@ class Quantification:
             "lower_predominant": self.lower_predominant,
             "pattern": self.pattern,
             "notes": list(self.notes),
+            **(self.check.as_dict() if self.check is not None else {"lungs_ok": True}),
         }
 
 
@@ -232,7 +241,13 @@ def quantify(grid: Grid, lungs: Lungs) -> Quantification:
                 zones[f"{name} {zone_name}"] = region(c[side, z])
     out_lungs["total"] = region(c[1:])
     return Quantification(
-        out_lungs, zones, region(c[1:, :, 1]), region(c[1:, :, 0]), list(lungs.notes), opacity
+        out_lungs,
+        zones,
+        region(c[1:, :, 1]),
+        region(c[1:, :, 0]),
+        list(lungs.notes),
+        opacity,
+        check_lungs(grid, lungs),
     )
 
 

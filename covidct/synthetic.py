@@ -49,6 +49,8 @@ class SeriesSpec:
     # with ground_glass: 40 patches scattered over both lungs' periphery at every height
     # (multifocal, as in typical COVID-19 pneumonia) instead of four in the lower zones
     multifocal: bool = False
+    # keyword arguments of :class:`Chest` for sick anatomy (wall, blankets, leak, ...)
+    chest: tuple[tuple[str, object], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,19 @@ class Chest:
     height, then a main bronchus to each lung; three vessels of ``vessel_radius`` mm and
     ``vessel_hu`` running up each lung; ``blobs`` of ground glass or consolidation.  A lung
     listed in ``lungs`` only is drawn; ``dome`` raises the right diaphragm into the lung base.
+
+    The sick and the thin: ``wall`` (mm) draws a body that is the lungs' widest outline grown by
+    that much (a cachectic chest wall) around a mediastinum and spine, instead of the usual
+    330 x 240 mm ellipse; ``blankets`` wraps it in a folded sheet 10 mm off the skin that
+    touches it at eight folds, closing pockets of air between sheet and skin;
+    ``emphysema`` (HU) sets the upper half of each lung to that density, with two bullae of
+    pure air at the apex; ``consolidated_lobe`` fills the back of the right lung's lower third
+    with consolidation (+30 HU) around air bronchograms (lung, and consolidation, in the truth);
+    ``effusion`` (mm) lays fluid (+10 HU) that deep in the back of the right pleural space (not
+    lung in the truth); ``leak`` opens the chest wall below the apices with a channel of -450 HU,
+    so the lungs there join the room's air for the 3D segmentation (tissue above -400 HU)
+    while the slice framing (body above -500 HU) still sees them closed: the lungs the
+    segmentation lost in a real pneumonia.
     """
 
     height: float = 240.0
@@ -82,6 +97,25 @@ class Chest:
     vessel_hu: float = 40.0  # 200-400 with intravenous contrast
     dome: float = 0.0  # mm the right diaphragm's dome (liver, +40 HU) rises into the lung
     noise: float = 15.0
+    wall: float | None = None
+    blankets: bool = False
+    emphysema: float | None = None
+    consolidated_lobe: bool = False
+    effusion: float = 0.0
+    leak: bool = False
+
+    def _lobe(self, xx: np.ndarray, yy: np.ndarray, z: float, lung: np.ndarray) -> np.ndarray:
+        """The consolidated part of the right lung on this slice (empty unless drawn)."""
+        if not self.consolidated_lobe or z > 0.35 * self.height:
+            return np.zeros_like(lung)
+        return lung & (yy > -5.0)
+
+    def _fluid(self, yy: np.ndarray, z: float, lung: np.ndarray) -> np.ndarray:
+        """The effusion on this slice: the back of the right pleural space."""
+        if self.effusion <= 0:
+            return np.zeros_like(lung)
+        back = -5.0 + 72.0 * self._lung_shape(z)
+        return lung & (yy > back - self.effusion)
 
     def _lung_shape(self, z: float) -> float:
         lo, hi = 0.08 * self.height, 0.92 * self.height
@@ -89,6 +123,15 @@ class Chest:
             return 0.0
         u = (z - (lo + hi) / 2) / ((hi - lo) / 2)
         return float(np.sqrt(max(0.0, 1.0 - u * u)))
+
+    def body(self, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+        """The body's section (the same at every height)."""
+        if self.wall is None:
+            return (xx / 165.0) ** 2 + (yy / 120.0) ** 2 < 1
+        out = (xx / 45.0) ** 2 + ((yy - 25.0) / 85.0) ** 2 < 1  # mediastinum and spine
+        for cx in LUNG_CENTRES.values():
+            out |= ((xx - cx) / (50 + self.wall)) ** 2 + ((yy + 5) / (72 + self.wall)) ** 2 < 1
+        return out
 
     def masks(
         self, rows: int, pixel_mm: float, z: float
@@ -105,6 +148,8 @@ class Chest:
                 lungs[side] = ((xx - cx) / (50 * scale)) ** 2 + ((yy + 5) / (72 * scale)) ** 2 < 1
             else:
                 lungs[side] = np.zeros((rows, rows), dtype=bool)
+        if "right" in lungs:
+            lungs["right"] = lungs["right"] & ~self._fluid(yy, z, lungs["right"])
         if self.dome > 0 and "right" in lungs:
             radius = 45.0  # seen in section: a round island of liver inside the lung
             top = 0.08 * self.height + self.dome
@@ -135,6 +180,8 @@ class Chest:
                 cons |= sphere
             else:
                 ggo |= sphere
+        if "right" in lungs:
+            cons |= self._lobe(xx, yy, z, lungs["right"])
         ggo &= ~cons
         return lungs, airway & ~inside, ggo, cons
 
@@ -143,15 +190,39 @@ class Chest:
         c = (np.arange(rows, dtype=np.float32) - (rows - 1) / 2) * pixel_mm
         yy, xx = np.meshgrid(c, c, indexing="ij")
         hu = np.full((rows, rows), -1000.0, np.float32)
-        hu[(xx / 165.0) ** 2 + (yy / 120.0) ** 2 < 1] = 40.0
+        body = self.body(xx, yy)
+        hu[body] = 40.0
+        if self.blankets:
+            hu[_sheet(body, xx, yy, pixel_mm)] = -150.0
         lungs, airway, ggo, cons = self.masks(rows, pixel_mm, z)
         for side, m in lungs.items():
             hu[m] = -860.0
+            if self.emphysema is not None and z > 0.5 * self.height:
+                hu[m] = self.emphysema
+                for bx in (-20.0, 15.0):  # bullae near the apex
+                    bulla = (xx - LUNG_CENTRES[side] - bx) ** 2 + (yy + 20) ** 2
+                    hu[m & (bulla < (12.0 * self._lung_shape(z)) ** 2)] = -1000.0
             cx = LUNG_CENTRES[side]
             for dx, dy in ((-20, -30), (10, 0), (-5, 35)):
                 vessel = (xx - cx - dx) ** 2 + (yy - dy) ** 2 < self.vessel_radius**2
                 hu[vessel & m] = self.vessel_hu
         hu[airway] = -1000.0
+        if "right" in lungs:
+            lobe = self._lobe(xx, yy, z, lungs["right"])
+            hu[lobe] = 30.0
+            cx = LUNG_CENTRES["right"]
+            for dx, dy in ((-25.0, 20.0), (0.0, 30.0), (20.0, 15.0)):  # air bronchograms
+                hu[lobe & ((xx - cx - dx) ** 2 + (yy - dy) ** 2 < 2.5**2)] = -900.0
+            fluid_section = self.effusion > 0 and self._lung_shape(z) > 0
+            if fluid_section:
+                full = ((xx - cx) / (50 * self._lung_shape(z))) ** 2 + (
+                    (yy + 5) / (72 * self._lung_shape(z))
+                ) ** 2 < 1
+                hu[self._fluid(yy, z, full)] = 10.0
+        if self.leak and 0 < self._lung_shape(z) and z < 0.8 * self.height:
+            for cx in LUNG_CENTRES.values():  # a channel from each lung's side to the outside
+                channel = (np.abs(yy + 5) < 8.0) & (xx * np.sign(cx) > abs(cx))
+                hu[channel & ((hu > -400) | (hu < -950))] = -450.0
         for blob in self.blobs:
             bx, by, bz = blob.centre
             r2 = blob.radius**2 - (z - bz) ** 2
@@ -162,6 +233,22 @@ class Chest:
         hu[(yy > 135) & (yy < 140) & (np.abs(xx) < 170)] = 200.0  # table
         hu += rng.normal(0.0, self.noise, hu.shape).astype(np.float32)
         return np.clip(hu, -1024, 3071)
+
+
+def _sheet(body: np.ndarray, xx: np.ndarray, yy: np.ndarray, pixel_mm: float) -> np.ndarray:
+    """A sheet 3 mm thick, 10 mm off the skin over the front and sides, touching the skin at
+    eight radial folds: pockets of air closed between sheet and skin."""
+    from scipy import ndimage
+
+    def grown(mm: float) -> np.ndarray:
+        return ndimage.distance_transform_edt(~body, sampling=pixel_mm) <= mm
+
+    sheet = grown(13.0) & ~grown(10.0) & (yy < 60.0)
+    angle = np.arctan2(yy, xx)
+    folds = np.zeros_like(body)
+    for a in np.linspace(-np.pi * 0.95, -np.pi * 0.05, 8):
+        folds |= np.abs(np.angle(np.exp(1j * (angle - a)))) * np.hypot(xx, yy) < 2.0
+    return sheet | (folds & grown(13.0) & ~body & (yy < 60.0))
 
 
 def typical_covid_blobs(height: float) -> tuple[Blob, ...]:
@@ -200,15 +287,17 @@ def make_series(
     series_uid = generate_uid(prefix=ROOT)
     frame_of_ref = generate_uid(prefix=ROOT)
     count = 1 if spec.kind == "localizer" else spec.slices
-    # a full chest when the series can hold one; a short series (under 16 slices, for tests of
-    # single slices and frames) shows the middle of a 240 mm chest in every slice
-    height = 2.5 * (count - 1) if count >= 16 else 240.0
+    # a whole adult chest (240 mm, slices of 2.5 mm or thicker so that the series covers it)
+    # when the series can hold one; a short series (under 16 slices, for tests of single
+    # slices and frames) shows the middle of a 240 mm chest in every slice
+    height = max(240.0, 2.5 * (count - 1)) if count >= 16 else 240.0
+    spacing = height / (count - 1) if count >= 16 else 2.5
     blobs: tuple[Blob, ...] = ()
     if spec.ground_glass:
         blobs = (
             multifocal_covid_blobs(height, seed) if spec.multifocal else typical_covid_blobs(height)
         )
-    chest = Chest(height, blobs=blobs)
+    chest = Chest(height, blobs=blobs, **dict(spec.chest))  # type: ignore[arg-type]
     for i in range(count):
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
@@ -242,9 +331,9 @@ def make_series(
                 else ["ORIGINAL", "PRIMARY", "AXIAL"]
             )
             ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-            ds.ImagePositionPatient = [-175.0, -175.0, -100.0 - 2.5 * i]
-            ds.SliceLocation = -100.0 - 2.5 * i
-        ds.SliceThickness = 2.5
+            ds.ImagePositionPatient = [-175.0, -175.0, -100.0 - spacing * i]
+            ds.SliceLocation = -100.0 - spacing * i
+        ds.SliceThickness = round(spacing, 3)
         ds.PixelSpacing = [350.0 / spec.rows, 350.0 / spec.rows]
         ds.KVP = 120
         ds.Rows = ds.Columns = spec.rows

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from classifier.aggregate import study_verdict
-from classifier.lungs import LEFT, RIGHT, Grid, NoLungs, segment
+from classifier.lungs import LEFT, RIGHT, Grid, Lungs, NoLungs, segment
 from classifier.quantify import Quantification, Region, quantify, severity
 from covidct.synthetic import Blob, Chest
 
@@ -222,3 +222,85 @@ def test_model_card_includes_the_hand_kept_notes(tmp_path: Path) -> None:
     assert text.index("## History") < text.index("## Training history")
     # the shipped card is what the generator writes
     assert text == (models / "covidct.card.md").read_text()
+
+
+# --- the sickest patients (#32): sick anatomy, and the gate that keeps a failure from Absent
+
+
+@pytest.mark.parametrize(
+    "chest",
+    [
+        Chest(wall=5.0),
+        Chest(wall=5.0, blankets=True),
+        Chest(blankets=True),
+        Chest(emphysema=-975.0),
+    ],
+    ids=["5 mm chest wall", "5 mm wall in folded blankets", "blankets", "emphysema"],
+)
+def test_sick_anatomy_keeps_the_lungs(chest: Chest) -> None:
+    """A chest wall one grid pixel thick still closes the lungs; air that a sheet closes
+    against the skin is not lung; emphysema (-975 HU, bullae of pure air) stays lung."""
+    grid, truth = scan(chest, 2.5)
+    lungs = segment(grid)
+    q = quantify(grid, lungs)
+    assert within(q.lungs["right"].volume_ml, truth["right"], 0.1)
+    assert within(q.lungs["left"].volume_ml, truth["left"], 0.1)
+    assert q.check is not None and q.check.ok, q.check
+    assert q.total.opacity_percent < 0.1  # neither the wall, the sheet nor emphysema is opacity
+
+
+def test_a_pleural_effusion_is_not_lung() -> None:
+    grid, truth = scan(Chest(effusion=30.0), 2.5)
+    q = quantify(grid, segment(grid))
+    assert truth["right"] < 0.85 * truth["left"]  # the fluid takes a sixth of the right side
+    assert within(q.lungs["right"].volume_ml, truth["right"], 0.1)
+    assert q.total.consolidation_percent < 0.5 and q.lungs_ok
+
+
+def test_lungs_lost_below_the_apex_make_indeterminate_not_absent() -> None:
+    """The failure seen on a real pneumonia: the lungs joined the outside air below the apices,
+    so only the apices were segmented.  The gate fails with the figures; the call is
+    Indeterminate however low the CNN scores, and the opacity rules are not used."""
+    grid, truth = scan(Chest(leak=True), 2.5)
+    q = quantify(grid, segment(grid))
+    assert q.check is not None and not q.check.ok
+    assert q.check.volume_ml < 0.2 * (truth["right"] + truth["left"])
+    assert "less than an adult holds" in q.check.summary()
+    call, basis = study_verdict(0.05, 0.5, 0.05, q)
+    assert call == "Indeterminate"
+    assert basis.startswith("lungs not segmented reliably") and "mL" in basis
+    assert q.as_dict()["lungs_ok"] is False
+
+
+def test_the_gate_names_each_failure() -> None:
+    from classifier.lungcheck import check_lungs
+
+    grid, _ = scan(Chest(), 5.0)
+    lungs = segment(grid)
+    assert check_lungs(grid, lungs).ok
+    # a slice in the middle lost its lung
+    holed = Lungs(lungs.labels.copy(), lungs.airway_ml, [])
+    holed.labels[grid.hu.shape[0] // 2] = 0
+    assert any("no lung on 1 of the" in r for r in check_lungs(grid, holed).reasons)
+    # one side lost, or much smaller than the other
+    right_only = Lungs(np.where(lungs.labels == RIGHT, RIGHT, 0).astype(np.uint8), 0.0, [])
+    assert any("only the right lung" in r for r in check_lungs(grid, right_only).reasons)
+    shrunk = lungs.labels.copy()
+    left_z = np.flatnonzero((shrunk == LEFT).any(axis=(1, 2)))
+    shrunk[left_z[: 2 * len(left_z) // 3]] = np.where(
+        shrunk[left_z[: 2 * len(left_z) // 3]] == LEFT, 0, shrunk[left_z[: 2 * len(left_z) // 3]]
+    )
+    reasons = check_lungs(grid, Lungs(shrunk, 0.0, [])).reasons
+    assert any("the left lung measures" in r for r in reasons)
+    # more lung than an adult holds
+    big = Grid(grid.hu, grid.positions * 4.0, grid.pixel_mm)
+    assert any("more than an adult holds" in r for r in check_lungs(big, lungs).reasons)
+
+
+def test_a_series_cut_at_an_end_is_not_held_to_the_whole_volume() -> None:
+    grid, _ = scan(Chest(), 2.5, z_range=(60.0, 240.0))  # the bases cut off
+    lungs = segment(grid)
+    assert "lung bases cut off at the bottom of the series" in lungs.notes
+    small = Grid(grid.hu, grid.positions * 0.3, grid.pixel_mm)  # a third of the volume
+    check = quantify(small, segment(small)).check
+    assert check is not None and check.ok and check.volume_ml < 1200

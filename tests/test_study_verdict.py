@@ -12,6 +12,7 @@ import pydicom
 import pytest
 
 from core.settings import Settings
+from covidct.synthetic import ROOT as SYN_ROOT
 from covidct.synthetic import SeriesSpec, make_study, write_study
 from tests.conftest import need_tool
 from tests.helpers import make_tiny_model
@@ -144,7 +145,16 @@ def test_evaluate_studies_prints_lines_and_one_json_object(tmp_path: Path, tiny:
             "percent_opacity",
             "severity_score",
             "seconds",
+            "lung_volume_ml",
+            "lung_slices",
+            "lungs_ok",
+            "series_instance_uid",
+            "series_description",
+            "reason",
         }
+        # a whole drawn adult chest: the gate passes with both lungs' volume (about 3 L)
+        assert s["lungs_ok"] is True and 2500 < s["lung_volume_ml"] < 3500
+        assert 30 <= s["lung_slices"] <= 40 and s["series_instance_uid"].startswith(SYN_ROOT)
     covid, normal = result["studies"]
     assert normal["verdict"] == "Absent" and normal["percent_opacity"] < 0.1
     assert covid["percent_opacity"] > normal["percent_opacity"]
@@ -161,6 +171,7 @@ def test_evaluate_studies_prints_lines_and_one_json_object(tmp_path: Path, tiny:
         timeout=300,
     )
     assert human.returncode == 0 and "calls right" in human.stdout
+    assert "gate=ok" in human.stdout and "mL" in human.stdout
     assert "covid" in human.stdout.splitlines()[0]
 
 
@@ -186,3 +197,48 @@ def test_the_demo_studies_show_what_the_demo_help_says(tmp_path: Path) -> None:
         ("not_analysable", None),
     ]
     assert "shorter than" in outcomes[2].reason
+
+
+def test_lungs_that_fail_the_gate_give_indeterminate_and_an_sr_without_lung_figures(
+    tmp_path: Path, tiny: Path
+) -> None:
+    """The lungs join the outside air below the apices (the failure seen on a real
+    pneumonia): the study is Indeterminate with the gate's figures, every slice the framing
+    kept still counts for the CNN, and the SR carries no lung group but says why."""
+    from classifier.inference import Classifier
+
+    study = make_study([SeriesSpec(slices=40, rows=256, chest=(("leak", True),))])
+    files = write_study(study, tmp_path / "leak")
+    a = analyse(
+        list(enumerate(str(p) for p in files)), settings_for(tmp_path, tiny), Classifier(tiny)
+    )
+    assert a.lungs is not None and a.probability is not None
+    q = a.lungs.quantification
+    assert not q.lungs_ok and a.verdict == "Indeterminate"
+    assert a.basis.startswith("lungs not segmented reliably") and "less than an adult" in a.basis
+    assert not any(why == "no lung in the 3D segmentation" for _, why in a.skipped)
+    evidence = [a.selection.headers[i] for i in sorted({r.instance_id for r in a.analysed})]
+    sr = build_sr(
+        evidence,
+        [(evidence[0], None)],
+        Finding(
+            a.probability,
+            a.verdict,
+            0.5,
+            0.05,
+            "rule",
+            "tiny-test-1",
+            len(a.analysed),
+            lungs_ok=q.lungs_ok,
+        ),
+        lung_measurements(q),
+    )
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    back = pydicom.dcmread(path)
+    assert read_lung_measurements(back) == {}
+    assert read_finding(back)[1] == "Indeterminate"
+    texts = [str(e.value) for e in back.iterall() if e.keyword == "TextValue"]
+    assert "lung_segmentation=failed its checks, no lung figures" in texts
+    out = subprocess.run([need_tool("dciodvfy"), str(path)], capture_output=True, text=True)
+    assert [x for x in (out.stdout + out.stderr).splitlines() if x.startswith("Error")] == []

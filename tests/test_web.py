@@ -459,3 +459,33 @@ def test_an_incomplete_study_says_so_in_the_worklist_detail_and_api(
     assert "The study may be incomplete" in detail and "&lt;CT1&gt;" in detail
     api = reader.get("/api/studies/1.2.826.0.1.3680043.10.1404.77").json
     assert api["incomplete_reason"].startswith("the association from <CT1>")
+
+
+def test_lungs_that_failed_the_gate_show_no_opacity_figures(
+    reader: FlaskClient, study: int, settings: Settings
+) -> None:
+    """A segmentation that failed its checks: the page says so with the figures, and neither
+    the page nor the API gives an opacity figure or a pattern."""
+    failed = {
+        **QUANTIFICATION,
+        "lungs_ok": False,
+        "lung_volume_ml": 627.0,
+        "lung_slices": 3,
+        "lung_span_slices": 3,
+        "lung_check_reasons": ["627 mL of lung is less than an adult holds (1200) <b>"],
+        "lung_check": "lungs not segmented reliably: 627 mL of lung is less than an adult holds",
+        "basis": "lungs not segmented reliably: 627 mL; CNN probability 0.100 against 0.500",
+    }
+    with session_scope(settings.database_url) as db:
+        st = db.get(Study, study)
+        assert st is not None
+        st.quantification, st.verdict = failed, "Indeterminate"
+    uid = "1.2.826.0.1.3680043.10.1404.77"
+    html = reader.get(f"/studies/{uid}").get_data(as_text=True)
+    assert "Lungs not segmented reliably" in html and "627 mL of lung" in html
+    assert "&lt;b&gt;" in html and "<b>" not in html
+    assert "right lower zone" not in html and "severity 4 of 30" not in html
+    m = reader.get(f"/api/studies/{uid}").json["measurements"]
+    assert m["lungs_ok"] is False and m["lung_check"].startswith("lungs not segmented")
+    assert m["opacity_percent"] is None and m["pattern"] is None and m["severity_score"] is None
+    assert m["lung_volume_ml"] == 4600.0

@@ -139,14 +139,19 @@ def measurement_summary(q: dict[str, Any] | None) -> dict[str, Any] | None:
     if not q:
         return None
     total = q.get("lungs", {}).get("total", {})
+    # measurements stored before the gate existed passed no gate: they count as passed
+    ok = bool(q.get("lungs_ok", True))
     return {
+        "lungs_ok": ok,
+        "lung_check": q.get("lung_check", ""),
         "lung_volume_ml": total.get("volume_ml"),
-        "opacity_percent": total.get("opacity_percent"),
-        "ground_glass_percent": total.get("ggo_percent"),
-        "consolidation_percent": total.get("consolidation_percent"),
-        "severity_score": q.get("severity_score"),
+        # the opacity figures stand only on lungs that passed the gate
+        "opacity_percent": total.get("opacity_percent") if ok else None,
+        "ground_glass_percent": total.get("ggo_percent") if ok else None,
+        "consolidation_percent": total.get("consolidation_percent") if ok else None,
+        "severity_score": q.get("severity_score") if ok else None,
         "severity_max": q.get("severity_max"),
-        "pattern": q.get("pattern"),
+        "pattern": q.get("pattern") if ok else None,
         "basis": q.get("basis", ""),
     }
 

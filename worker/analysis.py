@@ -231,8 +231,13 @@ def analyse(
         return out
     lungs = out.lungs
     # the CNN's evidence comes from slices inside the segmented lungs only: a slice framed on
-    # stomach or bowel gas, or on the trachea above the apices, is not lung
-    kept = [i for i, ref in enumerate(out.analysed) if lungs.lung_fraction(ref) != 0.0]
+    # stomach or bowel gas, or on the trachea above the apices, is not lung.  Lungs that fail
+    # the gate cannot say which slices those are: every slice the 2D framing kept counts.
+    kept = [
+        i
+        for i, ref in enumerate(out.analysed)
+        if not lungs.quantification.lungs_ok or lungs.lung_fraction(ref) != 0.0
+    ]
     if not kept:
         out.reason = "no analysed slice lies inside the segmented lungs"
         return out

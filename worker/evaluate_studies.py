@@ -37,15 +37,24 @@ class StudyLine:
     severity_score: int | None
     seconds: float
     reason: str = ""
+    lung_volume_ml: float | None = None  # both lungs
+    lung_slices: int | None = None  # slices with lung
+    lungs_ok: bool | None = None  # the segmentation's quality gate (classifier.lungcheck)
+    series_instance_uid: str = ""  # the series the lungs were segmented on
+    series_description: str = ""
 
     def format(self) -> str:
         p = "-" if self.probability is None else f"{self.probability:.3f}"
         o = "-" if self.percent_opacity is None else f"{self.percent_opacity:.1f}%"
         s = "-" if self.severity_score is None else str(self.severity_score)
+        v = "-" if self.lung_volume_ml is None else f"{self.lung_volume_ml:.0f}mL"
+        n = "-" if self.lung_slices is None else str(self.lung_slices)
+        gate = {None: "-", True: "ok", False: "FAILED"}[self.lungs_ok]
         extra = f"  ({self.reason})" if self.reason else ""
         return (
             f"{self.label:<10} {self.verdict:<14} p={p:<6} opacity={o:<7} severity={s:<3}"
-            f" {self.seconds:5.1f}s  {self.path}{extra}"
+            f" lungs={v:<7} on {n:>3} slices gate={gate:<6} {self.seconds:5.1f}s  {self.path}"
+            f"  series {self.series_instance_uid} {self.series_description!r}{extra}"
         )
 
 
@@ -71,6 +80,18 @@ def evaluate_study(label: str, folder: Path, settings: Settings, clf: Classifier
     a = analyse(list(enumerate(files)), settings, clf)
     seconds = time.perf_counter() - t0
     q = a.lungs.quantification if a.lungs is not None else None
+    series_uid = a.lungs.series_uid if a.lungs is not None else ""
+    description = next(
+        (
+            str(a.selection.headers[ref.instance_id].get("SeriesDescription", ""))
+            for ref in a.analysed
+            if ref.series_uid == series_uid and ref.instance_id in a.selection.headers
+        ),
+        "",
+    )
+    check = q.check if q is not None else None
+    if check is not None and not check.ok:
+        q = None  # the opacity figures stand only on lungs that passed the gate
     return StudyLine(
         path=str(folder),
         label=label,
@@ -80,6 +101,11 @@ def evaluate_study(label: str, folder: Path, settings: Settings, clf: Classifier
         severity_score=None if q is None else q.severity_score,
         seconds=round(seconds, 2),
         reason=a.reason,
+        lung_volume_ml=None if check is None else round(check.volume_ml, 1),
+        lung_slices=None if check is None else check.lung_slices,
+        lungs_ok=None if check is None else check.ok,
+        series_instance_uid=series_uid,
+        series_description=description,
     )
 
 
@@ -107,7 +133,20 @@ def metrics(lines: list[StudyLine]) -> dict[str, object]:
 
 
 def as_json(lines: list[StudyLine]) -> dict[str, object]:
-    keys = ("path", "label", "verdict", "probability", "percent_opacity", "severity_score")
+    keys = (
+        "path",
+        "label",
+        "verdict",
+        "probability",
+        "percent_opacity",
+        "severity_score",
+        "lung_volume_ml",
+        "lung_slices",
+        "lungs_ok",
+        "series_instance_uid",
+        "series_description",
+        "reason",
+    )
     return {
         "studies": [{k: asdict(line)[k] for k in (*keys, "seconds")} for line in lines],
         "metrics": metrics(lines),

@@ -300,6 +300,7 @@ def _store_results(
                     model_version=version,
                     slices_analysed=len(analysed),
                     incomplete=incomplete,
+                    lungs_ok=quantification.lungs_ok,
                 ),
                 lung_measurements(quantification),
                 generation=generation,

@@ -76,6 +76,9 @@ class Finding:
     slices_analysed: int
     # why the study may lack instances (ingest.completeness); "" = received whole
     incomplete: str = ""
+    # the lung segmentation's quality gate (classifier.lungcheck): failed means no lung
+    # measurement group, and an algorithm parameter that says why
+    lungs_ok: bool = True
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,10 @@ class LungMeasurement:
 
 
 def lung_measurements(q: Quantification) -> list[LungMeasurement]:
+    """The lung groups to report: none when the segmentation failed its gate, since its
+    opacity figures would rest on lung it lost."""
+    if not q.lungs_ok:
+        return []
     scores = q.zone_scores()
     out = []
     for side, key in (("right", "right"), ("left", "left"), ("both", "total")):
@@ -153,6 +160,8 @@ def build_sr(
             f"indeterminate_band={finding.band:.4f}",
             f"aggregation={finding.aggregation}"[:64],
             f"slices_analysed={finding.slices_analysed}",
+            "lung_segmentation="
+            + ("checked" if finding.lungs_ok else "failed its checks, no lung figures"),
         ],
     )
     group = MeasurementsAndQualitativeEvaluations(
