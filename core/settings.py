@@ -72,6 +72,8 @@ class Settings:
     dimse_timeout: float = 30.0
     network_timeout: float = 60.0
     max_pdu: int = 131072
+    association_request_seconds: float = 10.0
+    max_peer_connections: int = 8
     min_free_disk_mb: int = 1024
     spool_direct_io: bool = True
     tls_cert: Path | None = None
@@ -304,6 +306,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "dimse_timeout": _float(1.0, 3600.0),
     "network_timeout": _float(1.0, 3600.0),
     "max_pdu": _int(4096, 16 * 1024 * 1024),
+    "association_request_seconds": _float(1.0, 600.0),
+    "max_peer_connections": _int(1, 1000),
     "min_free_disk_mb": _int(0, 10**7),
     "spool_direct_io": _bool,
     "tls_cert": _existing_file,

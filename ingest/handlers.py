@@ -20,7 +20,7 @@ from core import audit
 from core.db import session_scope
 from core.health import free_disk_mb
 from core.settings import Settings
-from ingest import completeness, tuning
+from ingest import completeness, pdu_guard, tuning
 from ingest.part10 import file_meta
 from ingest.records import UnreadableDatasetError, read_header, record_instance
 from ingest.spool import InvalidUIDError, instance_path, write_durable
@@ -65,7 +65,9 @@ def _audit(
 
 def handle_conn_open(event: Any) -> None:
     """Turn Nagle's algorithm off (it costs a store SCP about 20x on loopback) and let the
-    association's loops wake on work instead of polling (:mod:`ingest.tuning`)."""
+    association's loops wake on work instead of polling (:mod:`ingest.tuning`); the
+    connection gets the association-request deadline (:mod:`ingest.pdu_guard`)."""
+    pdu_guard.on_connection(event.assoc)
     tuning.attach(event.assoc)
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
@@ -127,6 +129,7 @@ def access_decision(
 
 def handle_requested(event: Any, ctx: IngestContext) -> None:
     """Access control at A-ASSOCIATE-RQ: reject with the reason PS3.8 defines, and audit."""
+    pdu_guard.on_request(event.assoc, ctx.settings.acse_timeout)
     primitive = event.assoc.requestor.primitive
     calling = str(primitive.calling_ae_title).strip()
     called = str(primitive.called_ae_title).strip()

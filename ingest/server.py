@@ -25,7 +25,7 @@ from sqlalchemy import select
 from core.db import session_scope, upgrade
 from core.models import Instance
 from core.settings import Settings
-from ingest import completeness, tuning
+from ingest import completeness, pdu_guard, tuning
 from ingest.handlers import (
     IngestContext,
     handle_aborted,
@@ -176,6 +176,10 @@ class Listener:
             completeness.apply_notes(settings)
         self.ctx = IngestContext(settings)
         tuning.install()
+        pdu_guard.configure(
+            settings.max_pdu, settings.association_request_seconds, settings.max_peer_connections
+        )
+        pdu_guard.install()
         self.ae = build_ae(settings)
         self.ae.covidct_share_port = share_port  # read by tuning's server_bind
         try:

@@ -14,8 +14,9 @@ DCMTK's storescu): 287 instances/s as shipped, 375/s with 1, 2 and 4.  Per assoc
    complete message arrives, and otherwise after 1 ms as before (releases and aborts are
    noticed as before).
 3. Several processes on one port: ``server_bind`` sets SO_REUSEPORT when the AE asks.
-4. Large reads: pynetdicom reads a PDU 4 KiB per ``recv`` call, appending to a bytearray; we
-   read into one preallocated buffer, as much as the kernel has per call.
+4. Large reads: pynetdicom reads a PDU 4 KiB per ``recv`` call, appending to a bytearray;
+   :mod:`ingest.pdu_guard` reads as much as the kernel has per call into a buffer that grows
+   with what arrives (never with what the header claims), after checking the header.
 5. No standard logging handlers (``_config.LOG_HANDLER_LEVEL = "none"``): pynetdicom binds four
    to every association and runs them for every PDU and DIMSE message whatever the log level;
    the one for a received C-STORE-RQ copies the whole dataset to see whether it is empty.
@@ -24,7 +25,7 @@ DCMTK's storescu): 287 instances/s as shipped, 375/s with 1, 2 and 4.  Per assoc
 6. The C-STORE-RSP is encoded by hand (:mod:`ingest.store_response`): pynetdicom's generic
    encoder spent about 300 us on it.
 
-Only the two modules' view of ``time.sleep(0.001)``, ``AssociationSocket.recv``,
+Only the two modules' view of ``time.sleep(0.001)``,
 ``AssociationServer.server_bind``, ``DIMSEServiceProvider.send_msg`` and
 ``_config.LOG_HANDLER_LEVEL`` change; :func:`attach` and :func:`detach` run at connection
 open and close.
@@ -120,22 +121,6 @@ def _wait_for_socket(dul: Any, wake: socket.socket, seconds: float) -> None:
             pass
 
 
-def _recv(self: Any, nr_bytes: int) -> bytearray:
-    """``AssociationSocket.recv``: ``nr_bytes`` or, if the peer closed, what came before."""
-    buffer = bytearray(nr_bytes)
-    view = memoryview(buffer)
-    nr_read = 0
-    while nr_read < nr_bytes:
-        n = self.socket.recv_into(view[nr_read:], nr_bytes - nr_read)
-        if not n:
-            view.release()
-            del buffer[nr_read:]
-            return buffer
-        nr_read += n
-    view.release()
-    return buffer
-
-
 def _server_bind(bind: Any) -> Any:
     """pynetdicom's ``server_bind`` plus SO_REUSEPORT when the AE asks for it (several
     listener processes on one port)."""
@@ -162,7 +147,7 @@ def compatible() -> bool:
     import pynetdicom.association
     import pynetdicom.dimse
     import pynetdicom.dul
-    from pynetdicom.transport import AssociationServer, AssociationSocket
+    from pynetdicom.transport import AssociationServer
 
     try:
         reactor = inspect.getsource(pynetdicom.association.Association._run_reactor)
@@ -179,26 +164,24 @@ def compatible() -> bool:
         and "evt.EVT_DIMSE_SENT" in send_msg
         and "encode_msg(context_id, self.maximum_pdu_size)" in send_msg
         and callable(getattr(pynetdicom.association.Association, "get_handlers", None))
-        and callable(getattr(AssociationSocket, "recv", None))
         and callable(getattr(AssociationServer, "server_bind", None))
     )
 
 
 def install() -> bool:
-    """Patch pynetdicom's socket reads, its two loops' naps and its bind (idempotent);
+    """Patch pynetdicom's two loops' naps, its bind and its C-STORE-RSP (idempotent);
     return False, and patch nothing, on a pynetdicom without the expected internals."""
     import pynetdicom.association
     import pynetdicom.dimse
     import pynetdicom.dul
     from pynetdicom import _config
-    from pynetdicom.transport import AssociationServer, AssociationSocket
+    from pynetdicom.transport import AssociationServer
 
     if not compatible():
         logger.warning("pynetdicom %s: listener tuning not applied", pynetdicom.__version__)
         return False
 
     _config.LOG_HANDLER_LEVEL = "none"
-    AssociationSocket.recv = _recv  # type: ignore[method-assign]
     if not getattr(AssociationServer.server_bind, "covidct_tuning", False):
         AssociationServer.server_bind = _server_bind(AssociationServer.server_bind)
     provider = pynetdicom.dimse.DIMSEServiceProvider

@@ -558,18 +558,22 @@ def test_sweeper_republishes_a_stale_upload_once(listener: tuple[Listener, Publi
     assert published == [("covidct.analyse_upload", 1)]
 
 
-def test_tuned_recv_reads_whole_pdus_and_stops_at_close() -> None:
-    """The large-read replacement returns exactly what was asked, across partial sends, and
-    what came before a close; install() is idempotent and keeps other time functions."""
+def test_guarded_recv_reads_whole_pdus_and_stops_at_close() -> None:
+    """The listener's read (ingest.pdu_guard) returns exactly what was asked, across partial
+    sends, and what came before a close; a header over its limit is refused before its body
+    is read; tuning's install() is idempotent and keeps other time functions."""
+    import struct
+
     import pynetdicom.association
     import pynetdicom.dimse
     import pynetdicom.dul
 
-    from ingest import tuning
+    from ingest import pdu_guard, tuning
 
     assert tuning.compatible()  # the pinned pynetdicom has the internals the patches need
     assert tuning.install()
     assert tuning.install()
+    assert pdu_guard.compatible() and pdu_guard.install()
     assert pynetdicom.dul.time.sleep is tuning._sleep
     assert pynetdicom.association.time.monotonic is time.monotonic
     send_msg = pynetdicom.dimse.DIMSEServiceProvider.send_msg
@@ -577,18 +581,58 @@ def test_tuned_recv_reads_whole_pdus_and_stops_at_close() -> None:
     assert pynetdicom._config.LOG_HANDLER_LEVEL == "none"
     a, b = socket.socketpair()
     holder = type("S", (), {"socket": b})()
-    payload = bytes(range(256)) * 1000
-    sender = threading.Thread(
-        target=lambda: [a.sendall(payload[i : i + 7000]) for i in range(0, len(payload), 7000)]
-    )
+    payload = bytes(range(256)) * 500
+    cut = (struct.pack(">BBL", 4, 0, len(payload)) + payload)[:-10]  # 10 bytes never come
+
+    def send() -> None:
+        for i in range(0, len(cut), 7000):
+            a.sendall(cut[i : i + 7000])
+        a.close()
+
+    sender = threading.Thread(target=send)
     sender.start()
-    got = tuning._recv(holder, len(payload) - 10)
+    assert bytes(pdu_guard.guarded_recv(holder, 6)) == cut[:6]
+    got = pdu_guard.guarded_recv(holder, len(payload))
     sender.join()
-    assert bytes(got) == payload[:-10]
-    a.close()
-    rest = tuning._recv(holder, 100)
-    assert bytes(rest) == payload[-10:]
+    assert bytes(got) == payload[:-10]  # what came before the close
     b.close()
+    # a header claiming 2 GB: refused, nothing read after it, the connection shut
+    a, b = socket.socketpair()
+    holder = type("S", (), {"socket": b})()
+    a.sendall(struct.pack(">BBL", 4, 0, 2**31) + b"x" * 100)
+    assert pdu_guard.guarded_recv(holder, 6) == bytearray()
+    assert pdu_guard.guarded_recv(holder, 6) == bytearray()  # the rest stays unread
+    assert a.recv(10) == b""  # the listener's side shut the connection
+    a.close()
+    b.close()
+
+
+def test_pdu_limits_and_association_request_items() -> None:
+    import struct
+
+    from ingest.pdu_guard import ASSOCIATE_LIMIT, check_associate, check_header
+
+    def head(t: int, n: int) -> bytes:
+        return struct.pack(">BBL", t, 0, n)
+
+    assert check_header(head(1, ASSOCIATE_LIMIT)) == ""
+    assert "over its limit" in check_header(head(1, ASSOCIATE_LIMIT + 1))
+    assert check_header(head(5, 4)) == "" and "it has 4" in check_header(head(5, 0))
+    assert check_header(head(0x08, 4)) == "unknown PDU type 0x08"
+
+    def item(t: int, payload: bytes, length: int | None = None) -> bytes:
+        return struct.pack(">BBH", t, 0, len(payload) if length is None else length) + payload
+
+    fixed = bytes(68)
+    pc = item(0x20, bytes(4) + item(0x30, b"1.2.840.10008.1.1") + item(0x40, b"1.2.840.10008.1.2"))
+    user = item(0x50, item(0x51, struct.pack(">L", 16384)))
+    context = item(0x10, b"1.2.840.10008.3.1.1.1")
+    assert check_associate(fixed + context + pc + user) == ""
+    assert "overruns" in check_associate(fixed + item(0x10, b"1.2", 500) + pc + user)
+    bad_sub = item(0x20, bytes(4) + item(0x30, b"1.2", 300))
+    assert "item 0x20" in check_associate(fixed + context + bad_sub + user)
+    assert "without its presentation context" in check_associate(fixed + context + user)
+    assert "shorter than its fixed fields" in check_associate(bytes(10))
 
 
 class _FakeLoop(threading.Thread):

@@ -55,9 +55,7 @@ def test_litert_agrees_with_keras_on_ct_slices() -> None:
     b = np.concatenate([b, keras_model.raw(x[17:])])
     assert np.abs(a - b).max() <= CT_SLICE_TOLERANCE
     assert lite.version == keras_model.version and lite.threshold == keras_model.threshold
-    assert np.allclose(
-        lite.probabilities(x), keras_model.probabilities(x), atol=CT_SLICE_TOLERANCE
-    )
+    assert np.allclose(lite.probabilities(x), keras_model.probabilities(x), atol=CT_SLICE_TOLERANCE)
 
 
 def test_serving_the_shipped_model_imports_no_tensorflow() -> None:

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""The DICOM port under hostile peers: the listener's memory and C-ECHO, against its idle self.
+
+    .venv/bin/python bench/hostile_port.py [--checkout PATH] [--connections 10]
+
+Starts `covidct listener` (the default two processes) from this checkout, or from another
+one given with ``--checkout`` (to measure a version before a change in the same run), warms it
+with eight C-ECHO associations and measures its resident memory (both processes): idle, then
+while ``--connections`` peers hold connections whose PDU headers claim 2 GB (P-DATA-TF) and
+4 GB (A-ASSOCIATE-RQ), then after 50 connections of 1-3,000 random bytes.  Each phase prints
+the memory, its ratio to idle, and the time DCMTK's echoscu takes for one C-ECHO (or its
+failure).  Hostile peers use their own loopback addresses (127.0.0.2 and up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat") if _parent(p) == pid]
+
+
+def rss_mb(pid: int) -> float:
+    pids = [pid, *child_pids(pid)]
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def _parent(stat: Path) -> int:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def echo(port: int) -> str:
+    t0 = time.perf_counter()
+    out = subprocess.run(
+        ["/usr/bin/echoscu", "-aec", "COVIDCT", "-to", "30", "127.0.0.1", str(port)],
+        capture_output=True,
+        text=True,
+    )
+    took = time.perf_counter() - t0
+    return f"{took:.2f} s" if out.returncode == 0 else f"FAILED ({out.stderr.strip()[:80]})"
+
+
+def connect(port: int, peer: int, payload: bytes) -> socket.socket | None:
+    """A connection from 127.0.0.``peer`` that sends ``payload``; None if refused."""
+    s = socket.socket()
+    s.bind((f"127.0.0.{peer}", 0))
+    try:
+        s.connect(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        return None
+    try:
+        s.sendall(payload)
+    except OSError:
+        pass
+    return s
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkout", type=Path, default=ROOT)
+    p.add_argument("--connections", type=int, default=10)
+    args = p.parse_args()
+    if not Path("/usr/bin/echoscu").exists():
+        print("needs DCMTK's echoscu (apt-get install dcmtk)", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="covidct-hostile-"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
+        "COVIDCT_DATA_DIR": str(tmp / "var"),
+        "COVIDCT_DICOM_PORT": str(port),
+        "COVIDCT_STABLE_SECONDS": "3600",
+        "COVIDCT_MIN_FREE_DISK_MB": "1",
+        "PYTHONPATH": str(args.checkout),
+    }
+    log = tmp / "listener.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "covidct.cli", "listener"],
+            cwd=args.checkout,
+            env=env,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while "(2 processes)" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for _ in range(8):
+            echo(port)
+        idle = rss_mb(proc.pid)
+        print(f"checkout {args.checkout}")
+        print(f"idle:                         {idle:7.0f} MB          C-ECHO {echo(port)}")
+        peers = [
+            connect(
+                port,
+                2 + i,
+                struct.pack(">BBL", 4 if i % 2 else 1, 0, 2**31 if i % 2 else 2**32 - 1),
+            )
+            for i in range(args.connections)
+        ]
+        time.sleep(2.0)
+        held = rss_mb(proc.pid)
+        print(
+            f"{args.connections} claims of 2-4 GB held:   {held:7.0f} MB  x{held / idle:5.2f}"
+            f"  C-ECHO {echo(port)}"
+            + (f"  ({peers.count(None)} connections refused)" if None in peers else "")
+        )
+        for s in peers:
+            if s is not None:
+                s.close()
+        rng = random.Random(35)
+        noise = [
+            connect(port, 100 + i, bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 3000))))
+            for i in range(50)
+        ]
+        time.sleep(2.0)
+        after = rss_mb(proc.pid)
+        print(
+            f"50 random-byte connections:   {after:7.0f} MB  x{after / idle:5.2f}"
+            f"  C-ECHO {echo(port)}"
+            + (f"  ({noise.count(None)} connections refused)" if None in noise else "")
+        )
+        alive = proc.poll() is None and len(child_pids(proc.pid)) > 0
+        print(f"listener still running with both processes: {alive}")
+        for s in noise:
+            if s is not None:
+                s.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
