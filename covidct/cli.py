@@ -57,10 +57,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _stage_settings(args: argparse.Namespace) -> Settings:
-    """A stage's settings, logged once: by the stage, or by ``serve`` for its stages."""
+    """A stage's settings, logged once: by the stage, or by ``serve`` for its stages; a stage
+    under serve ends when serve does (:mod:`core.parentwatch`)."""
     settings = _settings(args)
     if not args.under_serve:
         settings.log_effective()
+    else:
+        from core.parentwatch import die_with_parent
+
+        die_with_parent(args.serve_pid)
     return settings
 
 
@@ -222,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name in ("listener", "worker", "web"):  # started by serve: serve speaks for it
             p.add_argument("--under-serve", action="store_true", help=argparse.SUPPRESS)
+            p.add_argument("--serve-pid", type=int, help=argparse.SUPPRESS)
         return p
 
     p = add("serve", cmd_serve, "run listener, worker and dashboard on this machine")

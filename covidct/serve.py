@@ -64,7 +64,17 @@ CRASH_LOOP = (5, 120.0)  # this many deaths of one stage within this many second
 
 
 def _start(stage: str, env: dict[str, str], workers: int) -> subprocess.Popen:
-    args = [sys.executable, "-m", "covidct.cli", stage, "--under-serve"]
+    # its own process group: a Ctrl-C reaches serve alone, which stops the stages in order;
+    # the stage watches serve's pid and ends with it however serve dies (core.parentwatch)
+    args = [
+        sys.executable,
+        "-m",
+        "covidct.cli",
+        stage,
+        "--under-serve",
+        "--serve-pid",
+        str(os.getpid()),
+    ]
     if stage == "worker":
         args += ["--concurrency", str(workers)]
     return subprocess.Popen(args, env=env, start_new_session=True)

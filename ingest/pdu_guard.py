@@ -56,6 +56,10 @@ PDU_NAMES = {
 ASSOCIATE_LIMIT = 1 << 20
 FIXED_LENGTH = 4  # A-ASSOCIATE-RJ, A-RELEASE-RQ/RP and A-ABORT: PS3.8 9.3.4, 9.3.6-9.3.8
 FIRST_CHUNK = 64 * 1024
+# socketserver listens with a backlog of 5: a burst of connections (a PACS opening eight
+# associations at once, or a flood) overflows it, and the kernel drops SYNs that the peer
+# resends only after 1 s, then 3 s.  The kernel caps this at net.core.somaxconn (4096).
+LISTEN_BACKLOG = 128
 _STATE = "_covidct_guard"
 _THREAD = threading.local()  # per DUL thread (one per connection): whether it refused its peer
 
@@ -341,6 +345,7 @@ def install() -> bool:
     from pynetdicom.transport import AssociationServer, AssociationSocket
 
     AssociationServer.verify_request = verify_request  # type: ignore[method-assign,assignment]
+    AssociationServer.request_queue_size = LISTEN_BACKLOG
     dul_log = logging.getLogger("pynetdicom.dul")
     if not any(isinstance(f, _OneLine) for f in dul_log.filters):
         dul_log.addFilter(_OneLine())
