@@ -21,7 +21,7 @@ import time
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
-GRACE_SECONDS = 4.0
+GRACE_SECONDS = 3.0
 
 
 def die_with_parent(parent: int | None = None) -> threading.Thread:

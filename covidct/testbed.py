@@ -1,15 +1,21 @@
-"""Studies, a PACS and a look at running processes for tests and benchmarks: what both import.
+"""Studies, a PACS and processes for tests and benchmarks: what both import.
 
 :class:`TestPACS` is a pynetdicom storage SCP that keeps what it receives (optionally hanging
 on each C-STORE, to try what a worker does when the PACS stops answering);
 :func:`spool_study` puts a study in the spool and the results store as the listener would, and
-marks it queued, so that the worker's pipeline can run without a network.
+marks it queued, so that the worker's pipeline can run without a network.  :func:`launched`
+is the one way tests and benchmarks start a program: in a process group of its own, and
+stopped with everything it started, whatever the test did.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +116,65 @@ def stage_pids(serve_pid: int) -> dict[str, int]:
             if stage.encode() in args:
                 found[stage] = pid
     return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process below ``pid`` (children, theirs, ...), read from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@contextmanager
+def launched(
+    args: Sequence[str],
+    *,
+    stop_signal: int = signal.SIGTERM,
+    grace: float = 15.0,
+    **popen: Any,
+) -> Iterator[subprocess.Popen]:
+    """Start ``args`` in a process group of its own; on leaving, :func:`stop` it."""
+    proc = subprocess.Popen(list(args), start_new_session=True, **popen)
+    try:
+        yield proc
+    finally:
+        stop(proc, stop_signal, grace)
+
+
+def stop(proc: subprocess.Popen, stop_signal: int = signal.SIGTERM, grace: float = 15.0) -> None:
+    """``stop_signal`` to the process group of ``proc``; once it has exited or ``grace`` has
+    passed, SIGKILL to every process it started that is still there, in its group or in
+    groups of their own (the stages of ``covidct serve``)."""
+    started = descendants(proc.pid)
+    if proc.poll() is None:
+        _signal_group(proc.pid, stop_signal)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in {proc.pid, *started, *descendants(proc.pid)}:
+        _signal_group(pid, signal.SIGKILL)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    proc.wait(10)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        group = os.getpgid(pid)
+        if group != os.getpgrp():  # never the group of the test run itself
+            os.killpg(group, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

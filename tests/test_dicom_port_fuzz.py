@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 import socket
 import struct
 import subprocess
@@ -30,6 +29,7 @@ from core.db import session_scope
 from core.models import Instance
 from core.settings import load_settings
 from covidct.synthetic import SeriesSpec, make_study, write_study
+from covidct.testbed import launched
 from ingest.pdu_guard import ASSOCIATE_LIMIT, FIXED_LENGTH, PDU_NAMES
 from tests.conftest import free_port, need_tool, port_open
 
@@ -104,15 +104,12 @@ def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Port]:
         "COVIDCT_MIN_FREE_DISK_MB": "1",
     }
     log = tmp / "listener.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "covidct.cli", "listener"],
-            env=env,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
-    try:
+    with (
+        log.open("w") as out,
+        launched(
+            [sys.executable, "-m", "covidct.cli", "listener"], env=env, stdout=out, stderr=out
+        ) as proc,
+    ):
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline and not (
             port_open("127.0.0.1", number) and "(2 processes)" in log.read_text()
@@ -123,13 +120,6 @@ def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Port]:
         for _ in range(8):  # both processes answer a first association: memory is measured
             ready.echo()  # from here, after their one-time imports
         yield ready
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
 
 
 _next_peer = iter(range(2, 250))

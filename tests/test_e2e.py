@@ -25,6 +25,7 @@ import pytest
 
 from core.settings import SHIPPED_MODEL
 from covidct.synthetic import SeriesSpec, make_study, write_study
+from covidct.testbed import launched
 from tests.conftest import REDIS_HOST, REDIS_PORT, free_port, need, need_tool, port_open
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -62,15 +63,18 @@ def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 @contextmanager
 def serve(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
     assert SHIPPED_MODEL.is_file(), "the shipped model is committed under models/"
-    with log.open("w") as fh:
-        proc = subprocess.Popen(
+    with (
+        log.open("w") as fh,
+        launched(
             [sys.executable, "-m", "covidct.cli", "serve"],
+            stop_signal=signal.SIGINT,  # Ctrl-C: serve stops its stages in order
+            grace=60,
             env=env,
             cwd=ROOT,
             stdout=fh,
             stderr=subprocess.STDOUT,
-        )
-    try:
+        ) as proc,
+    ):
         web = f"http://127.0.0.1:{env['COVIDCT_WEB_PORT']}/healthz"
 
         def up() -> bool:
@@ -84,13 +88,6 @@ def serve(env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
 
         wait(up, 120, "covidct serve to listen")
         yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert "covidct stopped." in log.read_text()
 
@@ -124,18 +121,14 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     exe = need_tool("storescp")
     port, folder = free_port(), tmp_path / "pacs"
     folder.mkdir()
-    proc = subprocess.Popen(
+    with launched(
         [exe, "-aet", "PACS", "-od", str(folder), "+xa", str(port)],
         env=os.environ | {"TCP_NODELAY": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )
-    try:
+    ):
         wait(lambda: port_open("127.0.0.1", port), 20, "storescp")
         yield port, folder
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def send_study(env: dict[str, str], tmp_path: Path) -> tuple[str, float]:
@@ -315,18 +308,14 @@ def orthanc(tmp_path: Path, covidct_port: int) -> Iterator[tuple[int, int]]:
     }
     cfg = tmp_path / "orthanc.json"
     cfg.write_text(json.dumps(config))
-    proc = subprocess.Popen(
+    with launched(
         [exe, str(cfg)],
         env=os.environ | {"TCP_NODELAY": "1"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )
-    try:
+    ):
         wait(lambda: port_open("127.0.0.1", http) and port_open("127.0.0.1", dicom), 60, "Orthanc")
         yield http, dicom
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def orthanc_call(http: int, path: str, body: bytes | None = None) -> object:

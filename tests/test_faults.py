@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -23,7 +24,7 @@ from core.db import session_scope
 from core.models import Delivery, DeliveryState, utcnow
 from core.settings import Settings
 from covidct.synthetic import SeriesSpec, make_study
-from covidct.testbed import TestPACS, child_pids, spool_study, stage_pids
+from covidct.testbed import TestPACS, child_pids, launched, spool_study, stage_pids
 from ingest.sweeper import Sweeper
 from tests.test_worker import make_settings, wait_for
 from worker.app import DELIVER_TASK, publish
@@ -44,23 +45,15 @@ def worker_process(settings: Settings) -> Iterator[subprocess.Popen]:
         "COVIDCT_MIN_SERIES_SLICES": "5",
         "COVIDCT_BATCH_SIZE": str(settings.batch_size),
     }
-    proc = subprocess.Popen(
+    with launched(
         [sys.executable, "-m", "covidct.cli", "worker", "--concurrency", "1"],
+        grace=30,
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
+    ) as proc:
         yield proc
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def kill_children(proc: subprocess.Popen) -> list[int]:
@@ -388,21 +381,20 @@ def test_sender_killed_part_way_marks_the_study_incomplete(tmp_path: Path) -> No
         from covidct.synthetic import write_study
 
         files = write_study(make_study([SeriesSpec(slices=120)]), tmp_path / "study")
-        proc = subprocess.Popen(
-            [need_tool("storescu"), "-aec", settings.ae_title, "-aet", "MODALITY"]
-            + ["127.0.0.1", str(settings.dicom_port), *map(str, files)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         from core.models import Instance
 
         def stored() -> int:
             with session_scope(settings.database_url) as s:
                 return len(s.scalars(select(Instance.id)).all())
 
-        wait_for(lambda: stored() >= 10, 60, "some instances stored")
-        proc.kill()
-        proc.wait()
+        with launched(
+            [need_tool("storescu"), "-aec", settings.ae_title, "-aet", "MODALITY"]
+            + ["127.0.0.1", str(settings.dicom_port), *map(str, files)],
+            stop_signal=signal.SIGKILL,  # the sender dies part way
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ):
+            wait_for(lambda: stored() >= 10, 60, "some instances stored")
         wait_for(lambda: study_state(settings)["incomplete"] != "", 10, "the close settled")
         st = study_state(settings)
         assert "ended without release" in st["incomplete"] and st["instances"] < 120
@@ -422,20 +414,17 @@ def test_listener_killed_mid_association_marks_the_study_at_restart(tmp_path: Pa
     }
     from tests.conftest import port_open
 
-    def start() -> subprocess.Popen:
-        proc = subprocess.Popen(
+    def listener() -> Any:
+        return launched(
             [sys.executable, "-m", "covidct.cli", "listener"],
             env=env,
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            start_new_session=True,
         )
-        wait_for(lambda: port_open("127.0.0.1", settings.dicom_port), 60, "the listener")
-        return proc
 
-    proc = start()
-    try:
+    with listener() as proc:
+        wait_for(lambda: port_open("127.0.0.1", settings.dicom_port), 60, "the listener")
         study = make_study([SeriesSpec(slices=6)])
         assoc = sender(settings)
         assert all(assoc.send_c_store(ds).Status == 0 for ds in study[:3])
@@ -443,12 +432,10 @@ def test_listener_killed_mid_association_marks_the_study_at_restart(tmp_path: Pa
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         assoc.abort()
-        proc = start()
+    with listener():
+        wait_for(lambda: port_open("127.0.0.1", settings.dicom_port), 60, "the listener again")
         st = study_state(settings)
         assert st["open"] == 0 and "listener stopped" in st["incomplete"]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
 
 
 def test_store_outage_during_receive_is_noted_and_recorded_by_the_sweeper(
@@ -551,3 +538,58 @@ def test_partial_study_sr_says_partial_and_validates(tmp_path: Path) -> None:
     assert "transfer interrupted" in sr.CompletionFlagDescription
     assert read_finding(sr)[1] == outcome.verdict
     assert dciodvfy_errors(Path(path)) == []
+
+
+@pytest.mark.slow
+def test_nothing_outlives_serve_killed_with_sigkill(tmp_path: Path) -> None:
+    """serve killed -9 (the OOM killer, a runtime's timeout): every stage, the worker's pool
+    and the listener's second process end within 5 s (core.parentwatch) and the DICOM and
+    web ports are free for the next start."""
+    from tests.conftest import port_open
+    from tests.test_e2e import base_env, wait
+
+    env = base_env(tmp_path)
+    dicom, web = int(env["COVIDCT_DICOM_PORT"]), int(env["COVIDCT_WEB_PORT"])
+    log = tmp_path / "serve.log"
+    with (
+        log.open("w") as out,
+        launched(
+            [sys.executable, "-m", "covidct.cli", "serve"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        ) as proc,
+    ):
+        wait(lambda: port_open("127.0.0.1", dicom) and port_open("127.0.0.1", web), 120, "ports")
+        stages = wait(lambda: (p := stage_pids(proc.pid)) and len(p) == 3 and p, 30, "3 stages")
+        # each stage with its children: the worker's pool, the listener's second process
+        family = wait(
+            lambda: (
+                (f := [*stages.values(), *(c for s in stages.values() for c in child_pids(s))])
+                and len(f) >= 5
+                and f
+            ),
+            60,
+            "the worker's pool and the listener's second process",
+        )
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        killed = time.monotonic()
+
+        def alive() -> list[int]:
+            out = []
+            for pid in family:
+                try:
+                    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                except OSError:
+                    continue
+                if state != "Z":
+                    out.append(pid)
+            return out
+
+        wait(lambda: not alive(), 8, f"every stage of serve to end (left: {alive()})")
+        took = time.monotonic() - killed
+        assert took < 6.0, f"the stages took {took:.1f} s to end"
+        assert not port_open("127.0.0.1", dicom) and not port_open("127.0.0.1", web)
+        print(f"\nall {len(family)} processes of serve ended {took:.1f} s after its SIGKILL")

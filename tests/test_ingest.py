@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +27,7 @@ from core.db import session_scope
 from core.models import AuditEvent, Instance, Study, StudyState, utcnow
 from core.settings import Settings, load_settings
 from covidct.synthetic import SeriesSpec, make_study, write_study
+from covidct.testbed import launched
 from ingest.server import Listener
 from tests.conftest import free_port, need_tool
 from tests.factories import LOSSY, SYNTAXES, in_syntax, to_bytes
@@ -460,18 +463,16 @@ def private_redis(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """A redis-server of our own on a free port, so we can stop it without harming others."""
     need_tool("redis-server")
     port = free_port()
-    proc = start_redis(port, tmp_path)
-    yield port, tmp_path
-    proc.kill()
-    proc.wait()
+    with redis_server(port, tmp_path):
+        yield port, tmp_path
 
 
-def start_redis(port: int, workdir: Path) -> subprocess.Popen:
-    import time
-
+@contextmanager
+def redis_server(port: int, workdir: Path) -> Iterator[subprocess.Popen]:
+    """redis-server on ``port``, ready; stopped on leaving, even if it never answered."""
     import redis
 
-    proc = subprocess.Popen(
+    with launched(
         [
             "redis-server",
             "--port",
@@ -485,18 +486,21 @@ def start_redis(port: int, workdir: Path) -> subprocess.Popen:
             "--dir",
             str(workdir),
         ],
+        stop_signal=signal.SIGKILL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # wait for readiness, not a fixed sleep
-        try:
-            if client.ping():
-                return proc
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError("redis-server did not start")
+    ) as proc:
+        client = redis.Redis(port=port)
+        deadline = time.monotonic() + 10
+        while True:  # wait for readiness, not a fixed sleep
+            try:
+                if client.ping():
+                    break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.05)
+        yield proc
 
 
 def test_redis_down_during_transfer_loses_nothing(
@@ -521,16 +525,12 @@ def test_redis_down_during_transfer_loses_nothing(
         result = lst.sweeper.sweep_once(later)
         assert result.queued == 0 and result.publish_failures == 2
         assert count(settings, Study, Study.state == StudyState.RECEIVING) == 2
-        proc = start_redis(port, workdir)
-        try:
+        with redis_server(port, workdir):
             assert lst.sweeper.sweep_once(later).queued == 2
             assert lst.sweeper.sweep_once(later).queued == 0
             assert client.llen("studies") == 2  # each study queued exactly once
             assert count(settings, Instance) == 16
             assert count(settings, Study, Study.state == StudyState.QUEUED) == 2
-        finally:
-            proc.kill()
-            proc.wait()
     finally:
         lst.stop()
 
@@ -692,8 +692,9 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def start_listener_processes(tmp_path: Path, port: int) -> tuple[subprocess.Popen, Path]:
-    """`covidct listener` with two processes on ``port``, returned once both are up."""
+@contextmanager
+def listener_processes(tmp_path: Path, port: int) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """`covidct listener` with two processes on ``port``, once both are up."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
         "COVIDCT_DATA_DIR": str(tmp_path / "var"),
         "COVIDCT_DICOM_PORT": str(port),
@@ -702,16 +703,18 @@ def start_listener_processes(tmp_path: Path, port: int) -> tuple[subprocess.Pope
         "COVIDCT_MIN_FREE_DISK_MB": "1",
     }
     log = tmp_path / "listener.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
+    with (
+        log.open("w") as out,
+        launched(
             [sys.executable, "-m", "covidct.cli", "listener"], env=env, stdout=out, stderr=out
-        )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and not (
-        _children(proc.pid) and "(2 processes)" in log.read_text()
+        ) as proc,
     ):
-        time.sleep(0.1)  # waiting for the processes to start, not timing anything
-    return proc, log
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (
+            _children(proc.pid) and "(2 processes)" in log.read_text()
+        ):
+            time.sleep(0.1)  # waiting for the processes to start, not timing anything
+        yield proc, log
 
 
 def test_listener_processes_share_the_port(tmp_path: Path) -> None:
@@ -719,25 +722,18 @@ def test_listener_processes_share_the_port(tmp_path: Path) -> None:
     associations from DCMTK's storescu are each stored once, and SIGTERM stops them all."""
     storescu = need_tool("storescu")
     port = free_port()
-    proc, log = start_listener_processes(tmp_path, port)
-    try:
+    with listener_processes(tmp_path, port) as (proc, log), ExitStack() as stack:
         assert "(2 processes)" in log.read_text(), log.read_text()[-2000:]
         assert _children(proc.pid), "the second listener process did not start"
         files = write_study(make_study([SeriesSpec(slices=40, rows=64)], seed=9), tmp_path / "in")
         senders = [
-            subprocess.Popen(
-                [
-                    storescu,
-                    "-aec",
-                    "COVIDCT",
-                    "-aet",
-                    "PACS",
-                    "127.0.0.1",
-                    str(port),
-                    *map(str, part),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+            stack.enter_context(
+                launched(
+                    [storescu, "-aec", "COVIDCT", "-aet", "PACS", "127.0.0.1", str(port)]
+                    + [str(f) for f in part],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
             )
             for part in (files[i::8] for i in range(8))
         ]
@@ -747,27 +743,26 @@ def test_listener_processes_share_the_port(tmp_path: Path) -> None:
         settings = settings_for(tmp_path, COVIDCT_DICOM_PORT=str(port))
         assert count(settings, Instance) == 40
         assert len(list(settings.spool_dir.rglob("*.dcm"))) == 40
-    finally:
         helpers = _children(proc.pid)
-        proc.terminate()
+        proc.terminate()  # the first process alone: it stops its helper
         proc.wait(60)
-    assert proc.returncode == 0
-    assert not [pid for pid in helpers if Path(f"/proc/{pid}").exists()]
+        assert proc.returncode == 0
+        assert not [pid for pid in helpers if Path(f"/proc/{pid}").exists()]
 
 
 def test_helper_listener_stops_when_the_first_one_dies(tmp_path: Path) -> None:
     """A helper process must not keep the DICOM port after the first process is killed."""
     import signal
 
-    proc, _ = start_listener_processes(tmp_path, free_port())
-    helpers = _children(proc.pid)
-    assert helpers
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() for pid in helpers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(Path(f"/proc/{pid}").exists() for pid in helpers)
+    with listener_processes(tmp_path, free_port()) as (proc, _):
+        helpers = _children(proc.pid)
+        assert helpers
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{pid}").exists() for pid in helpers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in helpers)
 
 
 def test_a_second_listener_on_the_same_port_refuses_to_start(tmp_path: Path) -> None:

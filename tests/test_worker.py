@@ -20,7 +20,7 @@ from core.db import session_scope, upgrade
 from core.models import Delivery, Prediction, Report, Study, StudyState, Upload
 from core.settings import Settings, load_settings
 from covidct.synthetic import SeriesSpec, make_study
-from covidct.testbed import TestPACS, spool_study
+from covidct.testbed import TestPACS, launched, spool_study
 from ingest.sweeper import Sweeper
 from tests.conftest import REDIS_HOST, REDIS_PORT, free_port, need_tool
 from tests.factories import enhanced_ct, to_bytes
@@ -318,15 +318,14 @@ def test_worker_killed_mid_task_is_redelivered_and_finished_once(
         "COVIDCT_BATCH_SIZE": "4",
     }
     study_id = spool_study(settings, make_study([SeriesSpec(slices=120)]))
-    worker = subprocess.Popen(
+    with launched(
         [sys.executable, "-m", "covidct.cli", "worker"],
+        grace=30,
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
+    ) as worker:
         from worker.tasks import create_app
 
         publish(create_app(settings), STUDY_TASK, study_id)
@@ -364,12 +363,6 @@ def test_worker_killed_mid_task_is_redelivered_and_finished_once(
                 .where(Prediction.kind == "slice", Prediction.probability.is_not(None))
             )
             assert stored == row.slices_analysed
-    finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
     assert len(pacs.received) == 1
 
 
