@@ -18,7 +18,6 @@ import argparse
 import os
 import random
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -28,6 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from covidct.testbed import launched  # noqa: E402
 
 
 def free_port() -> int:
@@ -105,65 +107,63 @@ def main() -> int:
         "PYTHONPATH": str(args.checkout),
     }
     log = tmp / "listener.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "covidct.cli", "listener"],
-            cwd=args.checkout,
-            env=env,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
     try:
-        deadline = time.monotonic() + 90
-        while "(2 processes)" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for _ in range(8):
-            echo(port)
-        idle = rss_mb(proc.pid)
-        print(f"checkout {args.checkout}")
-        print(f"idle:                         {idle:7.0f} MB          C-ECHO {echo(port)}")
-        peers = [
-            connect(
-                port,
-                2 + i,
-                struct.pack(">BBL", 4 if i % 2 else 1, 0, 2**31 if i % 2 else 2**32 - 1),
+        with (
+            log.open("w") as out,
+            launched(
+                [sys.executable, "-m", "covidct.cli", "listener"],
+                cwd=args.checkout,
+                env=env,
+                stdout=out,
+                stderr=out,
+            ) as proc,
+        ):
+            deadline = time.monotonic() + 90
+            while "(2 processes)" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            for _ in range(8):
+                echo(port)
+            idle = rss_mb(proc.pid)
+            print(f"checkout {args.checkout}")
+            print(f"idle:                         {idle:7.0f} MB          C-ECHO {echo(port)}")
+            peers = [
+                connect(
+                    port,
+                    2 + i,
+                    struct.pack(">BBL", 4 if i % 2 else 1, 0, 2**31 if i % 2 else 2**32 - 1),
+                )
+                for i in range(args.connections)
+            ]
+            time.sleep(2.0)
+            held = rss_mb(proc.pid)
+            print(
+                f"{args.connections} claims of 2-4 GB held:   {held:7.0f} MB  x{held / idle:5.2f}"
+                f"  C-ECHO {echo(port)}"
+                + (f"  ({peers.count(None)} connections refused)" if None in peers else "")
             )
-            for i in range(args.connections)
-        ]
-        time.sleep(2.0)
-        held = rss_mb(proc.pid)
-        print(
-            f"{args.connections} claims of 2-4 GB held:   {held:7.0f} MB  x{held / idle:5.2f}"
-            f"  C-ECHO {echo(port)}"
-            + (f"  ({peers.count(None)} connections refused)" if None in peers else "")
-        )
-        for s in peers:
-            if s is not None:
-                s.close()
-        rng = random.Random(35)
-        noise = [
-            connect(port, 100 + i, bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 3000))))
-            for i in range(50)
-        ]
-        time.sleep(2.0)
-        after = rss_mb(proc.pid)
-        print(
-            f"50 random-byte connections:   {after:7.0f} MB  x{after / idle:5.2f}"
-            f"  C-ECHO {echo(port)}"
-            + (f"  ({noise.count(None)} connections refused)" if None in noise else "")
-        )
-        alive = proc.poll() is None and len(child_pids(proc.pid)) > 0
-        print(f"listener still running with both processes: {alive}")
-        for s in noise:
-            if s is not None:
-                s.close()
+            for s in peers:
+                if s is not None:
+                    s.close()
+            rng = random.Random(35)
+            noise = [
+                connect(
+                    port, 100 + i, bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 3000)))
+                )
+                for i in range(50)
+            ]
+            time.sleep(2.0)
+            after = rss_mb(proc.pid)
+            print(
+                f"50 random-byte connections:   {after:7.0f} MB  x{after / idle:5.2f}"
+                f"  C-ECHO {echo(port)}"
+                + (f"  ({noise.count(None)} connections refused)" if None in noise else "")
+            )
+            alive = proc.poll() is None and len(child_pids(proc.pid)) > 0
+            print(f"listener still running with both processes: {alive}")
+            for s in noise:
+                if s is not None:
+                    s.close()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

@@ -27,12 +27,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from covidct.synthetic import SeriesSpec, make_study, write_study  # noqa: E402
+from covidct.testbed import launched  # noqa: E402
 
 # the listener's tuning settings may be varied from the command line; others are the bench's
 PASSED_THROUGH = ("COVIDCT_MAX_PDU", "COVIDCT_SPOOL_DIRECT_IO", "COVIDCT_LISTENER_PROCESSES")
@@ -60,23 +63,27 @@ def send(port: int, aec: str, files: list[Path], connections: int) -> float:
     env = os.environ | {"TCP_NODELAY": "1"}
     chunks = [files[i::connections] for i in range(connections)]
     t0 = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            ["storescu", "-aec", aec, "-aet", "BENCH", "127.0.0.1", str(port), *map(str, chunk)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        for chunk in chunks
-    ]
-    for p in procs:
-        _, err = p.communicate()
-        if p.returncode != 0:
-            raise RuntimeError(err.decode()[-500:])
-    return time.perf_counter() - t0
+    with ExitStack() as stack:
+        procs = [
+            stack.enter_context(
+                launched(
+                    ["storescu", "-aec", aec, "-aet", "BENCH", "127.0.0.1", str(port)]
+                    + [str(f) for f in chunk],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
+            )
+            for chunk in chunks
+        ]
+        for p in procs:
+            _, err = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(err.decode()[-500:])
+        return time.perf_counter() - t0
 
 
-def start_orthanc(exe: str, storage: Path, dicom_port: int) -> subprocess.Popen:
+def start_orthanc(exe: str, storage: Path, dicom_port: int) -> ContextManager[subprocess.Popen]:
     """Orthanc as a store SCP with its defaults (fsync on, SQLite index), HTTP on a free
     port, local only (Orthanc 1.10 has no bind-address setting: ../shared/NOTES.md)."""
     storage.mkdir(parents=True)
@@ -93,7 +100,7 @@ def start_orthanc(exe: str, storage: Path, dicom_port: int) -> subprocess.Popen:
         "Plugins": [],
     }
     (storage / "orthanc.json").write_text(json.dumps(config))
-    return subprocess.Popen(
+    return launched(
         [exe, str(storage / "orthanc.json")],
         env=os.environ | {"TCP_NODELAY": "1"},
         stdout=subprocess.DEVNULL,
@@ -124,26 +131,30 @@ def main() -> int:
         }
         | {k: v for k, v in os.environ.items() if k in PASSED_THROUGH}
     )
-    listener = subprocess.Popen(
-        [sys.executable, "-m", "covidct.cli", "listener"],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    servers = ExitStack()
+    servers.enter_context(
+        launched(
+            [sys.executable, "-m", "covidct.cli", "listener"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     )
     (work / "storescp").mkdir()
-    storescp = subprocess.Popen(
-        ["storescp", "-od", str(work / "storescp"), str(sport)],
-        env=os.environ | {"TCP_NODELAY": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    servers.enter_context(
+        launched(
+            ["storescp", "-od", str(work / "storescp"), str(sport)],
+            env=os.environ | {"TCP_NODELAY": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     )
-    servers = [listener, storescp]
     targets = [("covidct", cport, "COVIDCT"), ("storescp", sport, "ANY-SCP")]
     orthanc_exe = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
     if orthanc_exe:
         oport = free_port()
-        servers.append(start_orthanc(orthanc_exe, work / "orthanc", oport))
+        servers.enter_context(start_orthanc(orthanc_exe, work / "orthanc", oport))
         targets.append(("orthanc", oport, "ORTHANC"))
     try:
         for _, port, _ in targets:
@@ -184,13 +195,7 @@ def main() -> int:
                     + f" (median {statistics.median(ratios):.2f})"
                 )
     finally:
-        for proc in servers:
-            proc.terminate()
-        for proc in servers:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        servers.close()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -24,12 +24,13 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from covidct.testbed import child_pids, stage_pids  # noqa: E402
+from covidct.testbed import child_pids, launched, stage_pids  # noqa: E402
 
 
 def free_port() -> int:
@@ -87,10 +88,13 @@ def run(runtime: str, studies: list[list[Path]], work: Path, storescu: str, stor
     pacs_dir = work / f"pacs-{runtime}"
     pacs_dir.mkdir()
     pacs_port, dicom_port, web_port = free_port(), free_port(), free_port()
-    pacs = subprocess.Popen(
-        [storescp, "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    stack = ExitStack()
+    stack.enter_context(
+        launched(
+            [storescp, "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
         "COVIDCT_DATA_DIR": str(data),
@@ -102,27 +106,32 @@ def run(runtime: str, studies: list[list[Path]], work: Path, storescu: str, stor
         "COVIDCT_MODEL_RUNTIME": runtime,
         "COVIDCT_LOG_LEVEL": "WARNING",
     }
-    log = (work / f"serve-{runtime}.log").open("w")
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "covidct.cli", "serve"],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    log = stack.enter_context((work / f"serve-{runtime}.log").open("w"))
+    serve = stack.enter_context(
+        launched(
+            [sys.executable, "-m", "covidct.cli", "serve"],
+            grace=60,
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     )
     sampler = Sampler(serve.pid)
-    try:
+    with stack:
         wait(lambda: port_open(dicom_port) and port_open(pacs_port), 120, "serve and the PACS")
         sampler.start()
         time.sleep(15)  # the worker loads its model
         idle = dict(sampler.peak)
         t0 = time.monotonic()
         senders = [
-            subprocess.Popen(
-                [storescu, "-aec", "COVIDCT", "-aet", f"CT{i}", "127.0.0.1", str(dicom_port)]
-                + [str(p) for p in files],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+            stack.enter_context(
+                launched(
+                    [storescu, "-aec", "COVIDCT", "-aet", f"CT{i}", "127.0.0.1", str(dicom_port)]
+                    + [str(p) for p in files],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                )
             )
             for i, files in enumerate(studies)
         ]
@@ -138,13 +147,8 @@ def run(runtime: str, studies: list[list[Path]], work: Path, storescu: str, stor
         spooled = sum(1 for _ in (data / "spool").rglob("*.dcm"))
         srs = len(list(pacs_dir.iterdir()))
         db.close()
-    finally:
         sampler.stop.set()
-        serve.terminate()
-        serve.wait(60)
-        pacs.kill()
-        pacs.wait()
-        log.close()
+    sampler.stop.set()
     return {
         "runtime": runtime,
         "sent_s": sent,
