@@ -29,37 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from covidct.testbed import launched  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def child_pids(pid: int) -> list[int]:
-    return [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat") if _parent(p) == pid]
-
-
-def rss_mb(pid: int) -> float:
-    pids = [pid, *child_pids(pid)]
-    total = 0
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total / 1024
-
-
-def _parent(stat: Path) -> int:
-    try:
-        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return -1
+from covidct.testbed import descendants, free_port, launched, rss_mb  # noqa: E402
 
 
 def echo(port: int) -> str:
@@ -123,7 +93,7 @@ def main() -> int:
                 time.sleep(0.2)
             for _ in range(8):
                 echo(port)
-            idle = rss_mb(proc.pid)
+            idle = rss_mb(proc.pid, below=True)
             print(f"checkout {args.checkout}")
             print(f"idle:                         {idle:7.0f} MB          C-ECHO {echo(port)}")
             peers = [
@@ -135,7 +105,7 @@ def main() -> int:
                 for i in range(args.connections)
             ]
             time.sleep(2.0)
-            held = rss_mb(proc.pid)
+            held = rss_mb(proc.pid, below=True)
             print(
                 f"{args.connections} claims of 2-4 GB held:   {held:7.0f} MB  x{held / idle:5.2f}"
                 f"  C-ECHO {echo(port)}"
@@ -152,13 +122,13 @@ def main() -> int:
                 for i in range(50)
             ]
             time.sleep(2.0)
-            after = rss_mb(proc.pid)
+            after = rss_mb(proc.pid, below=True)
             print(
                 f"50 random-byte connections:   {after:7.0f} MB  x{after / idle:5.2f}"
                 f"  C-ECHO {echo(port)}"
                 + (f"  ({noise.count(None)} connections refused)" if None in noise else "")
             )
-            alive = proc.poll() is None and len(child_pids(proc.pid)) > 0
+            alive = proc.poll() is None and len(descendants(proc.pid)) > 0
             print(f"listener still running with both processes: {alive}")
             for s in noise:
                 if s is not None:

@@ -35,16 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from covidct.synthetic import SeriesSpec, make_study, write_study  # noqa: E402
-from covidct.testbed import launched  # noqa: E402
+from covidct.testbed import free_port, launched  # noqa: E402
 
 # the listener's tuning settings may be varied from the command line; others are the bench's
 PASSED_THROUGH = ("COVIDCT_MAX_PDU", "COVIDCT_SPOOL_DIRECT_IO", "COVIDCT_LISTENER_PROCESSES")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 60) -> None:

@@ -30,13 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from covidct.testbed import child_pids, launched, stage_pids  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from covidct.testbed import child_pids, free_port, launched, rss_mb, stage_pids  # noqa: E402
 
 
 def port_open(port: int) -> bool:
@@ -52,14 +46,6 @@ def wait(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
             return result
         time.sleep(0.2)
     raise SystemExit(f"timed out waiting for {what}")
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    return int(text.split("VmRSS:")[1].split()[0]) / 1024 if "VmRSS:" in text else 0.0
 
 
 class Sampler(threading.Thread):

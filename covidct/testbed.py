@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -178,3 +181,51 @@ def _signal_group(pid: int, sig: int) -> None:
             os.killpg(group, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_mb(pid: int, *, below: bool = False) -> float:
+    """Resident memory of ``pid`` (and, with ``below``, of every process below it), MB."""
+    total = 0
+    for p in [pid, *(descendants(pid) if below else [])]:
+        try:
+            text = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        if "VmRSS:" in text:
+            total += int(text.split("VmRSS:")[1].split()[0])
+    return total / 1024
+
+
+@contextmanager
+def two_process_listener(
+    data_dir: Path, port: int, log: Path, **settings: str
+) -> Iterator[subprocess.Popen]:
+    """``covidct listener`` (two processes) on ``port`` with ``data_dir``, once both
+    processes are up; ``settings`` are further COVIDCT_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
+        "COVIDCT_DATA_DIR": str(data_dir),
+        "COVIDCT_DICOM_PORT": str(port),
+        "COVIDCT_LISTENER_PROCESSES": "2",
+        "COVIDCT_STABLE_SECONDS": "3600",
+        "COVIDCT_MIN_FREE_DISK_MB": "1",
+        **settings,
+    }
+    with (
+        log.open("w") as out,
+        launched(
+            [sys.executable, "-m", "covidct.cli", "listener"], env=env, stdout=out, stderr=out
+        ) as proc,
+    ):
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not (
+            descendants(proc.pid) and "(2 processes)" in log.read_text()
+        ):
+            time.sleep(0.1)  # waiting for the processes to start, not timing anything
+        yield proc

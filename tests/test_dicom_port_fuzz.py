@@ -10,7 +10,6 @@ one study is sent by DCMTK's storescu while the fuzzing runs and must be stored 
 
 from __future__ import annotations
 
-import os
 import random
 import socket
 import struct
@@ -29,7 +28,7 @@ from core.db import session_scope
 from core.models import Instance
 from core.settings import load_settings
 from covidct.synthetic import SeriesSpec, make_study, write_study
-from covidct.testbed import launched
+from covidct.testbed import rss_mb, two_process_listener
 from ingest.pdu_guard import ASSOCIATE_LIMIT, FIXED_LENGTH, PDU_NAMES
 from tests.conftest import free_port, need_tool, port_open
 
@@ -49,15 +48,7 @@ class Port:
 
     def rss_mb(self) -> float:
         """Resident memory of the listener and its second process, MB."""
-        total = 0
-        for pid in [self.proc.pid, *_children(self.proc.pid)]:
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-            except OSError:
-                continue
-        return total / 1024.0
+        return rss_mb(self.proc.pid, below=True)
 
     def echo(self) -> None:
         """C-ECHO from DCMTK's echoscu answers success."""
@@ -80,41 +71,16 @@ def dcmtk(name: str) -> str:
     return path
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
-
-
 @pytest.fixture(scope="module")
 def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Port]:
     tmp = tmp_path_factory.mktemp("port")
     number = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
-        "COVIDCT_DATA_DIR": str(tmp / "var"),
-        "COVIDCT_DICOM_PORT": str(number),
+    log = tmp / "listener.log"
+    settings = {
         "COVIDCT_MAX_PDU": str(MAX_PDU),
         "COVIDCT_ASSOCIATION_REQUEST_SECONDS": str(REQUEST_SECONDS),
-        "COVIDCT_STABLE_SECONDS": "3600",
-        "COVIDCT_MIN_FREE_DISK_MB": "1",
     }
-    log = tmp / "listener.log"
-    with (
-        log.open("w") as out,
-        launched(
-            [sys.executable, "-m", "covidct.cli", "listener"], env=env, stdout=out, stderr=out
-        ) as proc,
-    ):
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not (
-            port_open("127.0.0.1", number) and "(2 processes)" in log.read_text()
-        ):
-            time.sleep(0.1)  # waiting for the listener to start, not timing anything
+    with two_process_listener(tmp / "var", number, log, **settings) as proc:
         assert port_open("127.0.0.1", number), log.read_text()[-3000:]
         ready = Port(proc, number, log, tmp / "var")
         for _ in range(8):  # both processes answer a first association: memory is measured

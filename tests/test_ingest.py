@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from core.db import session_scope
 from core.models import AuditEvent, Instance, Study, StudyState, utcnow
 from core.settings import Settings, load_settings
 from covidct.synthetic import SeriesSpec, make_study, write_study
-from covidct.testbed import launched
+from covidct.testbed import descendants, launched, two_process_listener
 from ingest.server import Listener
 from tests.conftest import free_port, need_tool
 from tests.factories import LOSSY, SYNTAXES, in_syntax, to_bytes
@@ -680,40 +679,21 @@ def test_loops_wake_on_work_not_on_a_timer(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:  # exited meanwhile
-            continue
-        if int(fields[1]) == pid and b"resource_tracker" not in cmdline:
-            out.append(int(stat.parent.name))
-    return out
+    return [p for p in descendants(pid) if b"resource_tracker" not in _cmdline(p)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 @contextmanager
 def listener_processes(tmp_path: Path, port: int) -> Iterator[tuple[subprocess.Popen, Path]]:
     """`covidct listener` with two processes on ``port``, once both are up."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
-        "COVIDCT_DATA_DIR": str(tmp_path / "var"),
-        "COVIDCT_DICOM_PORT": str(port),
-        "COVIDCT_LISTENER_PROCESSES": "2",
-        "COVIDCT_STABLE_SECONDS": "3600",
-        "COVIDCT_MIN_FREE_DISK_MB": "1",
-    }
     log = tmp_path / "listener.log"
-    with (
-        log.open("w") as out,
-        launched(
-            [sys.executable, "-m", "covidct.cli", "listener"], env=env, stdout=out, stderr=out
-        ) as proc,
-    ):
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not (
-            _children(proc.pid) and "(2 processes)" in log.read_text()
-        ):
-            time.sleep(0.1)  # waiting for the processes to start, not timing anything
+    with two_process_listener(tmp_path / "var", port, log) as proc:
         yield proc, log
 
 
