@@ -56,6 +56,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(_settings(args), workers=args.workers)
 
 
+def cmd_stop(args: argparse.Namespace) -> int:
+    from covidct.serve import stop
+
+    return stop(_settings(args))
+
+
 def _stage_settings(args: argparse.Namespace) -> Settings:
     """A stage's settings, logged once: by the stage, or by ``serve`` for its stages; a stage
     under serve ends when serve does (:mod:`core.parentwatch`)."""
@@ -232,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("serve", cmd_serve, "run listener, worker and dashboard on this machine")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    add("stop", cmd_stop, "stop the covidct serve running on COVIDCT_DATA_DIR (or ./var)")
     add("listener", cmd_listener, "run the DICOM storage SCP (C-ECHO, C-STORE)")
     p = add("worker", cmd_worker, "run a Celery worker that analyses studies and uploads")
     p.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")

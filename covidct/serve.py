@@ -54,7 +54,7 @@ def banner(settings: Settings) -> str:
             + (", ".join(map(str, settings.destinations)) or "the data directory only"),
             f"  First user: {command()} create-user NAME --admin   (in another terminal)",
             f"  Demo data:  {command()} demo",
-            "  Stop:       Ctrl-C",
+            f"  Stop:       Ctrl-C, or {command()} stop   (in another terminal)",
         ]
     )
 
@@ -131,6 +131,20 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def accepting(settings: Settings) -> bool:
+    """Whether the DICOM and web ports both accept a connection."""
+    for host, port in (
+        (settings.dicom_host, settings.dicom_port),
+        (settings.web_host, settings.web_port),
+    ):
+        target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        try:
+            socket.create_connection((target, port), timeout=0.5).close()
+        except OSError:
+            return False
+    return True
+
+
 def check_ports(settings: Settings) -> None:
     """Refuse to start, naming the port, when the DICOM or web port is taken (by another
     covidct too: its listener shares its port only with its own processes)."""
@@ -151,9 +165,51 @@ def check_ports(settings: Settings) -> None:
             probe.close()
 
 
+def pid_file(settings: Settings) -> Path:
+    """Where a running ``covidct serve`` writes its pid, for ``covidct stop``."""
+    return settings.data_dir / "serve.pid"
+
+
+def running_serve(settings: Settings) -> int | None:
+    """The pid of the ``covidct serve`` running on this data directory, or None."""
+    try:
+        pid = int(pid_file(settings).read_text().strip())
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return pid if b"serve" in args and any(b"covidct" in a for a in args) else None
+
+
+def stop(settings: Settings, timeout: float = 60.0) -> int:
+    """``covidct stop``: SIGTERM to the serve running on this data directory (it stops its
+    stages in order), then wait for it to end."""
+    pid = running_serve(settings)
+    if pid is None:
+        print(f"covidct is not running on {settings.data_dir}")
+        return 1
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _running(pid):
+        print(f"covidct (pid {pid}) did not stop within {timeout:.0f} s", file=sys.stderr)
+        return 1
+    print(f"covidct (pid {pid}) stopped")
+    return 0
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (an exited process its parent has not reaped yet does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def serve(settings: Settings, *, workers: int = 1) -> int:
     check_ports(settings)
     upgrade(settings.database_url)
+    pid_file(settings).write_text(f"{os.getpid()}\n")
     settings.log_effective()
     stop = threading.Event()
 
@@ -167,16 +223,20 @@ def serve(settings: Settings, *, workers: int = 1) -> int:
     env.setdefault("COVIDCT_SECRET_KEY", settings.secret_key)
     supervisor = Supervisor(env, workers)
     supervisor.start_all()
-    print(banner(settings), flush=True)
     exit_code = 0
-    while not stop.wait(0.5):
+    announced = False  # the banner waits until both ports accept connections
+    while not stop.wait(0.5 if announced else 0.1):
         reason = supervisor.check(time.monotonic())
         if reason:
             logger.critical("%s", reason)
             print(f"covidct: {reason}", file=sys.stderr, flush=True)
             exit_code = 1
             break
+        if not announced and accepting(settings):
+            print(banner(settings), flush=True)
+            announced = True
     shutdown(supervisor.procs)
+    pid_file(settings).unlink(missing_ok=True)
     return exit_code
 
 

@@ -22,6 +22,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
+from core import holders
 from core.db import session_scope, upgrade
 from core.models import Instance
 from core.settings import Settings
@@ -64,9 +65,14 @@ class PortInUse(OSError):
 
 
 def port_in_use(name: str, host: str, port: int, variable: str) -> PortInUse:
+    who = holders.describe(holders.tcp_port_holders(port))
     return PortInUse(
-        f"{name} port {port} on {host} is in use: stop what uses it, or set {variable}"
+        f"{name} port {port} on {host} is in use{who}: stop what uses it"
+        f"{STOP_HINT if 'covidct serve' in who else ''}, or set {variable}"
     )
+
+
+STOP_HINT = " (`covidct stop`, with the same COVIDCT_DATA_DIR)"
 
 
 def claim_port(port: int) -> socket.socket:
@@ -76,13 +82,16 @@ def claim_port(port: int) -> socket.socket:
     second covidct service share it, splitting the incoming studies between the two: the
     second one's first process fails here instead."""
     lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    name = f"covidct-dicom-port-{port}"
     try:
-        lock.bind(f"\0covidct-dicom-port-{port}")
+        lock.bind(f"\0{name}")
     except OSError:
         lock.close()
+        who = holders.describe(holders.abstract_socket_holders(name))
         raise PortInUse(
-            f"DICOM port {port} is already used by another covidct listener on this machine: "
-            "stop it, or set COVIDCT_DICOM_PORT"
+            f"DICOM port {port} is already used by another covidct listener on this machine"
+            f"{who}: stop it{STOP_HINT if 'covidct serve' in who else ''},"
+            " or set COVIDCT_DICOM_PORT"
         ) from None
     return lock
 

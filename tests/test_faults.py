@@ -204,6 +204,7 @@ def test_serve_restarts_a_dead_stage_and_keeps_the_port_open(tmp_path: Path) -> 
         lines = second.stderr.strip().splitlines()
         assert second.returncode == 1 and len(lines) == 1, second.stderr
         assert f"DICOM port {port} is already used by another covidct listener" in lines[0]
+        assert f"under covidct serve pid {proc.pid}" in lines[0] and "covidct stop" in lines[0]
     text = log.read_text()
     # start-up says things once, and nothing a user cannot act on
     assert text.count("effective settings") == 1
@@ -544,7 +545,7 @@ def test_partial_study_sr_says_partial_and_validates(tmp_path: Path) -> None:
 def test_nothing_outlives_serve_killed_with_sigkill(tmp_path: Path) -> None:
     """serve killed -9 (the OOM killer, a runtime's timeout): every stage, the worker's pool
     and the listener's second process end within 5 s (core.parentwatch) and the DICOM and
-    web ports are free for the next start."""
+    web ports are free: a new serve starts at once, and `covidct stop` stops it."""
     from tests.conftest import port_open
     from tests.test_e2e import base_env, wait
 
@@ -593,3 +594,27 @@ def test_nothing_outlives_serve_killed_with_sigkill(tmp_path: Path) -> None:
         assert took < 6.0, f"the stages took {took:.1f} s to end"
         assert not port_open("127.0.0.1", dicom) and not port_open("127.0.0.1", web)
         print(f"\nall {len(family)} processes of serve ended {took:.1f} s after its SIGKILL")
+    with (
+        (tmp_path / "serve2.log").open("w") as out,
+        launched(
+            [sys.executable, "-m", "covidct.cli", "serve"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        ) as again,
+    ):
+        wait(lambda: "covidct is running" in (tmp_path / "serve2.log").read_text(), 120, "serve")
+        assert port_open("127.0.0.1", dicom) and port_open("127.0.0.1", web)  # the banner waits
+        stopped = subprocess.run(
+            [sys.executable, "-m", "covidct.cli", "stop"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert f"covidct (pid {again.pid}) stopped" in stopped.stdout
+        assert again.wait(5) == 0
+        assert "covidct stopped." in (tmp_path / "serve2.log").read_text()
