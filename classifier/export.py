@@ -81,7 +81,7 @@ def export(model_path: Path, images: np.ndarray, source: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from classifier.training import load_split
+    from classifier.datasets import load_split
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", type=Path)

@@ -1,8 +1,6 @@
-"""Training recipes, data loading and the model card.  ``scripts/train.py`` is the command line.
-
-Data folders are laid out like ``../shared/datasets/*``: ``train/`` and ``val/``, each with
-``CT_COVID/`` (positive) and ``CT_NonCOVID/`` (negative).  Every image goes through
-:func:`classifier.preprocess.to_model_input`, the product's one preprocessing path.
+"""Training recipes and the training loop.  ``scripts/train.py`` is the command line; the data
+come from :mod:`classifier.datasets`, batches from :mod:`classifier.batches`, the val figures
+from :mod:`classifier.validation` and the card from :mod:`classifier.card`.
 
 Recipes:
 
@@ -19,42 +17,21 @@ Recipes:
 
 from __future__ import annotations
 
-import io
-import json
 import logging
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from classifier import metrics as M
-from classifier.errors import UnusableInputError
-from classifier.preprocess import rgb_batch, to_model_input
+from classifier.batches import Batches, jpeg_versions, sample_weights
+from classifier.datasets import Split
+from classifier.preprocess import rgb_batch
 
 logger = logging.getLogger(__name__)
-
-CLASSES = (("CT_NonCOVID", 0), ("CT_COVID", 1))
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-@dataclass
-class Split:
-    """One dataset's split, preprocessed: gray ``uint8`` (N, 200, 200), labels, file formats."""
-
-    dataset: str
-    images: np.ndarray
-    labels: np.ndarray
-    formats: list[str]
-    names: list[str]
-
-    def __len__(self) -> int:
-        return len(self.labels)
 
 
 @dataclass(frozen=True)
@@ -112,117 +89,6 @@ RECIPES = {
 }
 
 
-def load_split(root: Path, split: str, *, limit: int | None = None) -> Split:
-    """Read ``root/split/CT_*`` through the product's preprocessing."""
-    images, labels, formats, names = [], [], [], []
-    for cls, label in CLASSES:
-        folder = root / split / cls
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder} is missing (expected train/ and val/ with {cls}/)")
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        for path in files[:limit]:
-            try:
-                images.append(to_model_input(path)[:, :, 0])
-            except UnusableInputError as exc:
-                logger.warning("skipping %s: %s", path.name, exc)
-                continue
-            labels.append(label)
-            formats.append("jpeg" if path.suffix.lower() in (".jpg", ".jpeg") else "png")
-            names.append(f"{cls}/{path.name}")
-    if not images:
-        raise FileNotFoundError(f"no images under {root / split}")
-    return Split(root.name, np.stack(images), np.array(labels, np.int32), formats, names)
-
-
-def cached_split(root: Path, split: str, cache: Path | None, *, limit: int | None = None) -> Split:
-    """:func:`load_split`, through a cache of lossless PNG strips (one per split) when given."""
-    if cache is None:
-        return load_split(root, split, limit=limit)
-    strip, meta = cache / f"{root.name}.{split}.png", cache / f"{root.name}.{split}.json"
-    if strip.is_file() and meta.is_file():
-        info = json.loads(meta.read_text())
-        arr = np.asarray(Image.open(strip), dtype=np.uint8)
-        images = arr.reshape(-1, arr.shape[1], arr.shape[1])
-        return Split(
-            root.name, images, np.array(info["labels"], np.int32), info["formats"], info["names"]
-        )
-    s = load_split(root, split, limit=limit)
-    cache.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(s.images.reshape(-1, s.images.shape[2])).save(strip, optimize=True)
-    meta.write_text(
-        json.dumps({"labels": s.labels.tolist(), "formats": s.formats, "names": s.names})
-    )
-    return s
-
-
-def jpeg_roundtrip(gray: np.ndarray, quality: int) -> np.ndarray:
-    buf = io.BytesIO()
-    Image.fromarray(gray, mode="L").save(buf, format="JPEG", quality=quality)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"), dtype=np.uint8)
-
-
-def _jpeg_versions(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    qualities = rng.integers(70, 96, len(images))
-    return np.stack([jpeg_roundtrip(im, int(q)) for im, q in zip(images, qualities, strict=True)])
-
-
-def _sample_weights(splits: Sequence[Split], balance: bool) -> np.ndarray:
-    if not balance:
-        return np.ones(sum(len(s) for s in splits), np.float32)
-    parts = []
-    for s in splits:
-        w = np.zeros(len(s), np.float32)
-        for label in (0, 1):
-            mask = s.labels == label
-            if mask.any():
-                w[mask] = 1.0 / (2 * len(splits) * mask.sum())
-        parts.append(w)
-    w = np.concatenate(parts)
-    return w * (len(w) / w.sum())
-
-
-def _batches_class() -> type:
-    import keras
-
-    class _Batches(keras.utils.PyDataset):
-        """Shuffled batches in numpy (any Keras backend): each image is drawn as stored or as
-        its JPEG re-encoding with probability 1/2, so file format carries no label."""
-
-        def __init__(
-            self,
-            x: np.ndarray,
-            x_jpeg: np.ndarray | None,
-            y: np.ndarray,
-            w: np.ndarray,
-            batch_size: int,
-            rng: np.random.Generator,
-        ) -> None:
-            super().__init__()
-            self.x, self.x_jpeg, self.y, self.w = x, x_jpeg, y, w
-            self.batch_size, self.rng = batch_size, rng
-            self.order = rng.permutation(len(y))
-
-        def __len__(self) -> int:
-            return (len(self.y) + self.batch_size - 1) // self.batch_size
-
-        def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
-            imgs = self.x[idx]
-            if self.x_jpeg is not None:
-                use = self.rng.random(len(idx)) < 0.5
-                imgs = np.where(use[:, None, None], self.x_jpeg[idx], imgs)
-            return rgb_batch(imgs), self.y[idx], self.w[idx]
-
-        def on_epoch_end(self) -> None:
-            self.order = self.rng.permutation(len(self.y))
-
-    return _Batches
-
-
-def Batches(*args: Any) -> Any:  # noqa: N802 - a factory standing in for the class
-    return _batches_class()(*args)
-
-
 @dataclass
 class History:
     epochs: list[dict[str, float]] = field(default_factory=list)
@@ -263,8 +129,8 @@ def train(
         y = np.concatenate([labels[:, None], np.eye(domains, dtype=np.float32)[domain]], axis=1)
     else:
         y = labels[:, None]
-    w = _sample_weights(train_splits, recipe.balance)
-    x_jpeg = _jpeg_versions(x, rng) if recipe.augment_jpeg else x
+    w = sample_weights(train_splits, recipe.balance)
+    x_jpeg = jpeg_versions(x, rng) if recipe.augment_jpeg else x
 
     def make_dataset() -> Any:
         return Batches(x, x_jpeg if recipe.augment_jpeg else None, y, w, recipe.batch_size, rng)
@@ -369,183 +235,3 @@ def load_backbone(path: Path | None) -> dict[str, np.ndarray]:
     diff = check_reference(weights)
     logger.info("backbone %s matches PyTorch within %.1e", path.name, diff)
     return weights
-
-
-def predict_arrays(model: Any, images: np.ndarray) -> np.ndarray:
-    return model.predict(rgb_batch(images), batch_size=64, verbose=0).reshape(-1).astype(np.float64)
-
-
-def summarise(
-    model: Any,
-    val_splits: Sequence[Split],
-    *,
-    bootstrap: int = 1000,
-    calibrate: bool = True,
-) -> dict[str, Any]:
-    """Threshold, temperature and per-dataset metrics, all chosen and measured on val."""
-    raw = {s.dataset: predict_arrays(model, s.images) for s in val_splits}
-    labels = {s.dataset: s.labels for s in val_splits}
-    pooled_y = np.concatenate(list(labels.values()))
-    pooled_raw = np.concatenate(list(raw.values()))
-    temperature = M.fit_temperature(pooled_y, pooled_raw) if calibrate else 1.0
-    cal = {k: M.apply_temperature(v, temperature) for k, v in raw.items()}
-    threshold = M.youden_threshold(pooled_y, np.concatenate(list(cal.values())))
-    out: dict[str, Any] = {"threshold": threshold, "temperature": temperature, "datasets": {}}
-    for s in val_splits:
-        m = M.evaluate(s.labels, cal[s.dataset], threshold, bootstrap=bootstrap)
-        jpeg = np.stack([jpeg_roundtrip(im, 90) for im in s.images])
-        p_jpeg = M.apply_temperature(predict_arrays(model, jpeg), temperature)
-        out["datasets"][s.dataset] = {
-            "metrics": m.as_dict(),
-            "auc_all_jpeg_q90": M.auc(s.labels, p_jpeg),
-            "ece_before": M.expected_calibration_error(s.labels, raw[s.dataset]),
-            "ece_after": M.expected_calibration_error(s.labels, cal[s.dataset]),
-            "formats": {f: s.formats.count(f) for f in sorted(set(s.formats))},
-        }
-    out["pooled"] = {
-        "ece_before": M.expected_calibration_error(pooled_y, pooled_raw),
-        "ece_after": M.expected_calibration_error(pooled_y, np.concatenate(list(cal.values()))),
-    }
-    out["_raw"] = raw
-    out["_cal"] = cal
-    out["_labels"] = labels
-    return out
-
-
-def environment() -> dict[str, str]:
-    import importlib
-
-    import keras
-
-    backend = keras.backend.backend()
-    framework = importlib.import_module(
-        {"tensorflow": "tensorflow", "torch": "torch", "jax": "jax"}.get(backend, backend)
-    )
-    device = "cpu"
-    if backend == "torch" and framework.cuda.is_available():
-        device = framework.cuda.get_device_name(0)
-    return {
-        "python": platform.python_version(),
-        "keras": keras.__version__,
-        "backend": f"{backend} {getattr(framework, '__version__', '')}",
-        "device": device,
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-
-
-def _litert_line(card: dict[str, Any]) -> list[str]:
-    lite = card.get("litert")
-    if not lite:
-        return []
-    if "file" not in lite:
-        return [f"- Served by Keras: no LiteRT export ({lite.get('reason', 'not made')})"]
-    return [
-        f"- Served by LiteRT from `{lite['file']}`: largest difference from Keras "
-        f"{lite['max_abs_difference']:.1e} over {lite['images']} images ({lite['checked_on']}; "
-        f"tolerance {lite['tolerance']:.0e})"
-    ]
-
-
-def write_card_markdown(card: dict[str, Any], path: Path) -> None:
-    """The card as Markdown, with ``<name>.notes.md`` beside it (written by hand) included."""
-    lines = [
-        f"# Model card: {card['version']}",
-        "",
-        "**Research and triage support only. Not a diagnosis, not a medical device.**",
-        "",
-        f"- Architecture: `{card['architecture']}` ({card['parameters']:,} parameters)",
-        f"- Recipe: `{card['recipe']}`: {card['recipe_description']}",
-        f"- Input: {card['input']}",
-        f"- Operating threshold (chosen on val): {card['threshold']:.4f}",
-        f"- Temperature (fitted on val): {card['temperature']:.3f}",
-        f"- Study aggregation: {card.get('aggregation', '')}",
-        f"- Shipped seed: {card.get('seed')} (best mean val AUC of {len(card.get('seeds', []))}); "
-        f"training took {card['training_seconds']:.0f} s",
-        *_litert_line(card),
-        "",
-        "## Data and licenses",
-        "",
-    ]
-    for d in card["data"]:
-        lines.append(f"- `{d['name']}`: {d['train']} train / {d['val']} val images. {d['license']}")
-    lines += ["", "## Validation (val splits only; the test splits are withheld)", ""]
-    lines.append("| dataset | n | accuracy | AUC | sensitivity | specificity | F1 | AUC all-JPEG |")
-    lines.append("|---|---|---|---|---|---|---|---|")
-    for name, d in card["validation"].items():
-        m, ci = d["metrics"], d["metrics"]["ci95"]
-
-        def f(k: str, m: dict = m, ci: dict = ci) -> str:
-            lo, hi = ci.get(k, (float("nan"), float("nan")))
-            return f"{m[k]:.3f} ({lo:.3f}-{hi:.3f})"
-
-        lines.append(
-            f"| {name} | {m['n']} | {f('accuracy')} | {f('auc')} | {f('sensitivity')} | "
-            f"{f('specificity')} | {f('f1')} | {d['auc_all_jpeg_q90']:.3f} |"
-        )
-    lines += ["", "Intervals: bootstrap 95% (1000 resamples).", ""]
-    lines.append("| dataset | ECE before temperature | ECE after |")
-    lines.append("|---|---|---|")
-    for name, d in card["validation"].items():
-        lines.append(f"| {name} | {d['ece_before']:.3f} | {d['ece_after']:.3f} |")
-    if card.get("seeds"):
-        lines += ["", "## Seeds (val AUC per dataset)", ""]
-        for row in card["seeds"]:
-            lines.append(
-                f"- seed {row['seed']}: "
-                + ", ".join(f"{k} {v:.3f}" for k, v in row["val_auc"].items())
-            )
-        for k, v in card.get("seed_summary", {}).items():
-            lines.append(f"- **{k}: mean {v['mean']:.3f}, min {v['min']:.3f}, max {v['max']:.3f}**")
-    gate = card.get("gate_refit") or {}
-    if gate:
-        lines += ["", "## Gate refit", "", f"{gate['method']}; T = {gate['temperature']}.", ""]
-        lines.append("| dataset | val AUC, joint gate | val AUC, refitted | routed to its expert |")
-        lines.append("|---|---|---|---|")
-        after = gate["val_tried"][str(gate["temperature"])]
-        for name, before in gate["val_before"].items():
-            lines.append(
-                f"| {name} | {before['auc']:.3f} | {after[name]['auc']:.3f} | "
-                f"{after[name]['routed_own']:.0%} |"
-            )
-    if card.get("dicom_studies"):
-        lines += ["", "## Real DICOM studies (development sample)", ""]
-        for s in card["dicom_studies"]:
-            lines.append(
-                f"- {s['name']} ({s['truth']}): study probability {s['probability']:.3f} "
-                f"-> {s['label']}; {s['analysed']} slices analysed, {s['skipped']} skipped"
-            )
-    notes = path.with_name(path.name.removesuffix(".card.md") + ".notes.md")
-    if notes.is_file():  # kept by hand beside the card: the study rule and what was tried
-        lines += ["", notes.read_text(encoding="utf-8").strip()]
-    lines += [
-        "",
-        "## Training history",
-        "",
-        "| epoch | loss | acc | val loss | val acc | val AUC |",
-    ]
-    lines.append("|---|---|---|---|---|---|")
-    for r in card["history"]:
-        lines.append(
-            f"| {r['epoch']} | {r['loss']:.4f} | {r['accuracy']:.4f} | {r['val_loss']:.4f} | "
-            f"{r['val_accuracy']:.4f} | {r['val_auc']:.4f} |"
-        )
-    lines += ["", f"Best epoch: {card['best_epoch']}.", "", "## Limits", ""]
-    lines += [f"- {x}" for x in card.get("limits", [])]
-    lines += ["", "## Environment", ""]
-    lines += [f"- {k}: {v}" for k, v in card["environment"].items()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def write_json(obj: Any, path: Path) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o))

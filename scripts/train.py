@@ -23,9 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from classifier import aggregate  # noqa: E402
+from classifier import card as C  # noqa: E402
 from classifier import training as T  # noqa: E402
+from classifier.datasets import cached_split  # noqa: E402
 from classifier.inference import file_sha256  # noqa: E402
 from classifier.preprocess import DEFAULT_FRAMING  # noqa: E402
+from classifier.validation import summarise  # noqa: E402
 
 LICENSES = {
     "covid-ct": "COVID-CT (Yang et al. 2020, arXiv:2003.13865): figures from publications, "
@@ -120,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         return report_only(args.out / f"{name}.keras", args.dicom_study)
-    train_splits = [T.cached_split(d, "train", args.cache, limit=args.limit) for d in args.data]
-    val_splits = [T.cached_split(d, "val", args.cache, limit=args.limit) for d in args.data]
+    train_splits = [cached_split(d, "train", args.cache, limit=args.limit) for d in args.data]
+    val_splits = [cached_split(d, "val", args.cache, limit=args.limit) for d in args.data]
     for s in train_splits + val_splits:
         print(f"{s.dataset}: {len(s)} images ({int(s.labels.sum())} COVID)")
 
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             verbose=0 if args.quiet else 1,
             backbone=args.backbone,
         )
-        summary = T.summarise(
+        summary = summarise(
             model, val_splits, bootstrap=args.bootstrap, calibrate=args.recipe != "paper"
         )
         aucs = {k: v["metrics"]["auc"] for k, v in summary["datasets"].items()}
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     model_path = args.out / f"{name}.keras"
     _save_without_optimizer(model, recipe.architecture, len(train_splits), model_path)
     sha = file_sha256(model_path)
-    env = T.environment()
+    env = C.environment()
     version = f"{name}-{recipe.name}-{env['trained_at'][:10].replace('-', '')}-{sha[:8]}"
     card = {
         "version": version,
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         dicom_study_report(model, summary["temperature"], summary["threshold"], d)
         for d in args.dicom_study
     ]
-    T.write_json(card, args.out / f"{name}.card.json")
+    C.write_json(card, args.out / f"{name}.card.json")
     from classifier.errors import ModelError
     from classifier.export import export
 
@@ -247,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     except ModelError as exc:  # no export: the worker serves this model with Keras
         print(f"no LiteRT export: {exc}", file=sys.stderr)
         card["litert"] = {"exported": False, "reason": str(exc)}
-        T.write_json(card, args.out / f"{name}.card.json")
-    T.write_card_markdown(card, args.out / f"{name}.card.md")
+        C.write_json(card, args.out / f"{name}.card.json")
+    C.write_card_markdown(card, args.out / f"{name}.card.md")
     from classifier.plots import write_all
 
     write_all(card, summary, args.out, name)
@@ -271,8 +274,8 @@ def report_only(model_path: Path, studies: list[Path]) -> int:
     card["dicom_studies"] = [
         dicom_study_report(model, card["temperature"], card["threshold"], d) for d in studies
     ]
-    T.write_json(card, card_path(model_path))
-    T.write_card_markdown(card, model_path.with_name(model_path.stem + ".card.md"))
+    C.write_json(card, card_path(model_path))
+    C.write_card_markdown(card, model_path.with_name(model_path.stem + ".card.md"))
     for s in card["dicom_studies"]:
         print(f"  {s['name']}: {s['probability']:.3f} -> {s['label']}")
     return 0

@@ -208,7 +208,7 @@ def test_model_card_includes_the_hand_kept_notes(tmp_path: Path) -> None:
     import json
     import shutil
 
-    from classifier.training import write_card_markdown
+    from classifier.card import write_card_markdown
 
     models = Path(__file__).resolve().parent.parent / "models"
     card = json.loads((models / "covidct.card.json").read_text())
