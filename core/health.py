@@ -1,13 +1,18 @@
-"""What a readiness probe and the stages agree on: free disk, and which workers are alive.
+"""What a readiness probe and the stages agree on: free disk, which workers are alive, and
+whether the listener answers.
 
 Workers say they are alive in the ``workers`` table (:func:`beat`, every ``heartbeat_seconds``
 from the worker's main process); a worker not seen for ``task_stale_seconds`` is gone.  The
 listener refuses associations below ``min_free_disk_mb`` of free disk; ``/readyz`` says so.
+The listener is alive when it answers what a PACS sends: a C-ECHO (:func:`dicom_echo`); a
+frozen process still accepts TCP connections (the kernel queues them), so a plain connect
+says nothing.
 """
 
 from __future__ import annotations
 
 import shutil
+import socket
 from datetime import timedelta
 from pathlib import Path
 
@@ -53,6 +58,44 @@ def live_workers(settings: Settings) -> int:
         )
 
 
+HEALTH_CHECK_AE = "COVIDCT-CHECK"  # the calling AE title of these checks
+
+
+def dicom_echo(address: str, called_ae: str, timeout: float = 5.0) -> str:
+    """C-ECHO to ``host:port`` as a PACS would: "ok", or why the listener did not answer.
+    An association the listener rejects (too many at once, disk floor) still answered."""
+    return echo_check(address, called_ae, timeout)[0]
+
+
+def echo_check(address: str, called_ae: str, timeout: float = 5.0) -> tuple[str, bool]:
+    """:func:`dicom_echo`, and whether the TCP connection was made: a process that is still
+    starting refuses it, a frozen or stuck one accepts it (the kernel queues it) and then
+    says nothing."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    host, _, port = address.rpartition(":")
+    ae = AE(ae_title=HEALTH_CHECK_AE)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+        assoc = ae.associate(host.strip("[]"), int(port), ae_title=called_ae)
+    except (OSError, ValueError) as exc:
+        return f"no answer from {address}: {exc}", False
+    if assoc.is_rejected:
+        return "ok", True  # it answered: a rejection is a decision, not silence
+    if not assoc.is_established:
+        return f"no answer to an association request within {timeout:g} s ({address})", True
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if not status or status.Status != 0:
+        return f"C-ECHO to {address} got no success status", True
+    return "ok", True
+
+
 def readiness(settings: Settings, broker_ok: str) -> tuple[bool, dict[str, str]]:
     """Every check by name, ``ok`` or why the service cannot take work."""
     checks: dict[str, str] = {}
@@ -68,6 +111,9 @@ def readiness(settings: Settings, broker_ok: str) -> tuple[bool, dict[str, str]]
         checks["database"] = f"error: {exc.__class__.__name__}"
         checks["workers"] = "unknown: the database is unavailable"
     checks["broker"] = broker_ok
+    if settings.listener_address:
+        answer = dicom_echo(settings.listener_address, settings.ae_title, timeout=2.0)
+        checks["listener"] = answer if answer == "ok" else f"the listener: {answer}"
     floor = settings.min_free_disk_mb
     free = free_disk_mb(settings.spool_dir)
     checks["disk"] = (

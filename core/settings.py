@@ -73,6 +73,7 @@ class Settings:
     network_timeout: float = 60.0
     max_pdu: int = 131072
     association_request_seconds: float = 10.0
+    listener_address: str = ""  # host:port that /readyz sends a C-ECHO to ("" = no check)
     max_peer_connections: int = 8
     min_free_disk_mb: int = 1024
     spool_direct_io: bool = True
@@ -200,6 +201,18 @@ def _host(raw: str) -> str:
     return value
 
 
+def _address(raw: str) -> str:
+    """``host:port``, or empty for none."""
+    value = raw.strip()
+    if not value:
+        return ""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("not host:port")
+    _host(host)
+    return value
+
+
 def _host_list(raw: str) -> tuple[str, ...]:
     return tuple(_host(p) for p in raw.split(",") if p.strip())
 
@@ -307,6 +320,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "network_timeout": _float(1.0, 3600.0),
     "max_pdu": _int(4096, 16 * 1024 * 1024),
     "association_request_seconds": _float(1.0, 600.0),
+    "listener_address": _address,
     "max_peer_connections": _int(1, 1000),
     "min_free_disk_mb": _int(0, 10**7),
     "spool_direct_io": _bool,

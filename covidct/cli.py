@@ -56,6 +56,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(_settings(args), workers=args.workers)
 
 
+def cmd_echo(args: argparse.Namespace) -> int:
+    import time
+
+    from core.health import dicom_echo
+
+    settings = _settings(args)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.dicom_host, settings.dicom_host)
+    address = args.address or f"{host}:{settings.dicom_port}"
+    t0 = time.perf_counter()
+    answer = dicom_echo(address, settings.ae_title, timeout=args.timeout)
+    took = (time.perf_counter() - t0) * 1000
+    if answer != "ok":
+        print(f"C-ECHO to {settings.ae_title}@{address}: {answer}", file=sys.stderr)
+        return 1
+    print(f"C-ECHO to {settings.ae_title}@{address}: ok ({took:.0f} ms)")
+    return 0
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     from covidct.serve import stop
 
@@ -239,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("serve", cmd_serve, "run listener, worker and dashboard on this machine")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     add("stop", cmd_stop, "stop the covidct serve running on COVIDCT_DATA_DIR (or ./var)")
+    p = add("echo", cmd_echo, "C-ECHO to the listener, as a PACS would (exit 1 if no answer)")
+    p.add_argument("--address", help="host:port (default: COVIDCT_DICOM_HOST:COVIDCT_DICOM_PORT)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     add("listener", cmd_listener, "run the DICOM storage SCP (C-ECHO, C-STORE)")
     p = add("worker", cmd_worker, "run a Celery worker that analyses studies and uploads")
     p.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")

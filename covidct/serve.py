@@ -124,6 +124,58 @@ class Supervisor:
         return None
 
 
+ECHO_SECONDS = 5.0  # how often serve sends its listener a C-ECHO (each waits up to 5 s)
+ECHO_FAILURES = 3  # this many unanswered in a row and the listener is killed, then restarted
+
+
+class ListenerWatch(threading.Thread):
+    """A listener that stops answering C-ECHO (frozen, deadlocked) is killed, so that the
+    supervisor restarts it: a stuck process keeps its port, and the kernel keeps handing it
+    new associations that nobody answers.  Only silence on an open connection counts: a
+    listener still starting refuses the connection, and a rejected association is an
+    answer."""
+
+    def __init__(self, supervisor: Supervisor, address: str, ae_title: str) -> None:
+        super().__init__(name="listener-watch", daemon=True)
+        self.supervisor, self.address, self.ae_title = supervisor, address, ae_title
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from core.health import echo_check
+
+        watched, failures = None, 0
+        while not self.stop.wait(ECHO_SECONDS):
+            proc = self.supervisor.procs.get("listener")
+            if proc is None or proc.poll() is not None:
+                continue
+            if proc.pid != watched:
+                watched, failures = proc.pid, 0
+            answer, connected = echo_check(self.address, self.ae_title, timeout=ECHO_SECONDS)
+            if answer == "ok" or not connected:
+                failures = 0
+                continue
+            failures += 1
+            logger.warning("listener (pid %d) did not answer C-ECHO: %s", proc.pid, answer)
+            if failures >= ECHO_FAILURES:
+                logger.error(
+                    "listener (pid %d) did not answer %d C-ECHOs in a row: killing it so that"
+                    " it is restarted",
+                    proc.pid,
+                    failures,
+                )
+                _kill_group(proc)
+                failures = 0
+
+
+def listener_address(settings: Settings) -> str:
+    """Where serve's own listener answers, for C-ECHO (a wildcard bind is reached on
+    loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
+        settings.dicom_host, settings.dicom_host
+    )
+    return f"[{host}]:{settings.dicom_port}" if ":" in host else f"{host}:{settings.dicom_port}"
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -221,8 +273,12 @@ def serve(settings: Settings, *, workers: int = 1) -> int:
     env = dict(os.environ)
     env.setdefault("COVIDCT_DATA_DIR", str(settings.data_dir))
     env.setdefault("COVIDCT_SECRET_KEY", settings.secret_key)
+    # /readyz asks serve's own listener for a C-ECHO
+    env.setdefault("COVIDCT_LISTENER_ADDRESS", listener_address(settings))
     supervisor = Supervisor(env, workers)
     supervisor.start_all()
+    watch = ListenerWatch(supervisor, listener_address(settings), settings.ae_title)
+    watch.start()
     exit_code = 0
     announced = False  # the banner waits until both ports accept connections
     while not stop.wait(0.5 if announced else 0.1):
@@ -235,6 +291,7 @@ def serve(settings: Settings, *, workers: int = 1) -> int:
         if not announced and accepting(settings):
             print(banner(settings), flush=True)
             announced = True
+    watch.stop.set()
     shutdown(supervisor.procs)
     pid_file(settings).unlink(missing_ok=True)
     return exit_code

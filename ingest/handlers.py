@@ -18,7 +18,7 @@ from typing import Any
 
 from core import audit
 from core.db import session_scope
-from core.health import free_disk_mb
+from core.health import HEALTH_CHECK_AE, free_disk_mb
 from core.settings import Settings
 from ingest import completeness, pdu_guard, tuning
 from ingest.part10 import file_meta
@@ -146,6 +146,8 @@ def handle_requested(event: Any, ctx: IngestContext) -> None:
 
 def handle_accepted(event: Any, ctx: IngestContext) -> None:
     calling, host = _peer(event)
+    if calling == HEALTH_CHECK_AE and host in ("127.0.0.1", "::1"):
+        return  # serve's and /readyz's C-ECHO every few seconds: not worth an audit row
     _audit(ctx, calling, "association.accept", ctx.settings.ae_title, "ok", host)
 
 

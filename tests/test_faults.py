@@ -551,17 +551,17 @@ def test_nothing_outlives_serve_killed_with_sigkill(tmp_path: Path) -> None:
 
     env = base_env(tmp_path)
     dicom, web = int(env["COVIDCT_DICOM_PORT"]), int(env["COVIDCT_WEB_PORT"])
-    log = tmp_path / "serve.log"
-    with (
-        log.open("w") as out,
-        launched(
+
+    def serve_logging_to(out: Any) -> Any:
+        return launched(
             [sys.executable, "-m", "covidct.cli", "serve"],
             env=env,
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
-        ) as proc,
-    ):
+        )
+
+    with (tmp_path / "serve.log").open("w") as out, serve_logging_to(out) as proc:
         wait(lambda: port_open("127.0.0.1", dicom) and port_open("127.0.0.1", web), 120, "ports")
         stages = wait(lambda: (p := stage_pids(proc.pid)) and len(p) == 3 and p, 30, "3 stages")
         # each stage with its children: the worker's pool, the listener's second process
@@ -594,16 +594,7 @@ def test_nothing_outlives_serve_killed_with_sigkill(tmp_path: Path) -> None:
         assert took < 6.0, f"the stages took {took:.1f} s to end"
         assert not port_open("127.0.0.1", dicom) and not port_open("127.0.0.1", web)
         print(f"\nall {len(family)} processes of serve ended {took:.1f} s after its SIGKILL")
-    with (
-        (tmp_path / "serve2.log").open("w") as out,
-        launched(
-            [sys.executable, "-m", "covidct.cli", "serve"],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        ) as again,
-    ):
+    with (tmp_path / "serve2.log").open("w") as out, serve_logging_to(out) as again:
         wait(lambda: "covidct is running" in (tmp_path / "serve2.log").read_text(), 120, "serve")
         assert port_open("127.0.0.1", dicom) and port_open("127.0.0.1", web)  # the banner waits
         stopped = subprocess.run(
@@ -618,3 +609,59 @@ def test_nothing_outlives_serve_killed_with_sigkill(tmp_path: Path) -> None:
         assert f"covidct (pid {again.pid}) stopped" in stopped.stdout
         assert again.wait(5) == 0
         assert "covidct stopped." in (tmp_path / "serve2.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_frozen_listener_is_seen_and_restarted(tmp_path: Path) -> None:
+    """The listener's processes frozen (SIGSTOP): a TCP connect still succeeds, but /readyz
+    answers 503 naming the listener (its C-ECHO gets no answer), serve kills the frozen
+    listener after three unanswered C-ECHOs and restarts it, and `covidct echo` is answered
+    again; a closed port makes `covidct echo` exit 1."""
+    from tests.conftest import port_open
+    from tests.test_e2e import base_env, serve, wait
+
+    env = base_env(tmp_path)
+    port = int(env["COVIDCT_DICOM_PORT"])
+
+    def echo(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "covidct.cli", "echo", *extra],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    with serve(env, tmp_path / "serve.log") as proc:
+        wait(lambda: readyz(env)[0] == 200, 60, "/readyz 200")
+        first = echo()
+        assert first.returncode == 0 and "ok" in first.stdout, first.stderr
+        listener = stage_pids(proc.pid)["listener"]
+        frozen = [listener, *child_pids(listener)]
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            assert port_open("127.0.0.1", port)  # what a TCP health check would believe
+            status, body = wait(
+                lambda: (r := readyz(env))[0] == 503 and r, 30, "/readyz 503 naming the listener"
+            )
+            assert "listener" in body and body["listener"] != "ok", body
+            print(f"\n/readyz 503 {time.monotonic() - stopped_at:.1f} s after the freeze")
+            wait(
+                lambda: stage_pids(proc.pid).get("listener", listener) != listener,
+                90,
+                "serve to restart the frozen listener",
+            )
+            print(f"listener restarted {time.monotonic() - stopped_at:.1f} s after the freeze")
+        finally:
+            for pid in frozen:  # whatever happened, nothing stays stopped
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        wait(lambda: echo().returncode == 0, 60, "C-ECHO answered by the new listener")
+        wait(lambda: readyz(env)[0] == 200, 60, "/readyz 200 again")
+    closed = echo("--timeout", "2")
+    assert closed.returncode == 1 and "no answer" in closed.stderr

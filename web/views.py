@@ -64,7 +64,8 @@ def healthz() -> Any:
 @bp.route("/readyz")
 def readyz() -> Any:
     """503 with each reason the service cannot take work: database, broker, free disk under
-    the listener's floor, no live worker."""
+    the listener's floor, no live worker, a listener that does not answer C-ECHO (when
+    ``COVIDCT_LISTENER_ADDRESS`` names it; serve sets it for its own listener)."""
     try:
         from worker.app import celery_for
 
