@@ -209,7 +209,7 @@ def run_full_path(env: dict[str, str], tmp_path: Path, pacs_dir: Path) -> tuple[
     study_uid, _ = send_study(env, tmp_path)
     import pydicom
 
-    from worker.sr import read_finding
+    from tests.sr_reading import read_finding
 
     def received() -> pydicom.Dataset | None:
         for path in pacs_dir.iterdir():

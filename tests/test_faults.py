@@ -509,8 +509,8 @@ def test_partial_study_sr_says_partial_and_validates(tmp_path: Path) -> None:
     from core.models import Report, Study
     from core.settings import load_settings
     from tests.helpers import make_tiny_model
+    from tests.sr_reading import read_finding
     from worker.pipeline import analyse_study
-    from worker.sr import read_finding
 
     settings = load_settings(
         {

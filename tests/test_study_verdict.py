@@ -16,8 +16,9 @@ from covidct.synthetic import ROOT as SYN_ROOT
 from covidct.synthetic import SeriesSpec, make_study, write_study
 from tests.conftest import need_tool
 from tests.helpers import make_tiny_model
+from tests.sr_reading import read_finding, read_lung_measurements
 from worker.analysis import analyse
-from worker.sr import Finding, build_sr, lung_measurements, read_finding, read_lung_measurements
+from worker.sr import Finding, build_sr, lung_measurements
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent

@@ -25,8 +25,8 @@ from ingest.sweeper import Sweeper
 from tests.conftest import REDIS_HOST, REDIS_PORT, free_port, need_tool
 from tests.factories import enhanced_ct, to_bytes
 from tests.helpers import make_tiny_model
+from tests.sr_reading import read_finding
 from worker.app import QUEUES, STUDY_TASK, UPLOAD_TASK, publish
-from worker.sr import read_finding
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
