@@ -16,10 +16,11 @@ import socket
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from core.db import session_scope
-from core.models import WorkerProcess, utcnow
+from core.models import Lease, WorkerProcess, utcnow
 from core.settings import Settings
 
 
@@ -59,6 +60,36 @@ def live_workers(settings: Settings) -> int:
 
 
 HEALTH_CHECK_AE = "COVIDCT-CHECK"  # the calling AE title of these checks
+
+
+def hold_lease(settings: Settings, name: str, holder: str, seconds: float) -> bool:
+    """Take or renew the lease ``name`` for ``seconds``: True when ``holder`` has it now.
+    One conditional UPDATE (or the first INSERT) decides, so two processes on two machines
+    cannot both hold it; a holder that stops renewing loses it when it expires."""
+    now = utcnow()
+    until = now + timedelta(seconds=seconds)
+    with session_scope(settings.database_url) as s:
+        taken = s.execute(
+            update(Lease)
+            .where(Lease.name == name, or_(Lease.holder == holder, Lease.expires_at <= now))
+            .values(holder=holder, expires_at=until)
+        ).rowcount
+        if taken:
+            return True
+        if s.get(Lease, name) is not None:
+            return False
+    try:
+        with session_scope(settings.database_url) as s:
+            s.add(Lease(name=name, holder=holder, expires_at=until))
+        return True
+    except IntegrityError:  # another process inserted it first
+        return False
+
+
+def release_lease(settings: Settings, name: str, holder: str) -> None:
+    """Give the lease up at a clean stop, so that another process takes over at once."""
+    with session_scope(settings.database_url) as s:
+        s.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))
 
 
 def dicom_echo(address: str, called_ae: str, timeout: float = 5.0) -> str:

@@ -229,6 +229,17 @@ class WorkerProcess(Base):
     seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
+class Lease(Base):
+    """A named duty that one process at a time performs (the sweeper): held by ``holder``
+    until ``expires_at``, renewed by the holder, taken over once it has expired."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime] = mapped_column()
+
+
 class User(Base):
     __tablename__ = "users"
 

@@ -73,6 +73,7 @@ class Settings:
     network_timeout: float = 60.0
     max_pdu: int = 131072
     association_request_seconds: float = 10.0
+    listener_sweeper: bool = True  # the listener runs the sweeper (off: `covidct sweeper` does)
     listener_address: str = ""  # host:port that /readyz sends a C-ECHO to ("" = no check)
     max_peer_connections: int = 8
     min_free_disk_mb: int = 1024
@@ -321,6 +322,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "max_pdu": _int(4096, 16 * 1024 * 1024),
     "association_request_seconds": _float(1.0, 600.0),
     "listener_address": _address,
+    "listener_sweeper": _bool,
     "max_peer_connections": _int(1, 1000),
     "min_free_disk_mb": _int(0, 10**7),
     "spool_direct_io": _bool,

@@ -110,6 +110,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_sweeper(args: argparse.Namespace) -> int:
+    from ingest.sweeper import run_sweeper
+
+    return run_sweeper(_stage_settings(args))
+
+
 def cmd_web(args: argparse.Namespace) -> int:
     from web.app import run_web
 
@@ -249,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.set_defaults(func=func)
-        if name in ("listener", "worker", "web"):  # started by serve: serve speaks for it
+        if name in ("listener", "sweeper", "worker", "web"):  # started by serve: it speaks
             p.add_argument("--under-serve", action="store_true", help=argparse.SUPPRESS)
             p.add_argument("--serve-pid", type=int, help=argparse.SUPPRESS)
         return p
@@ -261,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="host:port (default: COVIDCT_DICOM_HOST:COVIDCT_DICOM_PORT)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     add("listener", cmd_listener, "run the DICOM storage SCP (C-ECHO, C-STORE)")
+    add("sweeper", cmd_sweeper, "run the sweep: queue complete studies, retry deliveries")
     p = add("worker", cmd_worker, "run a Celery worker that analyses studies and uploads")
     p.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1)")
     p.add_argument(

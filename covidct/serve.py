@@ -27,7 +27,9 @@ from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("listener", "worker", "web")
+# started in this order, stopped in the reverse; the sweep is a stage of its own, so that
+# deliveries are retried while the listener is down or stuck
+STAGES = ("listener", "sweeper", "worker", "web")
 
 
 def command() -> str:
@@ -275,6 +277,7 @@ def serve(settings: Settings, *, workers: int = 1) -> int:
     env.setdefault("COVIDCT_SECRET_KEY", settings.secret_key)
     # /readyz asks serve's own listener for a C-ECHO
     env.setdefault("COVIDCT_LISTENER_ADDRESS", listener_address(settings))
+    env["COVIDCT_LISTENER_SWEEPER"] = "false"  # the sweeper stage sweeps
     supervisor = Supervisor(env, workers)
     supervisor.start_all()
     watch = ListenerWatch(supervisor, listener_address(settings), settings.ae_title)

@@ -115,7 +115,7 @@ def stage_pids(serve_pid: int) -> dict[str, int]:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        for stage in ("listener", "worker", "web"):
+        for stage in ("listener", "sweeper", "worker", "web"):
             if stage.encode() in args:
                 found[stage] = pid
     return found

@@ -40,7 +40,7 @@ from ingest.handlers import (
 )
 from ingest.records import UnreadableDatasetError, read_header, record_instance
 from ingest.spool import InvalidUIDError, iter_spool, remove_stale_temporaries
-from ingest.sweeper import Sweeper
+from ingest.sweeper import Sweeper, celery_publisher
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class Listener:
         self.sweeper: Sweeper | None = None
         if sweeper:
             self.sweeper = Sweeper(
-                settings, publish if publish is not None else _celery_publisher(settings)
+                settings, publish if publish is not None else celery_publisher(settings)
             )
             self.sweeper.start()
         logger.info(
@@ -236,17 +236,6 @@ class Listener:
             self._port_lock = None
 
 
-def _celery_publisher(settings: Settings) -> Any:
-    from worker.app import make_celery, publish
-
-    app = make_celery(settings)
-
-    def send(task: str, obj_id: int) -> None:
-        publish(app, task, obj_id)
-
-    return send
-
-
 def run_listener(settings: Settings) -> int:
     """``covidct listener``: serve until SIGINT or SIGTERM.
 
@@ -262,7 +251,9 @@ def run_listener(settings: Settings) -> int:
     if processes > 1 and not tuning.compatible():
         logger.warning("this pynetdicom cannot share the port: one listener process")
         processes = 1
-    listener = Listener(settings, share_port=processes > 1)
+    # its own sweeper thread unless the sweep runs as a stage of its own (serve,
+    # docker-compose); the lease keeps two from sweeping at once either way
+    listener = Listener(settings, sweeper=settings.listener_sweeper, share_port=processes > 1)
     print(
         f"covidct listener: AE {settings.ae_title} on {settings.dicom_host}:{listener.port}"
         f" ({processes} process{'es' if processes > 1 else ''})",

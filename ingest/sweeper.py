@@ -20,11 +20,17 @@ Every ``sweep_seconds`` the sweeper:
 5. re-publishes uploads still ``queued`` or ``processing`` ``redeliver_seconds`` after they
    were last published (broker down at upload, a lost message, a worker killed mid-upload;
    an upload's analysis takes well under a second and is idempotent).
+
+One sweeper sweeps at a time, wherever it runs (the listener's first process, the
+``covidct sweeper`` stage, another machine): it holds the ``sweeper`` lease in the results
+store, renewed at every pass and taken over once it has expired (three sweeps, at least 10 s).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +39,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select, update
 
 from core.db import session_scope
+from core.health import hold_lease, release_lease
 from core.models import Delivery, DeliveryState, Study, StudyState, Upload, UploadState, utcnow
 from core.settings import Settings
 from ingest import completeness
@@ -51,6 +58,21 @@ class SweepResult:
     uploads: int = 0
     publish_failures: int = 0
     noted: int = 0
+
+
+def celery_publisher(settings: Settings) -> Publisher:
+    """Publish tasks on the settings' broker (the sweeper's doorbell)."""
+    from worker.app import make_celery, publish
+
+    app = make_celery(settings)
+
+    def send(task: str, obj_id: int) -> None:
+        publish(app, task, obj_id)
+
+    return send
+
+
+LEASE = "sweeper"  # one sweeper at a time, wherever the stages run
 
 
 class Sweeper:
@@ -235,10 +257,47 @@ class Sweeper:
             self._thread.join(timeout=30)
 
     def _run(self) -> None:
+        holder = f"{socket.gethostname()}:{os.getpid()}"
+        # held across three missed sweeps, and never shorter than 10 s
+        ttl = max(10.0, 3 * self.settings.sweep_seconds)
+        holding = False
         while not self._stop.wait(self.settings.sweep_seconds):
             try:
-                self.sweep_once()
-            except Exception:
-                logger.exception(
-                    "sweep failed; trying again in %.1f s", self.settings.sweep_seconds
+                held = hold_lease(self.settings, LEASE, holder, ttl)
+                if held != holding:
+                    logger.info("sweeper %s %s the sweep", holder, "takes" if held else "left")
+                    holding = held
+                if held:
+                    self.sweep_once()
+            except Exception as exc:
+                logger.warning(
+                    "sweep failed (%s: %s); trying again in %.1f s",
+                    exc.__class__.__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "",
+                    self.settings.sweep_seconds,
                 )
+        if holding:
+            try:
+                release_lease(self.settings, LEASE, holder)
+            except Exception as exc:  # it expires on its own
+                logger.warning("sweeper lease not released (%s): it expires", exc)
+
+
+def run_sweeper(settings: Settings) -> int:
+    """``covidct sweeper``: the sweep as a stage of its own, so that deliveries are retried
+    and lost messages published again while the listener is down or stuck.  Holds the
+    sweeper lease like the listener's sweeper thread: only one sweeps at a time."""
+    import signal
+
+    from core.db import upgrade
+
+    upgrade(settings.database_url)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    sweeper = Sweeper(settings, celery_publisher(settings))
+    sweeper.start()
+    logger.info("sweeping every %.1f s", settings.sweep_seconds)
+    done.wait()
+    sweeper.stop()
+    return 0

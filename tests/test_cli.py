@@ -62,7 +62,7 @@ def test_bad_setting_is_one_line_and_nonzero(env: dict[str, str]) -> None:
 def test_db_upgrade_create_user_and_token(env: dict[str, str], tmp_path: Path) -> None:
     out = run(["db", "upgrade"], env)
     assert out.returncode == 0, out.stderr
-    assert "0003" in out.stdout
+    assert "0004" in out.stdout
     out = run(["create-user", "rad1", "--admin", "--password-stdin"], env, "a long password\n")
     assert out.returncode == 0, out.stderr
     out = run(["create-user", "rad1", "--password-stdin"], env, "a long password\n")

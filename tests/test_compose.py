@@ -13,7 +13,7 @@ from covidct.cli import build_parser
 
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parent.parent
-APP_SERVICES = {"migrate", "listener", "worker", "web"}
+APP_SERVICES = {"migrate", "listener", "sweeper", "worker", "web"}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,9 @@ def substitute(value: str) -> str:
 
 
 def test_services_exist(compose: dict) -> None:
-    assert {"redis", "postgres", "listener", "worker", "web", "migrate"} <= set(compose["services"])
+    assert {"redis", "postgres", "listener", "sweeper", "worker", "web", "migrate"} <= set(
+        compose["services"]
+    )
 
 
 @pytest.mark.parametrize("name", sorted(APP_SERVICES))
@@ -69,6 +71,10 @@ def test_spool_volume_shared_and_health_checked(compose: dict) -> None:
     for name in ("redis", "postgres"):
         assert "healthcheck" in svcs[name]
     assert svcs["listener"]["environment"]["COVIDCT_DICOM_HOST"] == "0.0.0.0"
+    # the sweep is its own service: the listener leaves it to it (one sweeper, by lease)
+    assert "data:/data" in svcs["sweeper"]["volumes"]
+    assert svcs["listener"]["environment"]["COVIDCT_LISTENER_SWEEPER"] == "false"
+    assert svcs["listener"]["healthcheck"]["test"][1:3] == ["covidct", "echo"]
     assert "ports" not in svcs["worker"]  # workers scale: no fixed host port
 
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -163,7 +164,7 @@ def test_serve_restarts_a_dead_stage_and_keeps_the_port_open(tmp_path: Path) -> 
     log = tmp_path / "serve.log"
     with serve(env, log) as proc:
         wait(lambda: readyz(env)[0] == 200, 60, "/readyz 200 (the worker says it is alive)")
-        first = wait(lambda: (p := stage_pids(proc.pid)) and len(p) == 3 and p, 30, "3 stages")
+        first = wait(lambda: (p := stage_pids(proc.pid)) and len(p) == 4 and p, 30, "4 stages")
         os.kill(first["worker"], signal.SIGKILL)
         for _ in range(10):  # the listener is not touched by the worker's death
             assert port_open("127.0.0.1", port)
@@ -563,12 +564,12 @@ def test_nothing_outlives_serve_killed_with_sigkill(tmp_path: Path) -> None:
 
     with (tmp_path / "serve.log").open("w") as out, serve_logging_to(out) as proc:
         wait(lambda: port_open("127.0.0.1", dicom) and port_open("127.0.0.1", web), 120, "ports")
-        stages = wait(lambda: (p := stage_pids(proc.pid)) and len(p) == 3 and p, 30, "3 stages")
+        stages = wait(lambda: (p := stage_pids(proc.pid)) and len(p) == 4 and p, 30, "4 stages")
         # each stage with its children: the worker's pool, the listener's second process
         family = wait(
             lambda: (
                 (f := [*stages.values(), *(c for s in stages.values() for c in child_pids(s))])
-                and len(f) >= 5
+                and len(f) >= 6
                 and f
             ),
             60,
@@ -665,3 +666,44 @@ def test_a_frozen_listener_is_seen_and_restarted(tmp_path: Path) -> None:
         wait(lambda: readyz(env)[0] == 200, 60, "/readyz 200 again")
     closed = echo("--timeout", "2")
     assert closed.returncode == 1 and "no answer" in closed.stderr
+
+
+def test_one_sweeper_at_a_time(tmp_path: Path) -> None:
+    """Two sweepers on one results store (two machines, a restart overlap): the lease lets
+    one sweep; when it stops renewing, the other takes over once the lease expires, and a
+    clean stop hands it over at once."""
+    from core.db import upgrade
+    from core.health import hold_lease, release_lease
+    from core.settings import load_settings
+
+    settings = load_settings({"COVIDCT_DATA_DIR": str(tmp_path / "var")})
+    upgrade(settings.database_url)
+    assert hold_lease(settings, "sweeper", "a:1", 0.5)
+    assert hold_lease(settings, "sweeper", "a:1", 0.5)  # renewed by its holder
+    assert not hold_lease(settings, "sweeper", "b:2", 0.5)
+    time.sleep(0.6)  # a's lease lapses: it stopped renewing
+    assert hold_lease(settings, "sweeper", "b:2", 30)
+    assert not hold_lease(settings, "sweeper", "a:1", 30)
+    release_lease(settings, "sweeper", "b:2")
+    assert hold_lease(settings, "sweeper", "a:1", 30)
+
+    published: list[tuple[str, int]] = []
+    fast = replace(settings, sweep_seconds=0.1)
+    sweepers = [Sweeper(fast, lambda t, i: published.append((t, i))) for _ in range(2)]
+    release_lease(settings, "sweeper", "a:1")
+    study_id = spool_study(settings, make_study([SeriesSpec(slices=3, rows=32)]))
+    with session_scope(settings.database_url) as s:  # due for a re-publish: queued long ago
+        from core.models import Study
+
+        row = s.get(Study, study_id)
+        assert row is not None
+        row.queued_at = utcnow() - timedelta(seconds=settings.requeue_seconds + 5)
+    for sw in sweepers:
+        sw.start()
+    try:
+        wait_for(lambda: published, 10, "a sweep")
+        time.sleep(1.0)  # both threads run about ten passes meanwhile
+    finally:
+        for sw in sweepers:
+            sw.stop()
+    assert published.count(("covidct.analyse_study", study_id)) == 1
