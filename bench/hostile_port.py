@@ -59,6 +59,18 @@ def connect(port: int, peer: int, payload: bytes) -> socket.socket | None:
     return s
 
 
+def phase(name: str, peers: list[socket.socket | None], pid: int, idle: float, port: int) -> None:
+    """With ``peers`` connected for 2 s: the listener's memory against idle, and a C-ECHO;
+    then the peers close."""
+    time.sleep(2.0)
+    now = rss_mb(pid, below=True)
+    refused = f"  ({peers.count(None)} connections refused)" if None in peers else ""
+    print(f"{name:<30}{now:7.0f} MB  x{now / idle:5.2f}  C-ECHO {echo(port)}{refused}")
+    for s in peers:
+        if s is not None:
+            s.close()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkout", type=Path, default=ROOT)
@@ -104,16 +116,7 @@ def main() -> int:
                 )
                 for i in range(args.connections)
             ]
-            time.sleep(2.0)
-            held = rss_mb(proc.pid, below=True)
-            print(
-                f"{args.connections} claims of 2-4 GB held:   {held:7.0f} MB  x{held / idle:5.2f}"
-                f"  C-ECHO {echo(port)}"
-                + (f"  ({peers.count(None)} connections refused)" if None in peers else "")
-            )
-            for s in peers:
-                if s is not None:
-                    s.close()
+            phase(f"{args.connections} claims of 2-4 GB held:", peers, proc.pid, idle, port)
             rng = random.Random(35)
             noise = [
                 connect(
@@ -121,18 +124,9 @@ def main() -> int:
                 )
                 for i in range(50)
             ]
-            time.sleep(2.0)
-            after = rss_mb(proc.pid, below=True)
-            print(
-                f"50 random-byte connections:   {after:7.0f} MB  x{after / idle:5.2f}"
-                f"  C-ECHO {echo(port)}"
-                + (f"  ({noise.count(None)} connections refused)" if None in noise else "")
-            )
+            phase("50 random-byte connections:", noise, proc.pid, idle, port)
             alive = proc.poll() is None and len(descendants(proc.pid)) > 0
             print(f"listener still running with both processes: {alive}")
-            for s in noise:
-                if s is not None:
-                    s.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

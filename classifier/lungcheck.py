@@ -28,12 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from classifier.lungs import LEFT, RIGHT, Grid, Lungs
+from classifier.lungs import Lungs
 
 MIN_VOLUME_ML = 1200.0
 MAX_VOLUME_ML = 10000.0
 MIN_SIDE_RATIO = 0.5
-CUT_NOTES = ("cut off",)  # notes of classifier.lungs._check_coverage: partial coverage
 
 
 @dataclass(frozen=True)
@@ -72,22 +71,16 @@ class LungCheck:
         }
 
 
-def check_lungs(grid: Grid, lungs: Lungs) -> LungCheck:
-    """Run the gate on a segmentation of ``grid``."""
-    labels = lungs.labels
-    voxel_ml = grid.voxel_ml()
-    per_side = {
-        side: float(((labels == side).sum(axis=(1, 2)) * voxel_ml).sum()) for side in (RIGHT, LEFT)
-    }
-    right, left = per_side[RIGHT], per_side[LEFT]
+def check_lungs(lungs: Lungs, right: float, left: float) -> LungCheck:
+    """Run the gate on a segmentation whose lungs measure ``right`` and ``left`` mL (as
+    :func:`classifier.quantify.quantify` measured them)."""
     volume = right + left
-    present = np.flatnonzero((labels > 0).any(axis=(1, 2)))
+    present = np.flatnonzero((lungs.labels > 0).any(axis=(1, 2)))
     span = int(present[-1] - present[0] + 1) if present.size else 0
     reasons: list[str] = []
-    cut = any(marker in note for note in lungs.notes for marker in CUT_NOTES)
     if volume > MAX_VOLUME_ML:
         reasons.append(f"{volume:.0f} mL of lung is more than an adult holds ({MAX_VOLUME_ML:.0f})")
-    elif volume < MIN_VOLUME_ML and not cut:
+    elif volume < MIN_VOLUME_ML and not lungs.cut_off:
         reasons.append(f"{volume:.0f} mL of lung is less than an adult holds ({MIN_VOLUME_ML:.0f})")
     if present.size and present.size < span:
         missing = span - present.size

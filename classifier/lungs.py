@@ -88,6 +88,7 @@ class Lungs:
     labels: np.ndarray
     airway_ml: float
     notes: list[str]
+    cut_off: bool = False  # the series cuts the lungs at an end: they are not all in it
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -272,8 +273,8 @@ def segment(grid: Grid) -> Lungs:
         side = LEFT if high == grid.left_at_high_col else RIGHT
         out[_close_and_fill(piece, grid, candidates, hu) & (out == 0)] = side
     airway_ml = float((airway.sum(axis=(1, 2)) * voxel_ml).sum())
-    _check_coverage(out, grid, notes)
-    return Lungs(out, airway_ml, notes)
+    cut_off = _check_coverage(out, grid, notes)
+    return Lungs(out, airway_ml, notes, cut_off)
 
 
 def _close_and_fill(
@@ -325,13 +326,13 @@ def _organs(holes: np.ndarray, lung: np.ndarray, hu: np.ndarray, grid: Grid) -> 
     return organ[bodies]
 
 
-def _check_coverage(labels: np.ndarray, grid: Grid, notes: list[str]) -> None:
+def _check_coverage(labels: np.ndarray, grid: Grid, notes: list[str]) -> bool:
     """An abdomen that shows the lung bases is not a chest CT: its top slice cuts wide through
     the lungs while their bases end inside the series.  A series cut at both ends (a limited
-    scan of the mid-chest) is analysed, with a note."""
+    scan of the mid-chest) is analysed, with a note.  Whether the lungs are cut off."""
     area = (labels > 0).sum(axis=(1, 2))
     if not area.max():
-        return
+        return False
     top, bottom = (-1, 0) if grid.head_at_high_z else (0, -1)
     cut_top = area[top] > TOP_CUT_FRACTION * area.max()
     cut_bottom = area[bottom] > TOP_CUT_FRACTION * area.max()
@@ -344,3 +345,4 @@ def _check_coverage(labels: np.ndarray, grid: Grid, notes: list[str]) -> None:
         notes.append("lungs cut off at both ends of the series: partial coverage")
     elif cut_bottom:
         notes.append("lung bases cut off at the bottom of the series")
+    return bool(cut_top or cut_bottom)

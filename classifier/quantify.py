@@ -240,6 +240,7 @@ def quantify(grid: Grid, lungs: Lungs) -> Quantification:
             for z, zone_name in enumerate(ZONES):
                 zones[f"{name} {zone_name}"] = region(c[side, z])
     out_lungs["total"] = region(c[1:])
+    right, left = (out_lungs[n].volume_ml if n in out_lungs else 0.0 for n in ("right", "left"))
     return Quantification(
         out_lungs,
         zones,
@@ -247,7 +248,7 @@ def quantify(grid: Grid, lungs: Lungs) -> Quantification:
         region(c[1:, :, 0]),
         list(lungs.notes),
         opacity,
-        check_lungs(grid, lungs),
+        check_lungs(lungs, right, left),
     )
 
 

@@ -62,6 +62,13 @@ def live_workers(settings: Settings) -> int:
 HEALTH_CHECK_AE = "COVIDCT-CHECK"  # the calling AE title of these checks
 
 
+def local_address(host: str, port: int) -> str:
+    """``host:port`` where a client on this machine reaches a server bound to ``host`` (a
+    wildcard bind is reached on loopback)."""
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    return f"[{target}]:{port}" if ":" in target else f"{target}:{port}"
+
+
 def hold_lease(settings: Settings, name: str, holder: str, seconds: float) -> bool:
     """Take or renew the lease ``name`` for ``seconds``: True when ``holder`` has it now.
     One conditional UPDATE (or the first INSERT) decides, so two processes on two machines

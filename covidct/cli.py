@@ -59,11 +59,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_echo(args: argparse.Namespace) -> int:
     import time
 
-    from core.health import dicom_echo
+    from core.health import dicom_echo, local_address
 
     settings = _settings(args)
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.dicom_host, settings.dicom_host)
-    address = args.address or f"{host}:{settings.dicom_port}"
+    address = args.address or local_address(settings.dicom_host, settings.dicom_port)
     t0 = time.perf_counter()
     answer = dicom_echo(address, settings.ae_title, timeout=args.timeout)
     took = (time.perf_counter() - t0) * 1000

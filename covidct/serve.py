@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from core.db import upgrade
+from core.health import local_address
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -170,12 +171,8 @@ class ListenerWatch(threading.Thread):
 
 
 def listener_address(settings: Settings) -> str:
-    """Where serve's own listener answers, for C-ECHO (a wildcard bind is reached on
-    loopback)."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(
-        settings.dicom_host, settings.dicom_host
-    )
-    return f"[{host}]:{settings.dicom_port}" if ":" in host else f"{host}:{settings.dicom_port}"
+    """Where serve's own listener answers, for C-ECHO."""
+    return local_address(settings.dicom_host, settings.dicom_port)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -191,7 +188,7 @@ def accepting(settings: Settings) -> bool:
         (settings.dicom_host, settings.dicom_port),
         (settings.web_host, settings.web_port),
     ):
-        target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        target = local_address(host, port).rpartition(":")[0].strip("[]")
         try:
             socket.create_connection((target, port), timeout=0.5).close()
         except OSError:

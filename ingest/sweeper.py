@@ -32,6 +32,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -257,7 +258,8 @@ class Sweeper:
             self._thread.join(timeout=30)
 
     def _run(self) -> None:
-        holder = f"{socket.gethostname()}:{os.getpid()}"
+        # host:pid, and this sweeper's own mark: two sweepers of one process are two holders
+        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # held across three missed sweeps, and never shorter than 10 s
         ttl = max(10.0, 3 * self.settings.sweep_seconds)
         holding = False

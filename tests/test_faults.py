@@ -689,7 +689,17 @@ def test_one_sweeper_at_a_time(tmp_path: Path) -> None:
 
     published: list[tuple[str, int]] = []
     fast = replace(settings, sweep_seconds=0.1)
-    sweepers = [Sweeper(fast, lambda t, i: published.append((t, i))) for _ in range(2)]
+
+    class Counted(Sweeper):
+        """Counts its passes: with the lease, one of two sweepers never sweeps."""
+
+        passes = 0
+
+        def sweep_once(self, now: Any = None) -> Any:
+            self.passes += 1
+            return super().sweep_once(now)
+
+    sweepers = [Counted(fast, lambda t, i: published.append((t, i))) for _ in range(2)]
     release_lease(settings, "sweeper", "a:1")
     study_id = spool_study(settings, make_study([SeriesSpec(slices=3, rows=32)]))
     with session_scope(settings.database_url) as s:  # due for a re-publish: queued long ago
@@ -707,3 +717,4 @@ def test_one_sweeper_at_a_time(tmp_path: Path) -> None:
         for sw in sweepers:
             sw.stop()
     assert published.count(("covidct.analyse_study", study_id)) == 1
+    assert sorted(sw.passes for sw in sweepers)[0] == 0 and max(sw.passes for sw in sweepers) > 3

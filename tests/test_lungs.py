@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from classifier.aggregate import study_verdict
+from classifier.lungcheck import LungCheck
 from classifier.lungs import LEFT, RIGHT, Grid, Lungs, NoLungs, segment
 from classifier.quantify import Quantification, Region, quantify, severity
 from covidct.synthetic import Blob, Chest
@@ -273,7 +274,10 @@ def test_lungs_lost_below_the_apex_make_indeterminate_not_absent() -> None:
 
 
 def test_the_gate_names_each_failure() -> None:
-    from classifier.lungcheck import check_lungs
+    def check_lungs(g: Grid, lungs: Lungs) -> LungCheck:
+        check = quantify(g, lungs).check
+        assert check is not None
+        return check
 
     grid, _ = scan(Chest(), 5.0)
     lungs = segment(grid)

@@ -133,24 +133,7 @@ def metrics(lines: list[StudyLine]) -> dict[str, object]:
 
 
 def as_json(lines: list[StudyLine]) -> dict[str, object]:
-    keys = (
-        "path",
-        "label",
-        "verdict",
-        "probability",
-        "percent_opacity",
-        "severity_score",
-        "lung_volume_ml",
-        "lung_slices",
-        "lungs_ok",
-        "series_instance_uid",
-        "series_description",
-        "reason",
-    )
-    return {
-        "studies": [{k: asdict(line)[k] for k in (*keys, "seconds")} for line in lines],
-        "metrics": metrics(lines),
-    }
+    return {"studies": [asdict(line) for line in lines], "metrics": metrics(lines)}
 
 
 def format_metrics(m: dict[str, object]) -> str:
