@@ -12,7 +12,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import re
 import secrets
 import tomllib
 from collections.abc import Callable, Mapping
@@ -20,30 +19,19 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from core import values as v
+from core.values import Destination
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "COVIDCT_"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "models" / "covidct.keras"
 
 
 class SettingsError(ValueError):
     """A setting has a value covidct cannot use; the message names the variable."""
-
-
-@dataclass(frozen=True)
-class Destination:
-    """A DICOM peer that receives our SRs (``AE@host:port``)."""
-
-    ae_title: str
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -135,7 +123,7 @@ class Settings:
             if f.name == "secret_key":
                 value = "***"
             elif f.name in ("database_url", "broker_url"):
-                value = _mask_url(str(value))
+                value = v.mask_url(str(value))
             elif isinstance(value, tuple):
                 value = ",".join(str(v) for v in value)
             elif isinstance(value, Path):
@@ -150,204 +138,54 @@ class Settings:
         )
 
 
-def _mask_url(url: str) -> str:
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-
-
-# --- parsers: each takes the raw string and returns the typed value or raises ValueError ---
-
-
-def _int(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(raw: str) -> int:
-        value = int(raw.strip())
-        if not lo <= value <= hi:
-            raise ValueError(f"must be between {lo} and {hi}")
-        return value
-
-    return parse
-
-
-def _float(lo: float, hi: float) -> Callable[[str], float]:
-    def parse(raw: str) -> float:
-        value = float(raw.strip())
-        if not lo <= value <= hi:
-            raise ValueError(f"must be between {lo} and {hi}")
-        return value
-
-    return parse
-
-
-def _ae(raw: str) -> str:
-    value = raw.strip()
-    if not _AE_RE.match(value) or not value.strip():
-        raise ValueError("an AE title is 1-16 printable ASCII characters without backslash")
-    return value
-
-
-def _ae_list(raw: str) -> tuple[str, ...]:
-    items = tuple(p.strip() for p in raw.split(",") if p.strip())
-    if not items:
-        raise ValueError("give at least one AE title, or * for any")
-    if "*" in items:
-        if len(items) > 1:
-            raise ValueError("* cannot be combined with named AE titles")
-        return items
-    return tuple(_ae(i) for i in items)
-
-
-def _host(raw: str) -> str:
-    value = raw.strip()
-    if not value or not re.match(r"^[A-Za-z0-9.:\-\[\]]+$", value):
-        raise ValueError("not a host name or IP address")
-    return value
-
-
-def _address(raw: str) -> str:
-    """``host:port``, or empty for none."""
-    value = raw.strip()
-    if not value:
-        return ""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError("not host:port")
-    _host(host)
-    return value
-
-
-def _host_list(raw: str) -> tuple[str, ...]:
-    return tuple(_host(p) for p in raw.split(",") if p.strip())
-
-
-def _destinations(raw: str) -> tuple[Destination, ...]:
-    out = []
-    for item in (p.strip() for p in raw.split(",")):
-        if not item:
-            continue
-        m = re.match(r"^([^@]+)@(.+):(\d+)$", item)
-        if not m:
-            raise ValueError(f"{item!r} is not AE@host:port")
-        port = _int(1, 65535)(m.group(3))
-        out.append(Destination(_ae(m.group(1)), _host(m.group(2)), port))
-    return tuple(out)
-
-
-def _uid_list(raw: str) -> tuple[str, ...]:
-    items = tuple(p.strip() for p in raw.split(",") if p.strip())
-    if not items:
-        raise ValueError("give at least one SOP Class UID")
-    for uid in items:
-        if len(uid) > 64 or not _UID_RE.match(uid):
-            raise ValueError(f"{uid!r} is not a UID")
-    return items
-
-
-def _path(raw: str) -> Path:
-    if not raw.strip():
-        raise ValueError("empty path")
-    return Path(raw.strip()).expanduser()
-
-
-def _existing_file(raw: str) -> Path:
-    path = _path(raw)
-    if not path.is_file():
-        raise ValueError(f"{path} is not a readable file")
-    return path
-
-
-def _db_url(raw: str) -> str:
-    value = raw.strip()
-    if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
-        raise ValueError("must be an SQLAlchemy URL for sqlite or postgresql")
-    return value
-
-
-def _broker_url(raw: str) -> str:
-    value = raw.strip()
-    if not re.match(r"^(redis|rediss|filesystem)://", value):
-        raise ValueError("must be redis://host:port/db (or filesystem:// for the embedded one)")
-    return value
-
-
-def _bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError("must be true or false")
-
-
-def _choice(*allowed: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}")
-        return value
-
-    return parse
-
-
-def _level(raw: str) -> str:
-    value = raw.strip().upper()
-    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
-    return value
-
-
-def _secret(raw: str) -> str:
-    if len(raw) < 16:
-        raise ValueError("must be at least 16 characters")
-    return raw
-
-
 PARSERS: dict[str, Callable[[str], Any]] = {
-    "ae_title": _ae,
-    "dicom_host": _host,
-    "dicom_port": _int(1, 65535),
-    "allowed_aes": _ae_list,
-    "allowed_hosts": _host_list,
-    "destinations": _destinations,
-    "stable_seconds": _float(0.0, 86400.0),
-    "web_host": _host,
-    "web_port": _int(1, 65535),
-    "secret_key": _secret,
-    "model_path": _path,
-    "model_runtime": _choice("auto", "keras", "litert"),
-    "sop_classes": _uid_list,
-    "max_associations": _int(1, 1000),
-    "listener_processes": _int(1, 64),
-    "acse_timeout": _float(1.0, 3600.0),
-    "dimse_timeout": _float(1.0, 3600.0),
-    "network_timeout": _float(1.0, 3600.0),
-    "max_pdu": _int(4096, 16 * 1024 * 1024),
-    "association_request_seconds": _float(1.0, 600.0),
-    "listener_address": _address,
-    "listener_sweeper": _bool,
-    "max_peer_connections": _int(1, 1000),
-    "min_free_disk_mb": _int(0, 10**7),
-    "spool_direct_io": _bool,
-    "tls_cert": _existing_file,
-    "tls_key": _existing_file,
-    "tls_ca": _existing_file,
-    "sweep_seconds": _float(0.1, 3600.0),
-    "heartbeat_seconds": _float(0.1, 600.0),
-    "task_stale_seconds": _float(1.0, 86400.0),
-    "requeue_seconds": _float(1.0, 86400.0),
-    "redeliver_seconds": _float(1.0, 86400.0),
-    "incomplete_grace_seconds": _float(0.0, 7 * 86400.0),
-    "indeterminate_band": _float(0.0, 0.5),
-    "min_series_slices": _int(1, 10000),
-    "batch_size": _int(1, 1024),
-    "read_threads": _int(1, 64),
-    "sr_max_attempts": _int(1, 100),
-    "sr_retry_base_seconds": _float(0.0, 3600.0),
-    "max_upload_bytes": _int(1024, 1024**3),
-    "max_upload_pixels": _int(1024, 10**9),
-    "web_secure_cookies": _bool,
-    "log_level": _level,
-    "database_url": _db_url,
-    "broker_url": _broker_url,
-    "data_dir": _path,
+    "ae_title": v.ae_title,
+    "dicom_host": v.host,
+    "dicom_port": v.int_range(1, 65535),
+    "allowed_aes": v.ae_list,
+    "allowed_hosts": v.host_list,
+    "destinations": v.destinations,
+    "stable_seconds": v.float_range(0.0, 86400.0),
+    "web_host": v.host,
+    "web_port": v.int_range(1, 65535),
+    "secret_key": v.secret,
+    "model_path": v.path,
+    "model_runtime": v.choice("auto", "keras", "litert"),
+    "sop_classes": v.uid_list,
+    "max_associations": v.int_range(1, 1000),
+    "listener_processes": v.int_range(1, 64),
+    "acse_timeout": v.float_range(1.0, 3600.0),
+    "dimse_timeout": v.float_range(1.0, 3600.0),
+    "network_timeout": v.float_range(1.0, 3600.0),
+    "max_pdu": v.int_range(4096, 16 * 1024 * 1024),
+    "association_request_seconds": v.float_range(1.0, 600.0),
+    "listener_address": v.address,
+    "listener_sweeper": v.boolean,
+    "max_peer_connections": v.int_range(1, 1000),
+    "min_free_disk_mb": v.int_range(0, 10**7),
+    "spool_direct_io": v.boolean,
+    "tls_cert": v.existing_file,
+    "tls_key": v.existing_file,
+    "tls_ca": v.existing_file,
+    "sweep_seconds": v.float_range(0.1, 3600.0),
+    "heartbeat_seconds": v.float_range(0.1, 600.0),
+    "task_stale_seconds": v.float_range(1.0, 86400.0),
+    "requeue_seconds": v.float_range(1.0, 86400.0),
+    "redeliver_seconds": v.float_range(1.0, 86400.0),
+    "incomplete_grace_seconds": v.float_range(0.0, 7 * 86400.0),
+    "indeterminate_band": v.float_range(0.0, 0.5),
+    "min_series_slices": v.int_range(1, 10000),
+    "batch_size": v.int_range(1, 1024),
+    "read_threads": v.int_range(1, 64),
+    "sr_max_attempts": v.int_range(1, 100),
+    "sr_retry_base_seconds": v.float_range(0.0, 3600.0),
+    "max_upload_bytes": v.int_range(1024, 1024**3),
+    "max_upload_pixels": v.int_range(1024, 10**9),
+    "web_secure_cookies": v.boolean,
+    "log_level": v.level,
+    "database_url": v.db_url,
+    "broker_url": v.broker_url,
+    "data_dir": v.path,
 }
 
 

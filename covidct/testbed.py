@@ -77,8 +77,9 @@ def spool_study(settings: Any, items: list[Any], calling_ae: str = "TEST") -> in
 
     from sqlalchemy import select
 
+    from core import lifecycle
     from core.db import session_scope
-    from core.models import Study, StudyState
+    from core.models import Study, utcnow
     from ingest.records import read_header, record_instance
     from ingest.spool import instance_path, write_durable
 
@@ -96,10 +97,10 @@ def spool_study(settings: Any, items: list[Any], calling_ae: str = "TEST") -> in
         write_durable(path, data)
         record_instance(settings.database_url, h, path, len(data), calling_ae)
     with session_scope(settings.database_url) as s:
-        study = s.scalar(select(Study).where(Study.study_instance_uid == uid))
-        assert study is not None
-        study.state = StudyState.QUEUED
-        return study.id
+        study_id = s.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+        assert study_id is not None
+        lifecycle.queue_study(s, study_id, utcnow())
+        return study_id
 
 
 def child_pids(pid: int) -> list[int]:

@@ -30,8 +30,9 @@ from typing import Any
 
 from sqlalchemy import select, update
 
+from core import lifecycle
 from core.db import session_scope
-from core.models import Study, StudyState, utcnow
+from core.models import Study, utcnow
 from core.settings import Settings
 from ingest.records import UnreadableDatasetError, read_header, record_instance
 from ingest.spool import InvalidUIDError, write_durable
@@ -132,11 +133,9 @@ def settle(settings: Settings, note: dict[str, Any]) -> None:
         ):
             logger.info("study %s completed by its sender", study.study_instance_uid)
             study.incomplete_reason, study.incomplete_at = "", None
-            if study.state != StudyState.RECEIVING:
-                study.generation += 1
-                study.state = StudyState.RECEIVING
-                study.state_reason = "the sender completed the study; will be analysed again"
-                study.last_instance_at = now
+            lifecycle.reopen_study(
+                s, study.id, now, "the sender completed the study; will be analysed again"
+            )
 
 
 def listener_restarted(settings: Settings) -> int:

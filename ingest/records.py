@@ -24,6 +24,7 @@ from pydicom.filereader import read_partial
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from core import lifecycle
 from core.db import get_engine
 from core.models import Instance, Study, StudyState, utcnow
 from ingest.header import FIELDS, scan
@@ -148,6 +149,7 @@ def record_instance(
 
 
 _SQLITE_WRITER = threading.Lock()
+REOPENED = "new instances arrived; will be analysed again"
 _STUDIES, _INSTANCES = Study.__table__, Instance.__table__
 # Built once: constructing statements per call cost more than executing them.
 _FIND_STUDY = select(_STUDIES.c.id, _STUDIES.c.state, _STUDIES.c.generation).where(
@@ -160,11 +162,6 @@ _TOUCH_STUDY = (
     update(_STUDIES)
     .where(_STUDIES.c.id == bindparam("sid"))
     .values(instance_count=_STUDIES.c.instance_count + 1, last_instance_at=bindparam("now"))
-)
-_REOPEN_STUDY = _TOUCH_STUDY.values(
-    generation=bindparam("next_generation"),
-    state=StudyState.RECEIVING,
-    state_reason="new instances arrived; will be analysed again",
 )
 
 
@@ -194,7 +191,6 @@ def _record(
                     "modality": h.modality,
                     "received_at": now,
                     "last_instance_at": now,
-                    "state": StudyState.RECEIVING,
                 },
             ).inserted_primary_key[0]
             state, generation = StudyState.RECEIVING, 0
@@ -216,13 +212,9 @@ def _record(
                 "received_at": now,
             },
         )
-        if state == StudyState.RECEIVING:
-            conn.execute(_TOUCH_STUDY, {"sid": study_id, "now": now})
-        else:
+        conn.execute(_TOUCH_STUDY, {"sid": study_id, "now": now})
+        if state != StudyState.RECEIVING and lifecycle.reopen_study(conn, study_id, now, REOPENED):
             logger.info("late instance for study %s: generation %d", h.study_uid, generation + 1)
-            conn.execute(
-                _REOPEN_STUDY, {"sid": study_id, "now": now, "next_generation": generation + 1}
-            )
         return True
 
 

@@ -6,12 +6,12 @@ Every ``sweep_seconds`` the sweeper:
    was down are recorded, associations that closed meanwhile are settled;
 1. queues each ``receiving`` study that has been quiet for ``stable_seconds`` with no
    association open and nothing missing (state -> ``queued``, then the task is published; if
-   the broker is down the state goes back to ``receiving`` and the next sweep tries again, so
-   a broker outage loses nothing); a study that may be incomplete (or whose association
+   the broker is down the study stays queued and due, and the next sweep publishes it again,
+   so a broker outage loses nothing); a study that may be incomplete (or whose association
    stayed open: its listener process died) is queued after ``incomplete_grace_seconds`` of
    quiet instead, so that the sender's retry can complete it first;
 2. re-publishes a ``queued`` study whose message has waited ``requeue_seconds`` (a message lost
-   by a transport, or a broker restarted without persistence);
+   by a transport, or a broker restarted without persistence) or could not be sent;
 3. re-queues a ``processing`` study whose worker has not sent a heartbeat for
    ``task_stale_seconds`` (a worker killed mid-task);
 4. re-publishes report deliveries that are due: never tried, backed off, or published
@@ -33,21 +33,23 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select
 
+from core import lifecycle
 from core.db import session_scope
 from core.health import hold_lease, release_lease
 from core.models import Delivery, DeliveryState, Study, StudyState, Upload, UploadState, utcnow
 from core.settings import Settings
 from ingest import completeness
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from worker.app import Publisher
 
-Publisher = Callable[[str, int], None]  # (task name, id)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,6 +95,7 @@ class Sweeper:
         result.noted = completeness.apply_notes(s)
         stable_before = now - timedelta(seconds=s.stable_seconds)
         grace_before = now - timedelta(seconds=s.incomplete_grace_seconds)
+        stale_before = now - timedelta(seconds=s.task_stale_seconds)
         settled = and_(Study.open_associations == 0, Study.incomplete_reason == "")
         unsettled = or_(Study.open_associations > 0, Study.incomplete_reason != "")
         with session_scope(url) as session:
@@ -113,16 +116,16 @@ class Sweeper:
             waiting = session.scalars(
                 select(Study.id).where(
                     Study.state == StudyState.QUEUED,
-                    Study.queued_at <= now - timedelta(seconds=s.requeue_seconds),
+                    or_(
+                        Study.queued_at.is_(None),
+                        Study.queued_at <= now - timedelta(seconds=s.requeue_seconds),
+                    ),
                 )
             ).all()
             stale = session.scalars(
                 select(Study.id).where(
                     Study.state == StudyState.PROCESSING,
-                    or_(
-                        Study.heartbeat_at.is_(None),
-                        Study.heartbeat_at <= now - timedelta(seconds=s.task_stale_seconds),
-                    ),
+                    or_(Study.heartbeat_at.is_(None), Study.heartbeat_at <= stale_before),
                 )
             ).all()
             due = session.scalars(
@@ -140,53 +143,31 @@ class Sweeper:
                     Upload.queued_at <= now - timedelta(seconds=s.redeliver_seconds),
                 )
             ).all()
-        for upload_id in uploads:
-            if self._publish(UPLOAD_TASK, upload_id, result, touch=(Upload, now)):
-                result.uploads += 1
+        ring = lambda task, obj_id: self._ring(task, obj_id, now, result)  # noqa: E731
+        result.uploads = sum(ring(UPLOAD_TASK, upload_id) for upload_id in uploads)
         for study_id in ready:
-            if self._transition(
-                study_id,
-                StudyState.RECEIVING,
-                now,
-                extra=and_(Study.last_instance_at <= stable_before, settled),
-            ):
-                if self._publish(STUDY_TASK, study_id, result, revert=StudyState.RECEIVING):
-                    result.queued += 1
+            with session_scope(url) as session:
+                moved = lifecycle.queue_study(session, study_id, now, stable_before, settled=True)
+            if moved:
+                result.queued += 1
+                ring(STUDY_TASK, study_id)
         for study_id in overdue:
             self._give_up_waiting(study_id, now)
-            if self._transition(
-                study_id, StudyState.RECEIVING, now, extra=Study.last_instance_at <= grace_before
-            ):
-                logger.warning("study id %d: analysed although it may be incomplete", study_id)
-                if self._publish(STUDY_TASK, study_id, result, revert=StudyState.RECEIVING):
-                    result.queued += 1
-        for study_id in waiting:
-            if self._publish(STUDY_TASK, study_id, result, touch=(Study, now)):
-                result.requeued += 1
-        for study_id in stale:
-            if self._transition(
-                study_id,
-                StudyState.PROCESSING,
-                now,
-                reason="worker stopped answering; queued again",
-            ):
-                logger.warning("study id %d: worker lost, queued again", study_id)
-                if self._publish(STUDY_TASK, study_id, result, revert=None):
-                    result.recovered += 1
-        for delivery_id in due:
             with session_scope(url) as session:
-                row = session.get(Delivery, delivery_id)
-                if row is None or row.state != DeliveryState.PENDING:
-                    continue
-                # hold it off until its message is taken; the task sets the real next attempt
-                row.next_attempt_at = now + timedelta(seconds=s.redeliver_seconds)
-            if self._publish(DELIVER_TASK, delivery_id, result):
-                result.deliveries += 1
-            else:
-                with session_scope(url) as session:
-                    row = session.get(Delivery, delivery_id)
-                    if row is not None:
-                        row.next_attempt_at = now
+                moved = lifecycle.queue_study(session, study_id, now, grace_before)
+            if moved:
+                logger.warning("study id %d: analysed although it may be incomplete", study_id)
+                result.queued += 1
+                ring(STUDY_TASK, study_id)
+        result.requeued = sum(ring(STUDY_TASK, study_id) for study_id in waiting)
+        for study_id in stale:
+            with session_scope(url) as session:
+                moved = lifecycle.requeue_stale_study(session, study_id, now, stale_before)
+            if moved:
+                logger.warning("study id %d: worker lost, queued again", study_id)
+                result.recovered += 1
+                ring(STUDY_TASK, study_id)
+        result.deliveries = sum(ring(DELIVER_TASK, delivery_id) for delivery_id in due)
         return result
 
     def _give_up_waiting(self, study_id: int, now: datetime) -> None:
@@ -200,51 +181,12 @@ class Sweeper:
                     study.incomplete_reason = "an association stayed open with nothing received"
                     study.incomplete_at = now
 
-    def _transition(
-        self,
-        study_id: int,
-        from_state: StudyState,
-        now: datetime,
-        extra: object = None,
-        reason: str = "",
-    ) -> bool:
-        cond = and_(Study.id == study_id, Study.state == from_state)
-        if extra is not None:
-            cond = and_(cond, extra)
-        values: dict = {"state": StudyState.QUEUED, "queued_at": now}
-        if reason:
-            values["state_reason"] = reason
-        with session_scope(self.settings.database_url) as session:
-            return session.execute(update(Study).where(cond).values(**values)).rowcount == 1
+    def _ring(self, task: str, obj_id: int, now: datetime, result: SweepResult) -> bool:
+        from worker.app import ring
 
-    def _publish(
-        self,
-        task: str,
-        obj_id: int,
-        result: SweepResult,
-        revert: StudyState | None = None,
-        touch: tuple[type[Study] | type[Upload], datetime] | None = None,
-    ) -> bool:
-        """Publish; on failure put a study back to ``revert``; on success stamp ``touch``'s
-        row (a re-published study or upload) as queued again."""
-        try:
-            self.publish(task, obj_id)
-        except Exception as exc:
-            result.publish_failures += 1
-            logger.warning("broker unavailable, %s %d stays in the store: %s", task, obj_id, exc)
-            if revert is not None:
-                with session_scope(self.settings.database_url) as session:
-                    session.execute(
-                        update(Study)
-                        .where(Study.id == obj_id, Study.state == StudyState.QUEUED)
-                        .values(state=revert, queued_at=None)
-                    )
-            return False
-        if touch is not None:
-            model, when = touch
-            with session_scope(self.settings.database_url) as session:
-                session.execute(update(model).where(model.id == obj_id).values(queued_at=when))
-        return True
+        sent = ring(self.settings, task, obj_id, self.publish, now)
+        result.publish_failures += not sent
+        return sent
 
     # --- background thread --------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,29 @@ def test_only_settings_reads_the_environment() -> None:
             if reads and path.name != "settings.py":
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+def test_only_the_lifecycle_writes_a_state() -> None:
+    """Studies, uploads and deliveries change state through core/lifecycle.py alone, where
+    each transition is a compare-and-set; a write elsewhere could skip that check."""
+    writes = re.compile(r"\.state\s*=[^=]|\.state,\s.*=|\bstate=\w*State\.|\"state\":\s*\w*State\.")
+    offenders = [
+        f"{path.relative_to(ROOT)}:{n}"
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+        if path.name not in ("lifecycle.py", "models.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if writes.search(line)
+    ]
+    assert offenders == []
+
+
+def test_modules_stay_small() -> None:
+    """One job per module: none of the packages' modules is over 450 lines."""
+    sizes = {
+        str(path.relative_to(ROOT)): len(path.read_text().splitlines())
+        for package in PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+        if "migrations" not in path.parts
+    }
+    assert {name: n for name, n in sizes.items() if n > 450} == {}

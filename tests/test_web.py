@@ -376,6 +376,25 @@ def test_only_admins_rerun(client: FlaskClient, study: int, settings: Settings) 
         assert db.scalar(select(AuditEvent).where(AuditEvent.action == "study.rerun")) is not None
 
 
+def test_rerun_of_a_study_still_receiving_is_refused(
+    client: FlaskClient, study: int, settings: Settings
+) -> None:
+    """A re-run that queued a study still receiving would analyse half a study."""
+    uid = "1.2.826.0.1.3680043.10.1404.77"
+    with session_scope(settings.database_url) as db:
+        st = db.get(Study, study)
+        assert st is not None
+        st.state = StudyState.RECEIVING  # instances are arriving (test set-up)
+    login(client, "admin", "admin password")
+    token = csrf_token(client, f"/studies/{uid}")
+    r = client.post(f"/studies/{uid}/rerun", data={"csrf_token": token}, follow_redirects=True)
+    assert "still being received, queued or processed" in r.get_data(as_text=True)
+    with session_scope(settings.database_url) as db:
+        st = db.get(Study, study)
+        assert st is not None and st.state == StudyState.RECEIVING
+        assert db.scalar(select(AuditEvent).where(AuditEvent.action == "study.rerun")) is None
+
+
 def test_errors_show_no_stack_trace(reader: FlaskClient) -> None:
     r = reader.get("/studies/does-not-exist")
     assert r.status_code == 404 and "Traceback" not in r.get_data(as_text=True)

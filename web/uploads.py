@@ -79,11 +79,6 @@ def accept_upload(
 
 def queue_upload(settings: Settings, upload_id: int) -> bool:
     """Ring the worker's doorbell; False if the broker is down (the sweeper retries)."""
-    from worker.app import UPLOAD_TASK, celery_for, publish
+    from worker.app import UPLOAD_TASK, ring
 
-    try:
-        publish(celery_for(settings), UPLOAD_TASK, upload_id)
-        return True
-    except Exception as exc:
-        logger.warning("upload %d stays queued, broker unavailable: %s", upload_id, exc)
-        return False
+    return ring(settings, UPLOAD_TASK, upload_id)

@@ -23,11 +23,11 @@ from flask import (
 from flask_login import current_user, login_required
 from PIL import Image
 from scipy import ndimage
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from classifier.errors import UnusableInputError
 from classifier.preprocess import to_model_input, windowed_slice
-from core import audit
+from core import audit, lifecycle
 from core.db import session_scope
 from core.health import readiness
 from core.models import Delivery, Instance, Prediction, Report, Study, StudyState, Upload, utcnow
@@ -263,26 +263,19 @@ def download_report(uid: str, report_id: int) -> Any:
 @login_required
 def rerun(uid: str) -> Any:
     admin_required()
-    from worker.app import STUDY_TASK, celery_for, publish
+    from worker.app import STUDY_TASK, ring
 
     with session_scope(settings().database_url) as s:
-        st = s.scalar(select(Study).where(Study.study_instance_uid == uid))
-        if st is None:
+        study_id = s.scalar(select(Study.id).where(Study.study_instance_uid == uid))
+        if study_id is None:
             abort(404, "No such study.")
-        if st.state in (StudyState.QUEUED, StudyState.PROCESSING):
-            flash("The study is already queued or being processed.")
+        if not lifecycle.rerun_study(s, study_id, utcnow()):
+            flash("The study is still being received, queued or processed: nothing to re-run.")
             return redirect(url_for("views.study", uid=uid))
-        s.execute(
-            update(Study)
-            .where(Study.id == st.id)
-            .values(state=StudyState.QUEUED, queued_at=utcnow(), state_reason="re-run requested")
-        )
         audit.record(s, current_user.username, "study.rerun", uid, remote=request.remote_addr or "")
-        study_id = st.id
-    try:
-        publish(celery_for(settings()), STUDY_TASK, study_id)
+    if ring(settings(), STUDY_TASK, study_id):
         flash("Re-run queued.")
-    except Exception:
+    else:
         flash("Re-run recorded; the broker is unavailable, it will be queued when it is back.")
     return redirect(url_for("views.study", uid=uid))
 
@@ -291,7 +284,7 @@ def rerun(uid: str) -> Any:
 @login_required
 def resend(delivery_id: int) -> Any:
     admin_required()
-    from worker.app import DELIVER_TASK, celery_for, publish
+    from worker.app import DELIVER_TASK, ring
     from worker.delivery import resend as resend_delivery
 
     with session_scope(settings().database_url) as s:
@@ -301,11 +294,11 @@ def resend(delivery_id: int) -> Any:
         if st is None:
             abort(404, "No such delivery.")
         uid = st.study_instance_uid
-    resend_delivery(settings(), delivery_id, current_user.username)
-    try:
-        publish(celery_for(settings()), DELIVER_TASK, delivery_id)
+    if not resend_delivery(settings(), delivery_id, current_user.username):
+        flash("An attempt to send this report is running now: nothing to re-send.")
+    elif ring(settings(), DELIVER_TASK, delivery_id):
         flash("Re-send queued.")
-    except Exception:
+    else:
         flash("Re-send recorded; it will be sent when the broker is back.")
     return redirect(url_for("views.study", uid=uid))
 

@@ -10,14 +10,24 @@ the fork (see ``worker.tasks``), never in the parent.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
 from celery import Celery
 
+from core import lifecycle
+from core.db import session_scope
+from core.models import utcnow
 from core.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 STUDY_TASK = "covidct.analyse_study"
 UPLOAD_TASK = "covidct.analyse_upload"
 DELIVER_TASK = "covidct.deliver_report"
 QUEUES = {"studies": STUDY_TASK, "uploads": UPLOAD_TASK, "exports": DELIVER_TASK}
+DOORBELLS = {STUDY_TASK: "study", UPLOAD_TASK: "upload", DELIVER_TASK: "delivery"}
 
 SOFT_TIME_LIMIT = 1500  # seconds; measured: a 300-slice study takes 1.1-2.1 s (bench/pipeline.py)
 TIME_LIMIT = 1800
@@ -88,3 +98,34 @@ def celery_for(settings: Settings) -> Celery:
     if settings.broker_url not in _apps:
         _apps[settings.broker_url] = make_celery(settings)
     return _apps[settings.broker_url]
+
+
+Publisher = Callable[[str, int], None]  # (task name, id): sends one message or raises
+
+
+def ring(
+    settings: Settings,
+    task: str,
+    obj_id: int,
+    send: Publisher | None = None,
+    now: datetime | None = None,
+) -> bool:
+    """Ask a worker to look at a row: stamp the row as rung (at ``now``, the sweep's clock)
+    and publish the task; when the broker is down, leave the row due so that the sweeper
+    rings again at its next pass.  Returns whether the message went out.  The one way
+    anything publishes work."""
+    kind = DOORBELLS[task]
+    with session_scope(settings.database_url) as s:
+        lifecycle.rung(s, kind, obj_id, now or utcnow(), settings.redeliver_seconds)
+    try:
+        if send is None:
+            publish(celery_for(settings), task, obj_id)
+        else:
+            send(task, obj_id)
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:200] if str(exc) else exc.__class__.__name__
+        logger.warning("broker unavailable: %s %d left for the sweeper (%s)", kind, obj_id, first)
+        with session_scope(settings.database_url) as s:
+            lifecycle.missed(s, kind, obj_id, utcnow())
+        return False
+    return True

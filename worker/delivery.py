@@ -14,10 +14,11 @@ import pydicom
 from pynetdicom import AE
 from sqlalchemy import case, or_, update
 
-from core import audit
+from core import audit, lifecycle
 from core.db import session_scope
 from core.models import Delivery, DeliveryState, Report, utcnow
-from core.settings import Destination, Settings
+from core.settings import Settings
+from core.values import Destination
 from worker.lease import Lease, renew_delivery
 
 logger = logging.getLogger(__name__)
@@ -114,32 +115,18 @@ def deliver(settings: Settings, delivery_id: int) -> str:
         except (DeliveryError, OSError, ValueError, RuntimeError) as exc:
             error = str(exc) or exc.__class__.__name__
     with session_scope(settings.database_url) as s:
+        state = lifecycle.record_attempt(
+            s, delivery_id, error, settings.sr_max_attempts, settings.sr_retry_base_seconds
+        )
         row = s.get(Delivery, delivery_id)
         assert row is not None
-        row.attempts += 1
-        row.claimed_until = None
-        if not error:
-            row.state, row.delivered_at, row.last_error = DeliveryState.DELIVERED, utcnow(), ""
-            row.next_attempt_at = None
-            audit.record(s, "worker", "report.export", destination, report=sop_uid)
-        else:
-            row.last_error = error[:2000]
-            if row.attempts >= settings.sr_max_attempts:
-                row.state = DeliveryState.FAILED
-                row.next_attempt_at = None
-                audit.record(
-                    s,
-                    "worker",
-                    "report.export",
-                    destination,
-                    outcome="failed",
-                    report=sop_uid,
-                    error=error[:200],
-                )
-            else:
-                wait = settings.sr_retry_base_seconds * 2 ** (row.attempts - 1)
-                row.next_attempt_at = utcnow() + timedelta(seconds=wait)
-        state, attempts = str(row.state), row.attempts
+        if state is None:  # an admin's re-send moved it meanwhile: that one counts
+            logger.info("report %s to %s: re-sent during an attempt", sop_uid, destination)
+            return str(row.state)
+        if state != DeliveryState.PENDING:
+            outcome = {} if not error else {"outcome": "failed", "error": error[:200]}
+            audit.record(s, "worker", "report.export", destination, report=sop_uid, **outcome)
+        attempts = row.attempts
     logger.log(
         logging.INFO if not error else logging.WARNING,
         "report %s to %s: %s",
@@ -150,12 +137,14 @@ def deliver(settings: Settings, delivery_id: int) -> str:
     return state
 
 
-def resend(settings: Settings, delivery_id: int, actor: str) -> None:
-    """Put a delivery back in the outbox (the dashboard's re-send)."""
+def resend(settings: Settings, delivery_id: int, actor: str) -> bool:
+    """Put a delivery back in the outbox (the dashboard's re-send); False when an attempt
+    is running now."""
     with session_scope(settings.database_url) as s:
         row = s.get(Delivery, delivery_id)
         if row is None:
             raise KeyError(delivery_id)
-        row.state, row.attempts, row.next_attempt_at = DeliveryState.PENDING, 0, None
-        row.claimed_until = None
+        if not lifecycle.resend_delivery(s, delivery_id, utcnow()):
+            return False
         audit.record(s, actor, "report.resend", row.destination, delivery=delivery_id)
+        return True

@@ -18,10 +18,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pydicom
-from sqlalchemy import delete, insert, or_, select, update
+from sqlalchemy import delete, insert, select
 
 from classifier.aggregate import STUDY_RULE
 from classifier.inference import Classifier
+from core import lifecycle
 from core.db import session_scope
 from core.models import (
     Delivery,
@@ -79,25 +80,8 @@ def claim(settings: Settings, study_id: int) -> Claim | None:
             raise StudyBusy(
                 f"study {study.study_instance_uid} is being processed", max(0.5, lapse + 0.5)
             )
-        taken = s.execute(
-            update(Study)
-            .where(
-                Study.id == study_id,
-                or_(
-                    Study.state == StudyState.QUEUED,
-                    (Study.state == StudyState.PROCESSING)
-                    & (or_(Study.heartbeat_at.is_(None), Study.heartbeat_at <= stale)),
-                ),
-            )
-            .values(
-                state=StudyState.PROCESSING,
-                started_at=now,
-                heartbeat_at=now,
-                attempts=Study.attempts + 1,
-                state_reason="",
-            )
-        ).rowcount
-        if taken != 1:
+        taken = lifecycle.claim_study(s, study_id, now, stale)
+        if not taken:
             logger.info("study %s is %s: nothing to do", study.study_instance_uid, study.state)
             return None
         s.refresh(study)
@@ -115,23 +99,10 @@ def finish(
     another worker took the study over."""
     study_id, generation = taken.study_id, taken.generation
     with session_scope(settings.database_url) as s:
-        done = s.execute(
-            update(Study)
-            .where(
-                Study.id == study_id,
-                Study.state == StudyState.PROCESSING,
-                Study.generation == generation,
-                Study.attempts == taken.attempt,
-            )
-            .values(
-                state=state,
-                state_reason=reason,
-                finished_at=utcnow(),
-                processed_generation=generation,
-                **values,
-            )
-        ).rowcount
-        if done != 1:
+        done = lifecycle.finish_study(
+            s, study_id, generation, taken.attempt, state, reason, **values
+        )
+        if not done:
             study = s.get(Study, study_id)
             logger.info(
                 "study id %d changed while processed; left %s",

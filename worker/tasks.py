@@ -7,7 +7,6 @@ fork: TensorFlow hangs a child forked from a parent that ran a model).
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,11 @@ from sqlalchemy.exc import OperationalError
 
 from classifier.errors import ClassifierError, UnusableInputError
 from classifier.inference import Classifier
+from core import lifecycle
 from core.db import dispose_engines, session_scope
-from core.models import Delivery, DeliveryState, Study, StudyState, Upload, UploadState, utcnow
+from core.models import Delivery, DeliveryState, Upload
 from core.settings import Settings
-from worker.app import DELIVER_TASK, STUDY_TASK, UPLOAD_TASK, publish
+from worker.app import DELIVER_TASK, STUDY_TASK, UPLOAD_TASK, publish, ring
 from worker.delivery import BUSY, deliver
 from worker.pipeline import StudyBusy, analyse_study
 
@@ -61,33 +61,21 @@ def _after_fork(**_: Any) -> None:
 
 def _fail_study(settings: Settings, study_id: int, reason: str) -> None:
     with session_scope(settings.database_url) as s:
-        study = s.get(Study, study_id)
-        if study is not None and study.state == StudyState.PROCESSING:
-            study.state, study.state_reason, study.finished_at = StudyState.FAILED, reason, utcnow()
+        lifecycle.fail_study(s, study_id, reason)
 
 
 def send_pending_deliveries(app: Celery, settings: Settings, report_id: int) -> int:
     """Publish the outbox rows of a new report now rather than at the next sweep."""
-    hold = utcnow() + timedelta(seconds=settings.redeliver_seconds)
     with session_scope(settings.database_url) as s:
-        rows = s.scalars(
-            select(Delivery).where(
+        ids = s.scalars(
+            select(Delivery.id).where(
                 Delivery.report_id == report_id,
                 Delivery.state == DeliveryState.PENDING,
                 Delivery.next_attempt_at.is_(None),
             )
         ).all()
-        ids = [r.id for r in rows]
-        for r in rows:
-            r.next_attempt_at = hold
-    sent = 0
-    for delivery_id in ids:
-        try:
-            publish(app, DELIVER_TASK, delivery_id)
-            sent += 1
-        except Exception as exc:  # the sweeper publishes it when it is due
-            logger.warning("could not publish delivery %d: %s", delivery_id, exc)
-    return sent
+    send = lambda task, obj_id: publish(app, task, obj_id)  # noqa: E731
+    return sum(ring(settings, DELIVER_TASK, delivery_id, send) for delivery_id in ids)
 
 
 def register_tasks(app: Celery) -> None:
@@ -145,27 +133,23 @@ def analyse_upload(settings: Settings, upload_id: int, classifier: Classifier) -
         up = s.get(Upload, upload_id)
         if up is None:
             return "missing"
-        if up.state == UploadState.DONE:
-            return "done"
-        up.state = UploadState.PROCESSING
+        if not lifecycle.claim_upload(s, upload_id):
+            return str(up.state)
         path = Path(up.path)
     try:
         arr = to_model_input(path, max_pixels=settings.max_upload_pixels)
         (pred,) = classifier.predict(arr[None])
     except UnusableInputError as exc:
         with session_scope(settings.database_url) as s:
-            up = s.get(Upload, upload_id)
-            assert up is not None
-            up.state, up.state_reason, up.finished_at = UploadState.FAILED, str(exc), utcnow()
+            lifecycle.fail_upload(s, upload_id, str(exc))
         return "failed"
     with session_scope(settings.database_url) as s:
-        up = s.get(Upload, upload_id)
-        assert up is not None
-        up.state, up.finished_at = UploadState.DONE, utcnow()
-        up.probability, up.label, up.model_version = (
-            pred.probability,
-            pred.label,
-            classifier.version,
+        lifecycle.finish_upload(
+            s,
+            upload_id,
+            probability=pred.probability,
+            label=pred.label,
+            model_version=classifier.version,
         )
     return "done"
 

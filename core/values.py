@@ -1,0 +1,172 @@
+"""The typed values settings are made of, and their parsers: each parser takes the raw string
+and returns the value or raises ValueError with what is wrong (core.settings names the
+variable)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
+UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer that receives our SRs (``AE@host:port``)."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def mask_url(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        value = int(raw.strip())
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def float_range(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        value = float(raw.strip())
+        if not lo <= value <= hi:
+            raise ValueError(f"must be between {lo} and {hi}")
+        return value
+
+    return parse
+
+
+def ae_title(raw: str) -> str:
+    value = raw.strip()
+    if not AE_RE.match(value) or not value.strip():
+        raise ValueError("an AE title is 1-16 printable ASCII characters without backslash")
+    return value
+
+
+def ae_list(raw: str) -> tuple[str, ...]:
+    items = tuple(p.strip() for p in raw.split(",") if p.strip())
+    if not items:
+        raise ValueError("give at least one AE title, or * for any")
+    if "*" in items:
+        if len(items) > 1:
+            raise ValueError("* cannot be combined with named AE titles")
+        return items
+    return tuple(ae_title(i) for i in items)
+
+
+def host(raw: str) -> str:
+    value = raw.strip()
+    if not value or not re.match(r"^[A-Za-z0-9.:\-\[\]]+$", value):
+        raise ValueError("not a host name or IP address")
+    return value
+
+
+def address(raw: str) -> str:
+    """``host:port``, or empty for none."""
+    value = raw.strip()
+    if not value:
+        return ""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("not host:port")
+    host(host)
+    return value
+
+
+def host_list(raw: str) -> tuple[str, ...]:
+    return tuple(host(p) for p in raw.split(",") if p.strip())
+
+
+def destinations(raw: str) -> tuple[Destination, ...]:
+    out = []
+    for item in (p.strip() for p in raw.split(",")):
+        if not item:
+            continue
+        m = re.match(r"^([^@]+)@(.+):(\d+)$", item)
+        if not m:
+            raise ValueError(f"{item!r} is not AE@host:port")
+        port = int_range(1, 65535)(m.group(3))
+        out.append(Destination(ae_title(m.group(1)), host(m.group(2)), port))
+    return tuple(out)
+
+
+def uid_list(raw: str) -> tuple[str, ...]:
+    items = tuple(p.strip() for p in raw.split(",") if p.strip())
+    if not items:
+        raise ValueError("give at least one SOP Class UID")
+    for uid in items:
+        if len(uid) > 64 or not UID_RE.match(uid):
+            raise ValueError(f"{uid!r} is not a UID")
+    return items
+
+
+def path(raw: str) -> Path:
+    if not raw.strip():
+        raise ValueError("empty path")
+    return Path(raw.strip()).expanduser()
+
+
+def existing_file(raw: str) -> Path:
+    found = path(raw)
+    if not found.is_file():
+        raise ValueError(f"{found} is not a readable file")
+    return found
+
+
+def db_url(raw: str) -> str:
+    value = raw.strip()
+    if not re.match(r"^(sqlite|postgresql)(\+\w+)?://", value):
+        raise ValueError("must be an SQLAlchemy URL for sqlite or postgresql")
+    return value
+
+
+def broker_url(raw: str) -> str:
+    value = raw.strip()
+    if not re.match(r"^(redis|rediss|filesystem)://", value):
+        raise ValueError("must be redis://host:port/db (or filesystem:// for the embedded one)")
+    return value
+
+
+def boolean(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def level(raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return value
+
+
+def secret(raw: str) -> str:
+    if len(raw) < 16:
+        raise ValueError("must be at least 16 characters")
+    return raw
