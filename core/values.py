@@ -79,10 +79,10 @@ def address(raw: str) -> str:
     value = raw.strip()
     if not value:
         return ""
-    host, sep, port = value.rpartition(":")
+    name, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise ValueError("not host:port")
-    host(host)
+    host(name)
     return value
 
 

@@ -617,12 +617,30 @@ def test_a_frozen_listener_is_seen_and_restarted(tmp_path: Path) -> None:
     """The listener's processes frozen (SIGSTOP): a TCP connect still succeeds, but /readyz
     answers 503 naming the listener (its C-ECHO gets no answer), serve kills the frozen
     listener after three unanswered C-ECHOs and restarts it, and `covidct echo` is answered
-    again; a closed port makes `covidct echo` exit 1."""
-    from tests.conftest import port_open
-    from tests.test_e2e import base_env, serve, wait
+    again; a closed port makes `covidct echo` exit 1.  Meanwhile an SR whose first delivery
+    failed (the PACS was down) reaches the PACS within 30 s of its coming up, with the
+    production backoff (10 s): the sweeper stage retries it while the listener is frozen."""
+    import sqlite3
 
-    env = base_env(tmp_path)
+    from tests.conftest import free_port, port_open
+    from tests.test_e2e import base_env, send_study, serve, wait
+
+    pacs_port = free_port()
+    env = base_env(
+        tmp_path,
+        COVIDCT_DESTINATIONS=f"PACS@127.0.0.1:{pacs_port}",
+        COVIDCT_SR_RETRY_BASE_SECONDS="10",
+    )
     port = int(env["COVIDCT_DICOM_PORT"])
+    db = Path(env["COVIDCT_DATA_DIR"]) / "covidct.sqlite3"
+
+    def failed_attempts() -> int:
+        con = sqlite3.connect(db)
+        try:
+            row = con.execute("SELECT max(attempts) FROM deliveries").fetchone()
+        finally:
+            con.close()
+        return int(row[0] or 0)
 
     def echo(*extra: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -638,11 +656,14 @@ def test_a_frozen_listener_is_seen_and_restarted(tmp_path: Path) -> None:
         wait(lambda: readyz(env)[0] == 200, 60, "/readyz 200")
         first = echo()
         assert first.returncode == 0 and "ok" in first.stdout, first.stderr
+        send_study(env, tmp_path)
+        wait(lambda: db.exists() and failed_attempts() >= 1, 120, "a failed first delivery")
         listener = stage_pids(proc.pid)["listener"]
         frozen = [listener, *child_pids(listener)]
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
+        pacs = TestPACS(port=pacs_port)
         try:
             assert port_open("127.0.0.1", port)  # what a TCP health check would believe
             status, body = wait(
@@ -650,6 +671,8 @@ def test_a_frozen_listener_is_seen_and_restarted(tmp_path: Path) -> None:
             )
             assert "listener" in body and body["listener"] != "ok", body
             print(f"\n/readyz 503 {time.monotonic() - stopped_at:.1f} s after the freeze")
+            wait(lambda: pacs.received, 30, "the SR at the PACS within 30 s of its coming up")
+            print(f"SR delivered {time.monotonic() - stopped_at:.1f} s after the PACS came up")
             wait(
                 lambda: stage_pids(proc.pid).get("listener", listener) != listener,
                 90,
@@ -657,6 +680,7 @@ def test_a_frozen_listener_is_seen_and_restarted(tmp_path: Path) -> None:
             )
             print(f"listener restarted {time.monotonic() - stopped_at:.1f} s after the freeze")
         finally:
+            pacs.stop()
             for pid in frozen:  # whatever happened, nothing stays stopped
                 try:
                     os.kill(pid, signal.SIGCONT)

@@ -43,8 +43,15 @@ def test_values_are_parsed(env: dict[str, str]) -> None:
         "COVIDCT_BROKER_URL": "redis://127.0.0.1:6379/3",
         "COVIDCT_DATABASE_URL": "postgresql+psycopg://u:pw@db/covidct",
         "COVIDCT_SECRET_KEY": "x" * 40,
+        "COVIDCT_LISTENER_ADDRESS": "listener:11112",
+        "COVIDCT_ALLOWED_HOSTS": "10.0.0.5,pacs.example.org",
+        "COVIDCT_MODEL_RUNTIME": "LiteRT",
+        "COVIDCT_SPOOL_DIRECT_IO": "yes",
     }
     s = load_settings(env)
+    assert s.listener_address == "listener:11112"
+    assert s.allowed_hosts == ("10.0.0.5", "pacs.example.org")
+    assert s.model_runtime == "litert" and s.spool_direct_io is True
     assert s.ae_title == "TRIAGE" and s.dicom_port == 4242
     assert s.allowed_aes == ("PACS1", "CT_SCANNER")
     assert s.destinations == (
@@ -80,6 +87,10 @@ def test_values_are_parsed(env: dict[str, str]) -> None:
         ("COVIDCT_LOG_LEVEL", "LOUD"),
         ("COVIDCT_TLS_CERT", "/nonexistent/cert.pem"),
         ("COVIDCT_DICOM_HOST", "host name with spaces"),
+        ("COVIDCT_LISTENER_ADDRESS", "listener"),
+        ("COVIDCT_LISTENER_ADDRESS", "bad host:104"),
+        ("COVIDCT_MODEL_RUNTIME", "onnx"),
+        ("COVIDCT_SPOOL_DIRECT_IO", "maybe"),
     ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], name: str, value: str) -> None:

@@ -8,11 +8,13 @@ from the dashboard (which resets it to ``pending``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from datetime import timedelta
 
 import pydicom
 from pynetdicom import AE
-from sqlalchemy import case, or_, update
+from sqlalchemy import case, or_, select, update
+from sqlalchemy.orm import Session
 
 from core import audit, lifecycle
 from core.db import session_scope
@@ -56,6 +58,14 @@ def c_store(settings: Settings, dest: Destination, path: str) -> None:
         raise DeliveryError(f"no response from {dest} (timeout or abort)")
     if code not in (0x0000, 0xB000, 0xB007, 0xB006):
         raise DeliveryError(f"{dest} answered status 0x{code:04X}")
+
+
+def enqueue(s: Session, report_id: int, destinations: Iterable[Destination]) -> None:
+    """One outbox row per destination for a report (kept when it exists: a re-run)."""
+    have = set(s.scalars(select(Delivery.destination).where(Delivery.report_id == report_id)))
+    for dest in destinations:
+        if str(dest) not in have:
+            s.add(Delivery(report_id=report_id, destination=str(dest)))
 
 
 BUSY = "busy"  # another attempt holds the delivery: try again after its lease

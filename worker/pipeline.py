@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pydicom
 from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
 
 from classifier.aggregate import STUDY_RULE
 from classifier.inference import Classifier
 from core import lifecycle
 from core.db import session_scope
 from core.models import (
-    Delivery,
     Instance,
     Prediction,
     Report,
@@ -35,6 +35,7 @@ from core.models import (
 )
 from core.settings import Settings
 from worker.analysis import Analysis, Timings, analyse
+from worker.delivery import enqueue
 from worker.lease import Claim, Lease, renew_study
 from worker.sr import Finding, build_sr, lung_measurements
 
@@ -180,123 +181,130 @@ def _store_results(
     settings: Settings, taken: Claim, classifier: Classifier, a: Analysis, incomplete: str
 ) -> int:
     """Predictions, the SR file, the report and its outbox rows, in one transaction."""
-    assert a.lungs is not None and a.probability is not None and a.verdict is not None
-    study_id, generation = taken.study_id, taken.generation
-    analysed, probs, skipped, top, selection = a.analysed, a.probs, a.skipped, a.top, a.selection
-    probability, call, quantification = a.probability, a.verdict, a.lungs.quantification
-    version, threshold = classifier.version, classifier.threshold
     with session_scope(settings.database_url) as s:
-        study = s.get(Study, study_id)
-        assert study is not None
-        s.execute(
-            delete(Prediction).where(
-                Prediction.study_id == study_id,
-                Prediction.generation == generation,
-                Prediction.model_version == version,
-            )
-        )
-        rows = [(ref, p, classifier.label(p), "") for ref, p in zip(analysed, probs, strict=True)]
-        rows += [(ref, None, "skipped", why[:256]) for ref, why in skipped]
-        s.execute(  # one executemany: a 300-slice study is 300 rows
-            insert(Prediction),
-            [
-                {
-                    "kind": "slice",
-                    "study_id": study_id,
-                    "instance_id": ref.instance_id,
-                    "frame": ref.frame,
-                    "position": ref.position,
-                    "probability": p,
-                    "label": label,
-                    "threshold": threshold,
-                    "model_version": version,
-                    "generation": generation,
-                    "skipped_reason": why,
-                }
-                for ref, p, label, why in rows
-            ],
-        )
-        s.add(
-            Prediction(
-                kind="study",
-                study_id=study_id,
-                probability=probability,
-                label=call,
-                threshold=threshold,
-                model_version=version,
-                generation=generation,
-            )
-        )
+        _store_predictions(s, taken, classifier, a)
+        report_id = _store_report(s, settings, taken, classifier, a, incomplete)
+        enqueue(s, report_id, settings.destinations)
+        return report_id
 
-        report = s.scalar(
-            select(Report).where(
-                Report.study_id == study_id,
-                Report.model_version == version,
-                Report.generation == generation,
-            )
+
+def _store_predictions(s: Session, taken: Claim, classifier: Classifier, a: Analysis) -> None:
+    """One row per slice (analysed or skipped, with why) and one for the study; a re-run of
+    the same generation and model replaces them."""
+    assert a.probability is not None and a.verdict is not None
+    study_id, generation, version = taken.study_id, taken.generation, classifier.version
+    s.execute(
+        delete(Prediction).where(
+            Prediction.study_id == study_id,
+            Prediction.generation == generation,
+            Prediction.model_version == version,
         )
-        if report is None:
-            previous = s.scalar(
-                select(Report)
-                .where(Report.study_id == study_id)
-                .order_by(Report.generation.desc(), Report.id.desc())
-                .limit(1)
-            )
-            predecessor = (
-                pydicom.dcmread(previous.path)
-                if previous and Path(previous.path).is_file()
-                else None
-            )
-            used = {ref.instance_id for ref in analysed}
-            evidence = [selection.headers[i] for i in sorted(used)]
-            key = [
-                (
-                    selection.headers[analysed[i].instance_id],
-                    analysed[i].frame + 1
-                    if int(selection.headers[analysed[i].instance_id].get("NumberOfFrames", 1) or 1)
-                    > 1
-                    else None,
-                )
-                for i in top
-            ]
-            sr = build_sr(
-                evidence,
-                key,
-                Finding(
-                    probability=probability,
-                    verdict=call,
-                    threshold=threshold,
-                    band=settings.indeterminate_band,
-                    aggregation=STUDY_RULE,
-                    model_version=version,
-                    slices_analysed=len(analysed),
-                    incomplete=incomplete,
-                    lungs_ok=quantification.lungs_ok,
-                ),
-                lung_measurements(quantification),
-                generation=generation,
-                predecessor=predecessor,
-            )
-            path = settings.reports_dir / study.study_instance_uid / f"{sr.SOPInstanceUID}.dcm"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            sr.save_as(path, enforce_file_format=True)
-            report = Report(
-                study_id=study_id,
-                sop_instance_uid=str(sr.SOPInstanceUID),
-                series_instance_uid=str(sr.SeriesInstanceUID),
-                predecessor_uid=previous.sop_instance_uid if previous else None,
-                model_version=version,
-                generation=generation,
-                path=str(path),
-            )
-            s.add(report)
-            s.flush()
-        for dest in settings.destinations:
-            exists = s.scalar(
-                select(Delivery.id).where(
-                    Delivery.report_id == report.id, Delivery.destination == str(dest)
-                )
-            )
-            if exists is None:
-                s.add(Delivery(report_id=report.id, destination=str(dest)))
+    )
+    rows = [(ref, p, classifier.label(p), "") for ref, p in zip(a.analysed, a.probs, strict=True)]
+    rows += [(ref, None, "skipped", why[:256]) for ref, why in a.skipped]
+    s.execute(  # one executemany: a 300-slice study is 300 rows
+        insert(Prediction),
+        [
+            {
+                "kind": "slice",
+                "study_id": study_id,
+                "instance_id": ref.instance_id,
+                "frame": ref.frame,
+                "position": ref.position,
+                "probability": p,
+                "label": label,
+                "threshold": classifier.threshold,
+                "model_version": version,
+                "generation": generation,
+                "skipped_reason": why,
+            }
+            for ref, p, label, why in rows
+        ],
+    )
+    s.add(
+        Prediction(
+            kind="study",
+            study_id=study_id,
+            probability=a.probability,
+            label=a.verdict,
+            threshold=classifier.threshold,
+            model_version=version,
+            generation=generation,
+        )
+    )
+
+
+def _store_report(
+    s: Session,
+    settings: Settings,
+    taken: Claim,
+    classifier: Classifier,
+    a: Analysis,
+    incomplete: str,
+) -> int:
+    """The SR of this generation and model, written once: a re-run finds it and reuses it
+    (the same SOP Instance UID goes to the PACS)."""
+    assert a.lungs is not None and a.probability is not None and a.verdict is not None
+    study_id, generation, version = taken.study_id, taken.generation, classifier.version
+    report = s.scalar(
+        select(Report).where(
+            Report.study_id == study_id,
+            Report.model_version == version,
+            Report.generation == generation,
+        )
+    )
+    if report is not None:
         return report.id
+    study = s.get(Study, study_id)
+    assert study is not None
+    previous = s.scalar(
+        select(Report)
+        .where(Report.study_id == study_id)
+        .order_by(Report.generation.desc(), Report.id.desc())
+        .limit(1)
+    )
+    predecessor = (
+        pydicom.dcmread(previous.path) if previous and Path(previous.path).is_file() else None
+    )
+    headers, analysed = a.selection.headers, a.analysed
+    evidence = [headers[i] for i in sorted({ref.instance_id for ref in analysed})]
+
+    def frame_number(i: int) -> int | None:
+        ref = analysed[i]
+        frames = int(headers[ref.instance_id].get("NumberOfFrames", 1) or 1)
+        return ref.frame + 1 if frames > 1 else None
+
+    key = [(headers[analysed[i].instance_id], frame_number(i)) for i in a.top]
+    sr = build_sr(
+        evidence,
+        key,
+        Finding(
+            probability=a.probability,
+            verdict=a.verdict,
+            threshold=classifier.threshold,
+            band=settings.indeterminate_band,
+            aggregation=STUDY_RULE,
+            model_version=version,
+            slices_analysed=len(analysed),
+            incomplete=incomplete,
+            lungs_ok=a.lungs.quantification.lungs_ok,
+        ),
+        lung_measurements(a.lungs.quantification),
+        generation=generation,
+        predecessor=predecessor,
+    )
+    path = settings.reports_dir / study.study_instance_uid / f"{sr.SOPInstanceUID}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sr.save_as(path, enforce_file_format=True)
+    report = Report(
+        study_id=study_id,
+        sop_instance_uid=str(sr.SOPInstanceUID),
+        series_instance_uid=str(sr.SeriesInstanceUID),
+        predecessor_uid=previous.sop_instance_uid if previous else None,
+        model_version=version,
+        generation=generation,
+        path=str(path),
+    )
+    s.add(report)
+    s.flush()
+    return report.id
