@@ -508,3 +508,20 @@ def test_lungs_that_failed_the_gate_show_no_opacity_figures(
     assert m["lungs_ok"] is False and m["lung_check"].startswith("lungs not segmented")
     assert m["opacity_percent"] is None and m["pattern"] is None and m["severity_score"] is None
     assert m["lung_volume_ml"] == 4600.0
+
+
+def test_key_slices_are_spread_over_the_lungs() -> None:
+    """Four neighbours 2.5 mm apart show the same thing: the page shows the best slice of
+    each part of the lungs, no two within 10 mm."""
+    from web.queries import key_slices
+
+    probs = {-132.5: 0.97, -130.0: 0.96, -127.5: 0.95, -125.0: 0.94, -60.0: 0.7, 10.0: 0.8}
+    probs |= {20.0: 0.2, 17.5: 0.79, 40.0: None}
+    slices = [{"id": i, "position": z, "probability": p} for i, (z, p) in enumerate(probs.items())]
+    chosen = key_slices(slices)
+    assert [s["position"] for s in chosen] == [-132.5, 10.0, -60.0, 20.0]
+    positions = [s["position"] for s in chosen]
+    assert all(abs(a - b) >= 10 for i, a in enumerate(positions) for b in positions[i + 1 :])
+    # one image, no position: still shown
+    single = [{"id": 1, "position": None, "probability": 0.4}]
+    assert key_slices(single) == single

@@ -156,6 +156,32 @@ def measurement_summary(q: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
+KEY_SLICES = 4
+KEY_SLICE_GAP_MM = 10.0
+
+
+def key_slices(
+    slices: list[dict[str, Any]], count: int = KEY_SLICES, min_gap_mm: float = KEY_SLICE_GAP_MM
+) -> list[dict[str, Any]]:
+    """The highest-scoring slices, no two within ``min_gap_mm`` of each other: neighbours
+    show the same thing, so the page shows the best slice of each part of the lungs instead.
+    Slices without a position (one-image studies) are taken in order of score."""
+    ranked = sorted(
+        (s for s in slices if s["probability"] is not None), key=lambda s: -s["probability"]
+    )
+    chosen: list[dict[str, Any]] = []
+    for s in ranked:
+        if len(chosen) == count:
+            break
+        here = s["position"]
+        if here is not None and any(
+            c["position"] is not None and abs(c["position"] - here) < min_gap_mm for c in chosen
+        ):
+            continue
+        chosen.append(s)
+    return chosen
+
+
 def study_detail(session: Session, uid: str) -> dict[str, Any] | None:
     st = session.scalar(select(Study).where(Study.study_instance_uid == uid))
     if st is None:
@@ -197,10 +223,7 @@ def study_detail(session: Session, uid: str) -> dict[str, Any] | None:
                 }
             )
     out["slices"] = slices
-    ranked = sorted(
-        (s for s in slices if s["probability"] is not None), key=lambda s: -s["probability"]
-    )
-    out["top_slices"] = ranked[:4]
+    out["top_slices"] = key_slices(slices)
     reports = []
     for r in session.scalars(
         select(Report).where(Report.study_id == st.id).order_by(Report.generation.desc())
