@@ -33,6 +33,46 @@ def send(env: dict[str, str], datasets: list) -> None:  # type: ignore[type-arg]
     assoc.release()
 
 
+def check_viewer(page, expect) -> None:  # type: ignore[no-untyped-def]
+    """The slice viewer: the wheel and the keys move through the series, the chart's cursor
+    follows, the overlay toggles, a key slice is one click away."""
+    viewer = page.locator("#viewer")
+    page.wait_for_function("() => document.getElementById('viewer').dataset.ready === '1'")
+    page.wait_for_function(ALL_LOADED % "#viewer-image")
+    count = int(page.get_attribute("#viewer-slider", "max")) + 1
+    assert count >= 20  # the whole analysed series, not the key slices only
+    viewer.focus()
+    page.keyboard.press("Home")
+    assert viewer.get_attribute("data-index") == "0"
+    cursor_x = page.get_attribute("#chart-cursor", "x1")
+    viewer.hover()
+    page.mouse.wheel(0, 120)
+    page.wait_for_function("() => document.getElementById('viewer').dataset.index === '1'")
+    assert page.get_attribute("#chart-cursor", "x1") != cursor_x  # the cursor follows
+    viewer.focus()
+    page.keyboard.press("ArrowDown")
+    assert viewer.get_attribute("data-index") == "2"
+    expect(page.locator("#viewer-info")).to_contain_text(f"slice 3 of {count}")
+    expect(page.locator("#marker-left")).to_have_text("R")
+    plain = page.get_attribute("#viewer-image", "src")
+    page.check("#viewer-overlay")
+    with_overlay = page.get_attribute("#viewer-image", "src")
+    assert "overlay=1" in with_overlay and with_overlay != plain
+    page.wait_for_function(ALL_LOADED % "#viewer-image")
+    page.screenshot(path=str(SHOTS / "viewer-overlay.png"))
+    key = page.locator("#viewer-keys button").first
+    key_id = key.get_attribute("data-slice")
+    key.click()
+    assert viewer.get_attribute("data-slice") == key_id
+    page.wait_for_function(ALL_LOADED % "#viewer-image")
+    natural = page.evaluate(
+        "() => [document.getElementById('viewer-image').naturalWidth,"
+        " document.getElementById('viewer-image').naturalHeight]"
+    )
+    assert natural[0] == natural[1]  # a square field of view of square pixels
+    viewer.screenshot(path=str(SHOTS / "viewer.png"))
+
+
 def test_dashboard_in_chromium(tmp_path: Path) -> None:
     chromium = need_tool("chromium")
     try:
@@ -97,6 +137,7 @@ def test_dashboard_in_chromium(tmp_path: Path) -> None:
             expect(page.locator(".slices figure")).to_have_count(4)
             page.wait_for_function(ALL_LOADED % ".slices img")
             page.screenshot(path=str(SHOTS / "study.png"), full_page=True)
+            check_viewer(page, expect)
             page.click("text=Uploads")
             page.click("text=Upload and classify")  # nothing chosen: the page says so
             assert "Choose one or more PNG or JPEG files." in page.inner_text("ul.flashes")

@@ -461,6 +461,9 @@ def test_store_outage_during_receive_is_noted_and_recorded_by_the_sweeper(
         outage.begin()
         assert assoc.send_c_store(study[3]).Status == 0xA700
         assoc.release()
+        # the close is settled (or noted) by the association's thread after the release:
+        # wait for it, else the sweep below may run before its note exists
+        wait_for(lambda: not listener.server.active_associations, what="the close handled")
         outage.end()
         dispose_engines()
         notes = list(settings.pending_dir.glob("*.json"))

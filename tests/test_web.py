@@ -416,7 +416,7 @@ def test_study_page_and_api_show_the_lung_measurements(reader: FlaskClient, stud
 
 
 def test_overlay_draws_contours_and_opacity() -> None:
-    from web.views import OVERLAY_COLOURS, draw_overlay
+    from web.images import OVERLAY_COLOURS, draw_overlay
 
     gray = np.full((256, 256), 40, np.uint8)
     code = np.zeros((128, 128), np.uint8)
@@ -441,7 +441,7 @@ def test_overlay_of_an_analysed_study(
     from covidct.synthetic import SeriesSpec, make_study
     from covidct.testbed import spool_study
     from tests.helpers import make_tiny_model
-    from web.views import OVERLAY_COLOURS
+    from web.images import OVERLAY_COLOURS
     from worker.pipeline import analyse_study
 
     model = make_tiny_model(tmp_path / "tiny.keras", weight=12.0, bias=-3.0)
@@ -525,3 +525,84 @@ def test_key_slices_are_spread_over_the_lungs() -> None:
     # one image, no position: still shown
     single = [{"id": 1, "position": None, "probability": 0.4}]
     assert key_slices(single) == single
+
+
+@pytest.fixture
+def series(settings: Settings, study: int) -> list[int]:
+    """Five spooled slices of the study, 0.5 x 1.0 mm pixels (not square), with predictions:
+    what the viewer scrolls."""
+    import pydicom
+
+    from core.models import Instance
+    from covidct.synthetic import SeriesSpec, make_study
+
+    datasets = make_study([SeriesSpec(slices=5, rows=128)], seed=3)
+    ids = []
+    with session_scope(settings.database_url) as db:
+        for i, ds in enumerate(datasets):
+            ds.PixelSpacing = [0.5, 1.0]
+            ds.InstanceNumber = 101 + i
+            path = settings.spool_dir / f"{i}.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(path, enforce_file_format=True)
+            inst = Instance(
+                study_id=study,
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                sop_class_uid=str(ds.SOPClassUID),
+                series_instance_uid=str(ds.SeriesInstanceUID),
+                spool_path=str(path),
+            )
+            db.add(inst)
+            db.flush()
+            pred = Prediction(
+                kind="slice",
+                study_id=study,
+                instance_id=inst.id,
+                position=float(pydicom.dcmread(path).ImagePositionPatient[2]),
+                probability=0.1 * (i + 1),
+                label="x",
+                threshold=0.5,
+                model_version="m-1",
+            )
+            db.add(pred)
+            db.flush()
+            ids.append(pred.id)
+    return ids
+
+
+def test_the_viewer_gets_the_series_with_image_numbers_and_sides(
+    reader: FlaskClient, series: list[int]
+) -> None:
+    uid = "1.2.826.0.1.3680043.10.1404.77"
+    data = reader.get(f"/studies/{uid}/viewer.json").json
+    slices = data["slices"]
+    positions = [s["position"] for s in slices]
+    assert positions == sorted(positions) and sorted(s["id"] for s in slices) == series
+    # the synthetic series runs head to foot: image 101 is the top slice
+    assert [s["image_number"] for s in slices] == [105, 104, 103, 102, 101]
+    assert all(s["right_on_left"] and s["head_at_high"] for s in slices)  # axial, LPS
+    assert data["key"] and set(data["key"]) <= set(series)
+    html = reader.get(f"/studies/{uid}").get_data(as_text=True)
+    assert 'id="viewer"' in html and "viewer.js" in html
+
+
+def test_viewer_images_have_square_pixels_and_are_cached(
+    reader: FlaskClient, series: list[int], settings: Settings
+) -> None:
+    r = reader.get(f"/slices/{series[0]}/view.png?size=256")
+    assert r.status_code == 200 and r.headers["Cache-Control"] == "no-store"
+    img = Image.open(io.BytesIO(r.data))
+    # 128 x 128 pixels of 0.5 mm (rows) by 1.0 mm (columns): 64 mm tall, 128 mm wide
+    assert img.size == (256, 128)
+    cached = list((settings.data_dir / "cache" / "views").glob("*.png"))
+    assert len(cached) == 1 and cached[0].read_bytes() == r.data
+    assert reader.get(f"/slices/{series[0]}/view.png?size=256").data == r.data
+    assert reader.get(f"/slices/{series[0]}/view.png?size=300").status_code == 400
+    # no segmentation stored for this series: no overlay, said plainly
+    assert reader.get(f"/slices/{series[0]}/view.png?overlay=1").status_code == 404
+
+
+def test_viewer_needs_a_login(client: FlaskClient, series: list[int]) -> None:
+    uid = "1.2.826.0.1.3680043.10.1404.77"
+    assert client.get(f"/slices/{series[0]}/view.png").status_code == 302
+    assert client.get(f"/studies/{uid}/viewer.json").status_code == 302

@@ -58,10 +58,12 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
     from web.api import bp as api_bp
     from web.auth import bp as auth_bp
     from web.auth import user_from_bearer
+    from web.images import bp as images_bp
     from web.views import bp as views_bp
 
     app.register_blueprint(auth_bp)
     app.register_blueprint(views_bp)
+    app.register_blueprint(images_bp)
     app.register_blueprint(api_bp, url_prefix="/api")
 
     @login_manager.user_loader

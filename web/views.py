@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pydicom
 from flask import (
     Blueprint,
     abort,
@@ -21,16 +18,12 @@ from flask import (
     url_for,
 )
 from flask_login import current_user, login_required
-from PIL import Image
-from scipy import ndimage
 from sqlalchemy import select
 
-from classifier.errors import UnusableInputError
-from classifier.preprocess import to_model_input, windowed_slice
 from core import audit, lifecycle
 from core.db import session_scope
 from core.health import readiness
-from core.models import Delivery, Instance, Prediction, Report, Study, StudyState, Upload, utcnow
+from core.models import Delivery, Report, Study, StudyState, utcnow
 from core.settings import Settings
 from web.queries import (
     SORTS,
@@ -115,122 +108,33 @@ def study(uid: str) -> Any:
 
 
 def _chart(detail: dict[str, Any]) -> dict[str, Any]:
-    """Geometry of the per-slice probability chart, drawn as inline SVG (no script)."""
+    """Geometry of the per-slice probability chart, drawn as inline SVG: probability against
+    slice position (the viewer's script moves a cursor along it)."""
     pts = [s for s in detail["slices"] if s["probability"] is not None]
-    width, height, pad = 640, 180, 24
+    width, height, pad, bottom_pad = 640, 200, 24, 34
+    top, bottom = pad, height - bottom_pad
+    positions = [s["position"] for s in pts if s["position"] is not None]
+    p0, p1 = (min(positions), max(positions)) if positions else (0.0, 0.0)
+    x0, x1 = pad + 10, width - pad
+    out = {"width": width, "height": height, "top": top, "bottom": bottom, "x0": x0, "x1": x1}
+    out |= {"p0": p0, "p1": p1, "points": "", "threshold_y": None, "n": len(pts)}
     if not pts:
-        return {"points": "", "width": width, "height": height, "threshold_y": None, "n": 0}
-    n = len(pts)
-    xs = [pad + (width - 2 * pad) * (i / max(n - 1, 1)) for i in range(n)]
-    ys = [height - pad - (height - 2 * pad) * p["probability"] for p in pts]
+        return out
+
+    def x(i: int, position: float | None) -> float:
+        if position is None or p1 == p0:
+            return x0 + (x1 - x0) * (i / max(len(pts) - 1, 1))
+        return x0 + (x1 - x0) * (position - p0) / (p1 - p0)
+
+    def y(p: float) -> float:
+        return bottom - (bottom - top) * p
+
     t = detail.get("threshold")
-    return {
-        "points": " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs, ys, strict=True)),
-        "width": width,
-        "height": height,
-        "pad": pad,
-        "n": n,
-        "threshold_y": None if t is None else height - pad - (height - 2 * pad) * t,
-    }
-
-
-def _slice_source(prediction_id: int) -> tuple[pydicom.Dataset, int]:
-    with session_scope(settings().database_url) as s:
-        pred = s.get(Prediction, prediction_id)
-        if pred is None or pred.instance_id is None:
-            abort(404, "No such slice.")
-        inst = s.get(Instance, pred.instance_id)
-        if inst is None:
-            abort(404, "No such slice.")
-        path, frame = Path(inst.spool_path), pred.frame
-    try:
-        return pydicom.dcmread(path), frame
-    except OSError:
-        abort(410, "The slice is no longer in the spool.")
-    raise AssertionError("unreachable")
-
-
-OVERLAY_COLOURS = {
-    "right": (0, 255, 255),
-    "left": (255, 255, 0),
-    "ggo": (255, 150, 0),
-    "consolidation": (255, 0, 0),
-}
-
-
-def draw_overlay(gray: np.ndarray, code: np.ndarray, size: int = 400) -> np.ndarray:
-    """RGB picture: lung contours and the opacity map (``code`` bits from the worker's
-    overlay file, on the segmentation grid) over the windowed slice, at most ``size`` wide."""
-    img = Image.fromarray(gray).convert("RGB")
-    img.thumbnail((size, size))
-    rgb = np.asarray(img).copy()
-    shape = rgb.shape[:2]
-    rows = np.minimum((np.arange(shape[0]) * code.shape[0]) // shape[0], code.shape[0] - 1)
-    cols = np.minimum((np.arange(shape[1]) * code.shape[1]) // shape[1], code.shape[1] - 1)
-    big = code[np.ix_(rows, cols)]
-    for bit, name in ((4, "ggo"), (8, "consolidation")):
-        m = (big & bit) > 0
-        rgb[m] = (0.5 * rgb[m] + 0.5 * np.array(OVERLAY_COLOURS[name])).astype(np.uint8)
-    for side, name in ((1, "right"), (2, "left")):
-        lung = (big & 3) == side
-        edge = lung & ~ndimage.binary_erosion(lung)
-        rgb[edge] = OVERLAY_COLOURS[name]
-    return rgb
-
-
-def _png(arr: np.ndarray) -> Any:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    buf.seek(0)
-    response = send_file(buf, mimetype="image/png")
-    response.headers["Cache-Control"] = "private, max-age=300"
-    return response
-
-
-@bp.route("/slices/<int:prediction_id>/model.png")
-@login_required
-def slice_model_png(prediction_id: int) -> Any:
-    ds, frame = _slice_source(prediction_id)
-    try:
-        return _png(to_model_input(ds, frame=frame))
-    except UnusableInputError as exc:
-        abort(422, str(exc))
-
-
-@bp.route("/slices/<int:prediction_id>/original.png")
-@login_required
-def slice_original_png(prediction_id: int) -> Any:
-    ds, frame = _slice_source(prediction_id)
-    gray = windowed_slice(ds, frame)
-    img = Image.fromarray(gray)
-    img.thumbnail((400, 400))
-    return _png(np.asarray(img))
-
-
-@bp.route("/slices/<int:prediction_id>/overlay.png")
-@login_required
-def slice_overlay_png(prediction_id: int) -> Any:
-    """The slice in the lung window with the lungs' contour and the opacity map over it."""
-    with session_scope(settings().database_url) as s:
-        pred = s.get(Prediction, prediction_id)
-        study = s.get(Study, pred.study_id) if pred and pred.study_id is not None else None
-        q = study.quantification if study is not None else None
-        overlay = Path(str(q["overlay"])) if q and q.get("overlay") else None
-    if pred is None or q is None or overlay is None or pred.position is None:
-        abort(404, "No overlay for this slice.")
-    ds, frame = _slice_source(prediction_id)
-    if str(ds.get("SeriesInstanceUID", "")) != q.get("series_instance_uid"):
-        abort(404, "This slice's series was not segmented.")
-    try:
-        with np.load(overlay) as saved:
-            code, positions = saved["code"], saved["positions"]
-    except (OSError, KeyError, ValueError):
-        abort(410, "The overlay is no longer in the data directory.")
-    z = int(np.argmin(np.abs(positions - pred.position)))
-    if abs(float(positions[z]) - pred.position) > 0.01:
-        abort(404, "No overlay for this slice.")
-    gray = windowed_slice(ds, frame)
-    return _png(draw_overlay(gray, code[z]))
+    out["points"] = " ".join(
+        f"{x(i, s['position']):.1f},{y(s['probability']):.1f}" for i, s in enumerate(pts)
+    )
+    out["threshold_y"] = None if t is None else y(t)
+    return out
 
 
 @bp.route("/studies/<uid>/reports/<int:report_id>.dcm")
@@ -348,17 +252,3 @@ def _uploads_page() -> Any:
         refresh=refresh,
         max_mb=settings().max_upload_bytes // (1024 * 1024),
     )
-
-
-@bp.route("/uploads/<int:upload_id>/model.png")
-@login_required
-def upload_model_png(upload_id: int) -> Any:
-    with session_scope(settings().database_url) as s:
-        up = s.get(Upload, upload_id)
-        if up is None:
-            abort(404, "No such upload.")
-        path, filename = Path(up.path), up.filename
-    try:
-        return _png(to_model_input(path, max_pixels=settings().max_upload_pixels))
-    except UnusableInputError as exc:
-        abort(422, f"{filename}: {exc}")

@@ -1,0 +1,309 @@
+"""Pictures of patient data, behind login: slices as the model saw them, in the lung window,
+with the segmentation over them, and the viewer's screen-size slices with what the viewer
+needs to know about each (image number, position, probability, orientation).
+
+Rendered from the spool on demand; the viewer's images are kept under
+``<data>/cache/views`` (written once, deleted with the study's spool or whenever the disk
+needs it: they are rebuilt when asked for).  Every answer is ``no-store``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from flask import Blueprint, abort, current_app, jsonify, request, send_file
+from flask_login import login_required
+from PIL import Image
+from scipy import ndimage
+from sqlalchemy import select
+
+from classifier.errors import UnusableInputError
+from classifier.preprocess import to_model_input, windowed_slice
+from core.db import session_scope
+from core.models import Instance, Prediction, Study, Upload
+from core.settings import Settings
+from web.queries import key_slices, study_detail
+
+bp = Blueprint("images", __name__)
+
+VIEW_SIZES = (256, 512, 768, 1024)  # the viewer asks for the smallest that fills its box
+OVERLAY_COLOURS = {
+    "right": (0, 255, 255),
+    "left": (255, 255, 0),
+    "ggo": (255, 150, 0),
+    "consolidation": (255, 0, 0),
+}
+
+
+def settings() -> Settings:
+    return current_app.config["COVIDCT"]  # type: ignore[no-any-return]
+
+
+def _slice_file(prediction_id: int) -> tuple[Path, int]:
+    with session_scope(settings().database_url) as s:
+        pred = s.get(Prediction, prediction_id)
+        if pred is None or pred.instance_id is None:
+            abort(404, "No such slice.")
+        inst = s.get(Instance, pred.instance_id)
+        if inst is None:
+            abort(404, "No such slice.")
+        return Path(inst.spool_path), pred.frame
+
+
+def _read(path: Path) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except OSError:
+        abort(410, "The slice is no longer in the spool.")
+    raise AssertionError("unreachable")
+
+
+def _slice_source(prediction_id: int) -> tuple[pydicom.Dataset, int]:
+    path, frame = _slice_file(prediction_id)
+    return _read(path), frame
+
+
+def draw_overlay(gray: np.ndarray, code: np.ndarray, size: int = 400) -> np.ndarray:
+    """RGB picture: lung contours and the opacity map (``code`` bits from the worker's
+    overlay file, on the segmentation grid) over the windowed slice, at most ``size`` wide."""
+    img = Image.fromarray(gray).convert("RGB")
+    img.thumbnail((size, size))
+    rgb = np.asarray(img).copy()
+    shape = rgb.shape[:2]
+    rows = np.minimum((np.arange(shape[0]) * code.shape[0]) // shape[0], code.shape[0] - 1)
+    cols = np.minimum((np.arange(shape[1]) * code.shape[1]) // shape[1], code.shape[1] - 1)
+    big = code[np.ix_(rows, cols)]
+    for bit, name in ((4, "ggo"), (8, "consolidation")):
+        m = (big & bit) > 0
+        rgb[m] = (0.5 * rgb[m] + 0.5 * np.array(OVERLAY_COLOURS[name])).astype(np.uint8)
+    for side, name in ((1, "right"), (2, "left")):
+        lung = (big & 3) == side
+        edge = lung & ~ndimage.binary_erosion(lung)
+        rgb[edge] = OVERLAY_COLOURS[name]
+    return rgb
+
+
+def square_pixels(gray: np.ndarray, spacing: tuple[float, float], size: int) -> np.ndarray:
+    """The slice resampled so that one screen pixel is as tall as it is wide in mm
+    (PixelSpacing row, column), its longer side ``size`` pixels."""
+    rows, cols = gray.shape
+    height_mm, width_mm = rows * spacing[0], cols * spacing[1]
+    scale = size / max(height_mm, width_mm)
+    shape = (max(1, round(width_mm * scale)), max(1, round(height_mm * scale)))
+    return np.asarray(Image.fromarray(gray).resize(shape, Image.Resampling.BILINEAR))
+
+
+def _spacing(ds: pydicom.Dataset) -> tuple[float, float]:
+    try:
+        row, col = (float(v) for v in ds.PixelSpacing)
+        if row > 0 and col > 0:
+            return row, col
+    except (AttributeError, TypeError, ValueError):
+        pass
+    return 1.0, 1.0
+
+
+def _overlay_file(prediction_id: int) -> str:
+    with session_scope(settings().database_url) as s:
+        pred = s.get(Prediction, prediction_id)
+        study = s.get(Study, pred.study_id) if pred and pred.study_id is not None else None
+        q = study.quantification if study is not None else None
+    return str(q.get("overlay", "")) if q else ""
+
+
+def _overlay_code(prediction_id: int, ds: pydicom.Dataset) -> np.ndarray | None:
+    """The segmentation's code bits of this slice, or None when its series was not
+    segmented (or the overlay file is gone)."""
+    with session_scope(settings().database_url) as s:
+        pred = s.get(Prediction, prediction_id)
+        study = s.get(Study, pred.study_id) if pred and pred.study_id is not None else None
+        q = study.quantification if study is not None else None
+        position = pred.position if pred is not None else None
+    overlay = Path(str(q["overlay"])) if q and q.get("overlay") else None
+    if q is None or overlay is None or position is None:
+        return None
+    if str(ds.get("SeriesInstanceUID", "")) != q.get("series_instance_uid"):
+        return None
+    try:
+        with np.load(overlay) as saved:
+            code, positions = saved["code"], saved["positions"]
+    except (OSError, KeyError, ValueError):
+        return None
+    z = int(np.argmin(np.abs(positions - position)))
+    if abs(float(positions[z]) - position) > 0.01:
+        return None
+    return np.asarray(code[z])
+
+
+def _png(arr: np.ndarray) -> Any:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return _png_bytes(buf.getvalue())
+
+
+def _png_bytes(data: bytes) -> Any:
+    response = send_file(io.BytesIO(data), mimetype="image/png")
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.route("/slices/<int:prediction_id>/model.png")
+@login_required
+def slice_model_png(prediction_id: int) -> Any:
+    ds, frame = _slice_source(prediction_id)
+    try:
+        return _png(to_model_input(ds, frame=frame))
+    except UnusableInputError as exc:
+        abort(422, str(exc))
+
+
+@bp.route("/slices/<int:prediction_id>/original.png")
+@login_required
+def slice_original_png(prediction_id: int) -> Any:
+    ds, frame = _slice_source(prediction_id)
+    return _png(square_pixels(windowed_slice(ds, frame), _spacing(ds), 400))
+
+
+@bp.route("/slices/<int:prediction_id>/overlay.png")
+@login_required
+def slice_overlay_png(prediction_id: int) -> Any:
+    """The slice in the lung window with the lungs' contour and the opacity map over it."""
+    ds, frame = _slice_source(prediction_id)
+    code = _overlay_code(prediction_id, ds)
+    if code is None:
+        abort(404, "No overlay for this slice.")
+    gray = square_pixels(windowed_slice(ds, frame), _spacing(ds), 400)
+    return _png(draw_overlay(gray, code))
+
+
+@bp.route("/slices/<int:prediction_id>/view.png")
+@login_required
+def slice_view_png(prediction_id: int) -> Any:
+    """The viewer's image: square pixels, ``size`` (one of :data:`VIEW_SIZES`) on its longer
+    side, the segmentation drawn over it with ``overlay=1``; rendered once, then served from
+    the cache."""
+    size = request.args.get("size", "512")
+    if not size.isdigit() or int(size) not in VIEW_SIZES:
+        abort(400, f"size must be one of {', '.join(map(str, VIEW_SIZES))}")
+    overlay = request.args.get("overlay", "0") == "1"
+    path, frame = _slice_file(prediction_id)
+    # keyed by what the picture shows (the file, the frame, the segmentation's generation),
+    # not by the prediction's id, which a re-run replaces
+    key = f"{path}|{frame}|{_overlay_file(prediction_id) if overlay else ''}|{size}"
+    name = hashlib.sha256(key.encode()).hexdigest()[:32]
+    cached = settings().data_dir / "cache" / "views" / f"{name}.png"
+    if cached.is_file():
+        return _png_bytes(cached.read_bytes())
+    ds = _read(path)
+    gray = square_pixels(windowed_slice(ds, frame), _spacing(ds), int(size))
+    if overlay:
+        code = _overlay_code(prediction_id, ds)
+        if code is None:
+            abort(404, "No overlay for this slice.")
+        arr = draw_overlay(gray, code, int(size))
+    else:
+        arr = gray
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    data = buf.getvalue()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, cached)  # whole or absent: two requests may render it at once
+    return _png_bytes(data)
+
+
+UNKNOWN = {"image_number": None, "right_on_left": True, "head_at_high": True}
+
+
+def _image_facts(path: str) -> dict[str, Any]:
+    """What the viewer shows of one instance: its image number (to find it in the PACS),
+    which side of the picture is the patient's right, and whether a higher slice position
+    lies towards the head."""
+    try:
+        ds = pydicom.dcmread(
+            path,
+            stop_before_pixels=True,
+            specific_tags=["InstanceNumber", "ImageOrientationPatient"],
+        )
+    except (OSError, pydicom.errors.InvalidDicomError):
+        return dict(UNKNOWN)
+    number = ds.get("InstanceNumber")
+    iop = [float(v) for v in ds.get("ImageOrientationPatient") or []]
+    facts = dict(UNKNOWN)
+    facts["image_number"] = int(number) if number not in (None, "") else None
+    if len(iop) == 6:
+        # the row direction's x > 0: columns run towards the patient's left, so the picture's
+        # left edge is the patient's right (the radiological convention)
+        facts["right_on_left"] = iop[0] >= 0
+        # the slice normal (row x column) along +z points to the head
+        facts["head_at_high"] = iop[0] * iop[4] - iop[1] * iop[3] >= 0
+    return facts
+
+
+@bp.route("/studies/<uid>/viewer.json")
+@login_required
+def viewer_data(uid: str) -> Any:
+    """The analysed series, slice by slice from foot to head: what the viewer scrolls."""
+    with session_scope(settings().database_url) as s:
+        detail = study_detail(s, uid)
+        if detail is None:
+            abort(404, "No such study.")
+        ids = [sl["id"] for sl in detail["slices"]]
+        paths = dict(
+            s.execute(
+                select(Prediction.id, Instance.spool_path)
+                .join(Instance, Instance.id == Prediction.instance_id)
+                .where(Prediction.id.in_(ids))
+            ).all()
+        )
+    digest = hashlib.sha256("|".join(sorted(paths.values())).encode()).hexdigest()[:32]
+    cache = settings().data_dir / "cache" / "views" / f"{digest}.json"
+    if cache.is_file():
+        facts = json.loads(cache.read_text())
+    else:
+        facts = {str(i): _image_facts(paths[i]) for i in ids if i in paths}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(facts))
+        os.replace(tmp, cache)
+    slices = [
+        {
+            "id": sl["id"],
+            "position": sl["position"],
+            "probability": sl["probability"],
+            "skipped": sl["skipped"],
+            **facts.get(str(sl["id"]), UNKNOWN),
+        }
+        for sl in detail["slices"]
+    ]
+    response = jsonify(
+        slices=slices,
+        key=[sl["id"] for sl in key_slices(detail["slices"])],
+        threshold=detail["threshold"],
+        overlay=bool(detail["quantification"]),
+        sizes=list(VIEW_SIZES),
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+@bp.route("/uploads/<int:upload_id>/model.png")
+@login_required
+def upload_model_png(upload_id: int) -> Any:
+    with session_scope(settings().database_url) as s:
+        up = s.get(Upload, upload_id)
+        if up is None:
+            abort(404, "No such upload.")
+        path, filename = Path(up.path), up.filename
+    try:
+        return _png(to_model_input(path, max_pixels=settings().max_upload_pixels))
+    except UnusableInputError as exc:
+        abort(422, f"{filename}: {exc}")
