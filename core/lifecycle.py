@@ -295,46 +295,36 @@ def resend_delivery(s: Executor, delivery_id: int, now: datetime) -> bool:
 
 # --- the doorbell -------------------------------------------------------------------------
 
-KINDS = ("study", "upload", "delivery")
-
 
 def rung(s: Executor, kind: str, obj_id: int, now: datetime, hold_seconds: float) -> None:
     """Stamp a row's doorbell as rung now.  A delivery is held off for ``hold_seconds`` (its
     task sets the real next attempt); a study or upload is rung again by the sweeper when
     its message has not been taken after its interval."""
-    if kind == "study":
-        s.execute(
-            update(Study)
-            .where(Study.id == obj_id, Study.state == StudyState.QUEUED)
-            .values(queued_at=now)
-        )
-    elif kind == "upload":
-        s.execute(update(Upload).where(Upload.id == obj_id).values(queued_at=now))
-    elif kind == "delivery":
-        s.execute(
-            update(Delivery)
-            .where(Delivery.id == obj_id, Delivery.state == DeliveryState.PENDING)
-            .values(next_attempt_at=now + timedelta(seconds=hold_seconds))
-        )
-    else:
-        raise ValueError(f"no doorbell for {kind!r}")
+    _stamp(s, kind, obj_id, rung_at=now, next_attempt_at=now + timedelta(seconds=hold_seconds))
 
 
 def missed(s: Executor, kind: str, obj_id: int, now: datetime) -> None:
     """The message could not be sent (the broker is down): the row is due at the next sweep."""
+    _stamp(s, kind, obj_id, rung_at=NOT_RUNG, next_attempt_at=now)
+
+
+def _stamp(
+    s: Executor, kind: str, obj_id: int, rung_at: datetime, next_attempt_at: datetime
+) -> None:
     if kind == "study":
-        s.execute(
+        statement = (
             update(Study)
             .where(Study.id == obj_id, Study.state == StudyState.QUEUED)
-            .values(queued_at=NOT_RUNG)
+            .values(queued_at=rung_at)
         )
     elif kind == "upload":
-        s.execute(update(Upload).where(Upload.id == obj_id).values(queued_at=NOT_RUNG))
+        statement = update(Upload).where(Upload.id == obj_id).values(queued_at=rung_at)
     elif kind == "delivery":
-        s.execute(
+        statement = (
             update(Delivery)
             .where(Delivery.id == obj_id, Delivery.state == DeliveryState.PENDING)
-            .values(next_attempt_at=now)
+            .values(next_attempt_at=next_attempt_at)
         )
     else:
         raise ValueError(f"no doorbell for {kind!r}")
+    s.execute(statement)
