@@ -32,26 +32,32 @@ def demo_studies(count: int) -> list[list[pydicom.Dataset]]:
     recipes = [
         (
             "Demo^GroundGlass",
+            "Demo: drawn chest, multifocal ground glass",
             [
                 SeriesSpec(slices=40, ground_glass=True, multifocal=True),
                 SeriesSpec(kind="localizer"),
                 SeriesSpec(slices=8, kind="derived"),
             ],
         ),
-        ("Demo^Clear", [SeriesSpec(slices=40), SeriesSpec(kind="localizer")]),
+        (
+            "Demo^Clear",
+            "Demo: drawn chest, clear lungs",
+            [SeriesSpec(slices=40), SeriesSpec(kind="localizer")],
+        ),
     ]
     studies = []
     for i in range(max(0, count - 1)):
-        name, series = recipes[i % len(recipes)]
-        studies.append(
-            make_study(
-                series,
-                patient_name=name,
-                patient_id=f"DEMO{i + 1:03d}",
-                accession=f"DEMO{i + 1:05d}",
-                seed=100 + i,
-            )
+        name, description, series = recipes[i % len(recipes)]
+        study = make_study(
+            series,
+            patient_name=name,
+            patient_id=f"DEMO{i + 1:03d}",
+            accession=f"DEMO{i + 1:05d}",
+            seed=100 + i,
         )
+        for ds in study:
+            ds.StudyDescription = description
+        studies.append(study)
     if count >= 1:
         studies.append([_pydicom_ct()])
     return studies
@@ -65,6 +71,7 @@ def _pydicom_ct() -> pydicom.Dataset:
     ds.SOPInstanceUID = generate_uid(prefix=ROOT)
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.PatientName, ds.PatientID = "Demo^PydicomCT", "DEMOPYD"
+    ds.StudyDescription = "Demo: one CT slice (pydicom's CT_small), not a chest series"
     return ds
 
 

@@ -300,6 +300,12 @@ def test_upload_task(celery_setup: tuple, tmp_path: Path) -> None:
         ok, failed = s.get(Upload, ids[0]), s.get(Upload, ids[1])
         assert ok is not None and ok.probability is not None and ok.label
         assert failed is not None and "PNG or JPEG" in failed.state_reason
+        from web.queries import list_uploads
+
+        listed = {u["id"]: u for u in list_uploads(s)}
+        # the threshold the score was called against, shown beside it
+        assert listed[ids[0]]["threshold"] == pytest.approx(0.5, abs=0.5)
+        assert listed[ids[1]]["threshold"] is None
 
 
 def test_worker_killed_mid_task_is_redelivered_and_finished_once(

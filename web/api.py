@@ -10,7 +10,14 @@ from flask_login import current_user, login_required
 from core.db import session_scope
 from core.models import Upload
 from core.settings import Settings
-from web.queries import Filters, list_studies, list_uploads, study_detail, upload_dict
+from web.queries import (
+    Filters,
+    list_studies,
+    list_uploads,
+    study_detail,
+    upload_dict,
+    uploads_with_thresholds,
+)
 from web.session import NOTICE
 from web.uploads import UploadRejected, accept_upload, queue_upload
 
@@ -83,4 +90,5 @@ def upload(upload_id: int) -> Any:
         up = s.get(Upload, upload_id)
         if up is None:
             abort(404, "no such upload")
-        return jsonify(notice=NOTICE, **upload_dict(up))
+        (item,) = uploads_with_thresholds(s, [up])
+        return jsonify(notice=NOTICE, **item)

@@ -19,6 +19,7 @@ from werkzeug.exceptions import HTTPException
 from core.db import session_scope, upgrade
 from core.models import User
 from core.settings import Settings
+from web.queries import dicom_date, state_words, utc_text
 from web.session import NOTICE, SessionUser
 
 logger = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
         response.headers["Referrer-Policy"] = "no-referrer"
         response.headers.setdefault("Cache-Control", "no-store")
         return response
+
+    app.jinja_env.filters.update(dicom_date=dicom_date, utc_text=utc_text, state_words=state_words)
 
     @app.context_processor
     def _globals() -> dict[str, Any]:

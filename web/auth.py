@@ -61,7 +61,7 @@ def login() -> Any:
         if snapshot is not None:
             login_user(snapshot)
             return redirect(_safe_next(request.args.get("next")))
-        flash("Wrong user name or password.")
+        flash("Wrong user name or password.", "error")
         return render_template("login.html"), 401
     return render_template("login.html")
 

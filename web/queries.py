@@ -63,6 +63,37 @@ class Filters:
         return {k: v for k, v in out.items() if v not in ("", None)}
 
 
+STATE_WORDS = {
+    "receiving": "receiving",
+    "queued": "queued",
+    "processing": "being analysed",
+    "done": "done",
+    "not_analysable": "not analysable",
+    "failed": "failed",
+}
+
+
+def state_words(state: str) -> str:
+    return STATE_WORDS.get(state, state)
+
+
+def dicom_date(value: str) -> str:
+    """``20261206`` -> ``2026-12-06``; anything else as it is."""
+    if len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return value
+
+
+def utc_text(iso: str) -> str:
+    """``2026-12-06T23:41:05+00:00`` -> ``2026-12-06 23:41 UTC`` (the page's script shows it
+    in the browser's time zone)."""
+    try:
+        when = datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    return when.strftime("%Y-%m-%d %H:%M UTC")
+
+
 def report_state(session: Session, study_id: int) -> str:
     """none | pending | delivered | failed | partial, over the latest report's deliveries."""
     report = session.scalar(
@@ -256,8 +287,9 @@ def study_detail(session: Session, uid: str) -> dict[str, Any] | None:
     return out
 
 
-def upload_dict(up: Upload) -> dict[str, Any]:
+def upload_dict(up: Upload, threshold: float | None = None) -> dict[str, Any]:
     return {
+        "threshold": threshold,
         "id": up.id,
         "filename": up.filename,
         "state": up.state,
@@ -274,4 +306,16 @@ def upload_dict(up: Upload) -> dict[str, Any]:
 
 def list_uploads(session: Session, limit: int = 100) -> list[dict[str, Any]]:
     rows = session.scalars(select(Upload).order_by(Upload.id.desc()).limit(limit)).all()
-    return [upload_dict(u) for u in rows]
+    return uploads_with_thresholds(session, list(rows))
+
+
+def uploads_with_thresholds(session: Session, rows: list[Upload]) -> list[dict[str, Any]]:
+    """Each upload with the threshold its score was called against (None before)."""
+    thresholds = dict(
+        session.execute(
+            select(Prediction.upload_id, Prediction.threshold).where(
+                Prediction.kind == "upload", Prediction.upload_id.in_([u.id for u in rows])
+            )
+        ).all()
+    )
+    return [upload_dict(u, thresholds.get(u.id)) for u in rows]

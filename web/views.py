@@ -174,13 +174,19 @@ def rerun(uid: str) -> Any:
         if study_id is None:
             abort(404, "No such study.")
         if not lifecycle.rerun_study(s, study_id, utcnow()):
-            flash("The study is still being received, queued or processed: nothing to re-run.")
+            flash(
+                "The study is still being received, queued or processed: nothing to re-run.",
+                "error",
+            )
             return redirect(url_for("views.study", uid=uid))
         audit.record(s, current_user.username, "study.rerun", uid, remote=request.remote_addr or "")
     if ring(settings(), STUDY_TASK, study_id):
         flash("Re-run queued.")
     else:
-        flash("Re-run recorded; the broker is unavailable, it will be queued when it is back.")
+        flash(
+            "Re-run recorded; the broker is unavailable, it will be queued when it is back.",
+            "error",
+        )
     return redirect(url_for("views.study", uid=uid))
 
 
@@ -199,11 +205,11 @@ def resend(delivery_id: int) -> Any:
             abort(404, "No such delivery.")
         uid = st.study_instance_uid
     if not resend_delivery(settings(), delivery_id, current_user.username):
-        flash("An attempt to send this report is running now: nothing to re-send.")
+        flash("An attempt to send this report is running now: nothing to re-send.", "error")
     elif ring(settings(), DELIVER_TASK, delivery_id):
         flash("Re-send queued.")
     else:
-        flash("Re-send recorded; it will be sent when the broker is back.")
+        flash("Re-send recorded; it will be sent when the broker is back.", "error")
     return redirect(url_for("views.study", uid=uid))
 
 
@@ -213,7 +219,7 @@ def uploads() -> Any:
     if request.method == "POST":
         files = [f for f in request.files.getlist("file") if f and f.filename]
         if not files:
-            flash("Choose one or more PNG or JPEG files.")
+            flash("Choose one or more PNG or JPEG files.", "error")
             return _uploads_page(), 400
         errors = []
         accepted = []
@@ -234,7 +240,7 @@ def uploads() -> Any:
         for a in accepted:
             queue_upload(settings(), a.id)
         for e in errors:
-            flash(e)
+            flash(e, "error")
         if not accepted:
             return _uploads_page(), 400
         flash(f"{len(accepted)} image(s) queued.")

@@ -20,7 +20,7 @@ from classifier.errors import ClassifierError, UnusableInputError
 from classifier.inference import Classifier
 from core import lifecycle
 from core.db import dispose_engines, session_scope
-from core.models import Delivery, DeliveryState, Upload
+from core.models import Delivery, DeliveryState, Prediction, Upload
 from core.settings import Settings
 from worker.app import DELIVER_TASK, STUDY_TASK, UPLOAD_TASK, publish, ring
 from worker.delivery import BUSY, deliver
@@ -144,13 +144,23 @@ def analyse_upload(settings: Settings, upload_id: int, classifier: Classifier) -
             lifecycle.fail_upload(s, upload_id, str(exc))
         return "failed"
     with session_scope(settings.database_url) as s:
-        lifecycle.finish_upload(
+        if lifecycle.finish_upload(
             s,
             upload_id,
             probability=pred.probability,
             label=pred.label,
             model_version=classifier.version,
-        )
+        ):  # the threshold it was called against, for the page and the API
+            s.add(
+                Prediction(
+                    kind="upload",
+                    upload_id=upload_id,
+                    probability=pred.probability,
+                    label=pred.label,
+                    threshold=classifier.threshold,
+                    model_version=classifier.version,
+                )
+            )
     return "done"
 
 
