@@ -151,7 +151,8 @@ def test_dashboard_in_chromium(tmp_path: Path) -> None:
                 "the upload to be classified",
             )
             text = upload_row.inner_text()
-            assert "slice.png" in text and ("COVID-19" in text or "non-COVID" in text)
+            assert "slice.png" in text and ("Present" in text or "Absent" in text)
+            assert "(threshold 0." in text and "+00:00" not in text
             page.wait_for_function(ALL_LOADED % "table.uploads img")
             page.screenshot(path=str(SHOTS / "uploads.png"), full_page=True)
             browser.close()
