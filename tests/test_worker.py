@@ -496,3 +496,38 @@ def test_embedded_broker_messages_appear_whole(
     (tmp_path / "ours").mkdir()
     assert _visible_while_written(filesystem.Channel, monkeypatch, tmp_path / "kombu") != [[]]
     assert _visible_while_written(fs_transport.Channel, monkeypatch, tmp_path / "ours") == [[]]
+
+
+def test_embedded_broker_wait_ends_when_the_worker_is_asked_to_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery's loop for the embedded broker waits 2 s for messages before it looks at a stop
+    request; the transport ends the wait as soon as one is made (Ctrl-C was 2-3 s slower)."""
+    import threading
+
+    from celery.worker import state
+
+    from worker.app import make_celery
+
+    settings = load_settings({"COVIDCT_DATA_DIR": str(tmp_path / "var")})
+    app = make_celery(settings)
+    with app.connection_for_read() as conn:
+        consumer = conn.SimpleQueue("studies")
+        monkeypatch.setattr(state, "should_stop", None)
+        timer = threading.Timer(0.3, lambda: setattr(state, "should_stop", 0))
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=30.0)
+        waited = time.monotonic() - started
+        consumer.close()
+    assert waited < 5.0, f"the wait went on {waited:.1f} s after the stop request"
+    # with no stop request, the wait lasts its timeout
+    monkeypatch.setattr(state, "should_stop", None)
+    with app.connection_for_read() as conn:
+        consumer = conn.SimpleQueue("studies")
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            conn.drain_events(timeout=0.6)
+        assert time.monotonic() - started >= 0.55
+        consumer.close()
