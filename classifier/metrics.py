@@ -6,6 +6,7 @@ with known outputs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -169,3 +170,16 @@ def fit_temperature(y: np.ndarray, p: np.ndarray) -> float:
         if nll < best_nll:
             best_t, best_nll = float(t), nll
     return best_t
+
+
+def wilson(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """95% Wilson score interval of a proportion (sound for small counts and for 0 or 1,
+    where the normal approximation is not); None without trials."""
+    if trials <= 0:
+        return None
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = (
+        z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    )
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -103,6 +103,9 @@ class Quantification:
     opacity: np.ndarray | None = field(default=None, repr=False)
     # the quality gate (classifier.lungcheck); None only for quantifications built by hand
     check: LungCheck | None = None
+    # per lung, the slice positions (mm) of its top and bottom: the zones are its thirds
+    extents: dict[str, tuple[float, float]] = field(default_factory=dict)
+    head_at_high: bool = True  # a higher slice position lies towards the head
 
     @property
     def lungs_ok(self) -> bool:
@@ -168,6 +171,8 @@ class Quantification:
             "lower_predominant": self.lower_predominant,
             "pattern": self.pattern,
             "notes": list(self.notes),
+            "extents": {k: list(v) for k, v in self.extents.items()},
+            "head_at_high": self.head_at_high,
             **(self.check.as_dict() if self.check is not None else {"lungs_ok": True}),
         }
 
@@ -200,6 +205,24 @@ def opacity_masks(hu: np.ndarray, labels: np.ndarray, pixel_mm: float) -> np.nda
     return kind
 
 
+def zone_at(q: dict[str, object], position: float) -> str:
+    """The zone a slice at ``position`` (mm) lies in, from stored measurements: "upper" when
+    both lungs agree, "right upper, left middle" when they do not, "" outside the lungs."""
+    extents = q.get("extents") or {}
+    head_at_high = bool(q.get("head_at_high", True))
+    named = []
+    for side, (lo, hi) in extents.items():  # type: ignore[union-attr]
+        if not lo - 1e-6 <= position <= hi + 1e-6:
+            continue
+        t = min(2, int((position - lo) / max(hi - lo, 1e-9) * 3))
+        named.append((side, ZONES[2 - t if head_at_high else t]))
+    if not named:
+        return ""
+    if len({zone for _, zone in named}) == 1:
+        return named[0][1]
+    return ", ".join(f"{side} {zone}" for side, zone in named)
+
+
 def quantify(grid: Grid, lungs: Lungs) -> Quantification:
     """Measure ``lungs`` (segmented on ``grid``): one pass counts every voxel into
     (lung, zone, rim or core, clear / ground glass / consolidation), weighted by its volume."""
@@ -212,11 +235,13 @@ def quantify(grid: Grid, lungs: Lungs) -> Quantification:
     rim = _rim(labels)
     pos = np.asarray(grid.positions, dtype=np.float64)[zs]
     third = np.zeros((3, zs.size), dtype=np.int64)  # per side: zone index of each slice
-    for side in SIDES:
+    extents: dict[str, tuple[float, float]] = {}
+    for side, side_name in SIDES.items():
         present = (labels == side).any(axis=(1, 2))
         if not present.any():
             continue
         lo, hi = pos[present].min(), pos[present].max()
+        extents[side_name] = (float(lo), float(hi))
         t = np.clip(((pos - lo) / max(hi - lo, 1e-9) * 3).astype(np.int64), 0, 2)
         third[side] = 2 - t if grid.head_at_high_z else t  # 0 = upper
     zone = third[labels, np.arange(zs.size)[:, None, None]]
@@ -249,6 +274,8 @@ def quantify(grid: Grid, lungs: Lungs) -> Quantification:
         list(lungs.notes),
         opacity,
         check_lungs(lungs, right, left),
+        extents,
+        grid.head_at_high_z,
     )
 
 

@@ -263,6 +263,27 @@ class ApiToken(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class Review(Base):
+    """A radiologist's read of a study, beside what the AI said when they read it: one per
+    user and study, editable (every change audited)."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (UniqueConstraint("study_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    call: Mapped[str] = mapped_column(String(16))  # covid | pneumonia | normal | indeterminate
+    agree: Mapped[bool] = mapped_column(Boolean)
+    comment: Mapped[str] = mapped_column(Text, default="")
+    # the AI's answer the reader saw (a re-run may change the study's own)
+    ai_verdict: Mapped[str | None] = mapped_column(String(16), default=None)
+    ai_probability: Mapped[float | None] = mapped_column(Float, default=None)
+    model_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
 class AuditEvent(Base):
     __tablename__ = "audit_log"
 

@@ -73,6 +73,21 @@ def check_viewer(page, expect) -> None:  # type: ignore[no-untyped-def]
     viewer.screenshot(path=str(SHOTS / "viewer.png"))
 
 
+def check_review(page, expect) -> None:  # type: ignore[no-untyped-def]
+    """A reader records their read on the study page, then sees it counted on the
+    performance page."""
+    page.select_option("form.review select[name=call]", "covid")
+    page.check("form.review input[name=agree][value=false]")
+    page.fill("form.review textarea[name=comment]", "bilateral GGO")
+    page.click("text=Record your read")
+    expect(page.locator(".flashes")).to_contain_text("Review saved.")
+    expect(page.locator("table.reviews")).to_contain_text("bilateral GGO")
+    page.click("text=Performance")
+    expect(page.locator("h1")).to_contain_text("The AI against its readers")
+    expect(page.locator("dd.agreement")).to_contain_text("(0 of 1")
+    page.screenshot(path=str(SHOTS / "performance.png"), full_page=True)
+
+
 def test_dashboard_in_chromium(tmp_path: Path) -> None:
     chromium = need_tool("chromium")
     try:
@@ -138,6 +153,7 @@ def test_dashboard_in_chromium(tmp_path: Path) -> None:
             page.wait_for_function(ALL_LOADED % ".slices img")
             page.screenshot(path=str(SHOTS / "study.png"), full_page=True)
             check_viewer(page, expect)
+            check_review(page, expect)
             page.click("text=Uploads")
             page.click("text=Upload and classify")  # nothing chosen: the page says so
             assert "Choose one or more PNG or JPEG files." in page.inner_text("ul.flashes")

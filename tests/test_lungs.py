@@ -308,3 +308,19 @@ def test_a_series_cut_at_an_end_is_not_held_to_the_whole_volume() -> None:
     small = Grid(grid.hu, grid.positions * 0.3, grid.pixel_mm)  # a third of the volume
     check = quantify(small, segment(small)).check
     assert check is not None and check.ok and check.volume_ml < 1200
+
+
+def test_the_zone_of_a_slice_position() -> None:
+    """The page names the zone of a key slice from the stored measurements: each lung's
+    thirds from apex to base."""
+    from classifier.quantify import zone_at
+
+    grid, _ = scan(Chest(), 5.0)
+    q = quantify(grid, segment(grid)).as_dict()
+    lo, hi = q["extents"]["right"]  # type: ignore[index]
+    assert zone_at(q, hi) == "upper" and zone_at(q, lo) == "lower"
+    assert zone_at(q, (lo + hi) / 2) == "middle"
+    assert zone_at(q, hi + 50.0) == ""
+    uneven = {"extents": {"right": [0.0, 90.0], "left": [0.0, 60.0]}, "head_at_high": True}
+    assert zone_at(uneven, 55.0) == "right middle, left upper"
+    assert zone_at({"extents": {"right": [0.0, 90.0]}, "head_at_high": False}, 80.0) == "lower"

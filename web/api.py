@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, abort, current_app, jsonify, request
+from flask import Blueprint, Response, abort, current_app, jsonify, request
 from flask_login import current_user, login_required
+from sqlalchemy import select
 
 from core.db import session_scope
-from core.models import Upload
+from core.models import Study, Upload
 from core.settings import Settings
 from web.queries import (
     Filters,
@@ -17,6 +18,14 @@ from web.queries import (
     study_detail,
     upload_dict,
     uploads_with_thresholds,
+)
+from web.reviews import (
+    ReviewInput,
+    ReviewRejected,
+    performance,
+    review_dict,
+    reviews_csv,
+    save_review,
 )
 from web.session import NOTICE
 from web.uploads import UploadRejected, accept_upload, queue_upload
@@ -49,6 +58,43 @@ def study(uid: str) -> Any:
     if detail is None:
         abort(404, "no such study")
     return jsonify(notice=NOTICE, **detail)
+
+
+@bp.route("/studies/<uid>/reviews", methods=["POST"])
+@login_required
+def create_review(uid: str) -> Any:
+    """This user's read of the study: 201 when new, 200 when it replaces theirs."""
+    try:
+        given = ReviewInput.parse(request.get_json(silent=True))
+    except ReviewRejected as exc:
+        abort(400, str(exc))
+    with session_scope(settings().database_url) as s:
+        st = s.scalar(select(Study).where(Study.study_instance_uid == uid))
+        if st is None:
+            abort(404, "no such study")
+        review, created = save_review(
+            s, st, current_user.id, current_user.username, given, request.remote_addr or ""
+        )
+        body = review_dict(review, current_user.username)
+    return jsonify(notice=NOTICE, **body), 201 if created else 200
+
+
+@bp.route("/performance")
+@login_required
+def performance_figures() -> Any:
+    with session_scope(settings().database_url) as s:
+        return jsonify(notice=NOTICE, **performance(s))
+
+
+@bp.route("/reviews.csv")
+@login_required
+def reviews_export() -> Any:
+    with session_scope(settings().database_url) as s:
+        text = reviews_csv(s)
+    response = Response(text, mimetype="text/csv")
+    response.headers["Content-Disposition"] = "attachment; filename=covidct-reviews.csv"
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 @bp.route("/uploads", methods=["GET"])

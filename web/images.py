@@ -280,6 +280,7 @@ def viewer_data(uid: str) -> Any:
             "position": sl["position"],
             "probability": sl["probability"],
             "skipped": sl["skipped"],
+            "zone": sl["zone"],
             **facts.get(str(sl["id"]), UNKNOWN),
         }
         for sl in detail["slices"]

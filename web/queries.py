@@ -9,7 +9,9 @@ from typing import Any
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
+from classifier.quantify import zone_at
 from core.models import Delivery, Prediction, Report, Study, StudyState, Upload
+from web.reviews import study_reviews
 
 PAGE_SIZE = 25
 STATES = [s.value for s in StudyState]
@@ -254,7 +256,11 @@ def study_detail(session: Session, uid: str) -> dict[str, Any] | None:
                 }
             )
     out["slices"] = slices
+    q = st.quantification or {}
+    for s in slices:
+        s["zone"] = zone_at(q, s["position"]) if s["position"] is not None else ""
     out["top_slices"] = key_slices(slices)
+    out["reviews"] = study_reviews(session, st.id)
     reports = []
     for r in session.scalars(
         select(Report).where(Report.study_id == st.id).order_by(Report.generation.desc())

@@ -34,6 +34,7 @@ from web.queries import (
     list_uploads,
     study_detail,
 )
+from web.reviews import CALLS, ReviewInput, ReviewRejected, performance, save_review
 from web.uploads import UploadRejected, accept_upload, queue_upload
 
 bp = Blueprint("views", __name__)
@@ -102,8 +103,14 @@ def study(uid: str) -> Any:
         detail = study_detail(s, uid)
     if detail is None:
         abort(404, "No such study.")
+    mine = next((r for r in detail["reviews"] if r["user"] == current_user.username), None)
     return render_template(
-        "study.html", st=detail, chart=_chart(detail), refresh=detail["state"] in IN_FLIGHT
+        "study.html",
+        st=detail,
+        chart=_chart(detail),
+        refresh=detail["state"] in IN_FLIGHT,
+        calls=CALLS,
+        mine=mine,
     )
 
 
@@ -188,6 +195,34 @@ def rerun(uid: str) -> Any:
             "error",
         )
     return redirect(url_for("views.study", uid=uid))
+
+
+@bp.route("/studies/<uid>/review", methods=["POST"])
+@login_required
+def review(uid: str) -> Any:
+    """The study page's form: this user's read (one per user, edited in place)."""
+    try:
+        given = ReviewInput.parse(request.form)
+    except ReviewRejected as exc:
+        flash(f"Review not saved: {exc}.", "error")
+        return redirect(url_for("views.study", uid=uid))
+    with session_scope(settings().database_url) as s:
+        st = s.scalar(select(Study).where(Study.study_instance_uid == uid))
+        if st is None:
+            abort(404, "No such study.")
+        _, created = save_review(
+            s, st, current_user.id, current_user.username, given, request.remote_addr or ""
+        )
+    flash("Review saved." if created else "Review updated.")
+    return redirect(url_for("views.study", uid=uid) + "#reviews")
+
+
+@bp.route("/performance")
+@login_required
+def performance_page() -> Any:
+    with session_scope(settings().database_url) as s:
+        figures = performance(s)
+    return render_template("performance.html", p=figures)
 
 
 @bp.route("/deliveries/<int:delivery_id>/resend", methods=["POST"])

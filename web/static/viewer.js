@@ -37,7 +37,8 @@
     const score = s.probability === null
       ? `not analysed: ${s.skipped || "no score"}`
       : `p = ${s.probability.toFixed(3)}`;
-    return `${number} · slice ${i + 1} of ${slices.length}${where} · ${score}`;
+    const zone = s.zone ? ` · ${s.zone} zone` : "";
+    return `${number} · slice ${i + 1} of ${slices.length}${where}${zone} · ${score}`;
   }
 
   function moveCursor(s) {
@@ -123,9 +124,14 @@
         const b = document.createElement("button");
         b.type = "button";
         b.dataset.slice = String(id);
-        b.textContent = `image ${s.image_number ?? "?"} (p = ${s.probability.toFixed(2)})`;
+        const zone = s.zone ? `, ${s.zone}` : "";
+        b.textContent = `image ${s.image_number ?? "?"}${zone} (p = ${s.probability.toFixed(2)})`;
         b.addEventListener("click", () => jumpTo(id));
         keys.appendChild(b);
+      });
+      document.querySelectorAll("[data-image-number-for]").forEach((el) => {
+        const s = slices.find((x) => x.id === Number(el.dataset.imageNumberFor));
+        if (s && s.image_number !== null) el.textContent = `image ${s.image_number}, `;
       });
       const first = slices.findIndex((s) => s.id === data.key[0]);
       show(first >= 0 ? first : Math.floor(slices.length / 2));
