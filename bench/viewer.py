@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -43,7 +44,7 @@ def main() -> int:
 
     from classifier.inference import Classifier
     from classifier.preprocess import windowed_slice
-    from core.db import session_scope
+    from core.db import session_scope, upgrade
     from core.models import Instance, Study
     from core.settings import load_settings
     from core.users import create_user
@@ -54,6 +55,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = load_settings({"COVIDCT_DATA_DIR": str(Path(tmp) / "var")})
+        upgrade(settings.database_url)
         study_id = spool_study(settings, make_study([SeriesSpec(slices=args.slices)]))
         outcome = analyse_study(settings, study_id, Classifier(settings.model_path))
         assert outcome.state == "done", outcome
@@ -61,9 +63,14 @@ def main() -> int:
             uid = s.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
             path = s.scalar(select(Instance.spool_path).where(Instance.study_id == study_id))
             create_user(s, "bench", "a bench password")
-        app = create_app(settings, {"WTF_CSRF_ENABLED": False})
-        client = app.test_client()
-        client.post("/login", data={"username": "bench", "password": "a bench password"})
+        client = create_app(settings).test_client()
+        form = client.get("/login").get_data(as_text=True)
+        token = re.search(r'name="csrf_token" value="([^"]+)"', form)
+        assert token is not None
+        client.post(
+            "/login",
+            data={"username": "bench", "password": "a bench password", "csrf_token": token[1]},
+        )
 
         def get(url: str) -> bytes:
             r = client.get(url)
