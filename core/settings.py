@@ -84,6 +84,8 @@ class Settings:
     max_upload_bytes: int = 20 * 1024 * 1024
     max_upload_pixels: int = 40_000_000
     web_secure_cookies: bool = False
+    login_max_failures: int = 5
+    login_window_seconds: float = 900.0
     log_level: str = "INFO"
 
     @property
@@ -182,6 +184,8 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "max_upload_bytes": v.int_range(1024, 1024**3),
     "max_upload_pixels": v.int_range(1024, 10**9),
     "web_secure_cookies": v.boolean,
+    "login_max_failures": v.int_range(1, 1000),
+    "login_window_seconds": v.float_range(10.0, 86400.0),
     "log_level": v.level,
     "database_url": v.db_url,
     "broker_url": v.broker_url,

@@ -54,6 +54,13 @@ def authenticate(session: Session, username: str, password: str) -> User | None:
     return user
 
 
+def end_sessions(session: Session, user_id: int) -> None:
+    """Every browser session of the user ends now (they log in again)."""
+    user = session.get(User, user_id)
+    if user is not None:
+        user.session_version += 1
+
+
 def create_token(session: Session, username: str) -> str:
     """Make a bearer token for ``username``; the token itself is returned once, never stored."""
     user = session.scalar(select(User).where(User.username == username))

@@ -129,7 +129,7 @@ def create_upload() -> Any:
     return jsonify(notice=NOTICE, queued=queued, **body), 202
 
 
-@bp.route("/uploads/<int:upload_id>")
+@bp.route("/uploads/<int(max=2147483647):upload_id>")
 @login_required
 def upload(upload_id: int) -> Any:
     with session_scope(settings().database_url) as s:

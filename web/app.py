@@ -68,10 +68,15 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
     app.register_blueprint(api_bp, url_prefix="/api")
 
     @login_manager.user_loader
-    def load_user(user_id: str) -> SessionUser | None:
+    def load_user(session_id: str) -> SessionUser | None:
+        user_id, _, version = session_id.partition(":")
+        if not (user_id.isdigit() and version.isdigit()) or len(user_id) > 9:
+            return None  # a cookie from before session versions, or not ours: log in again
         with session_scope(settings.database_url) as s:
-            user = s.get(User, int(user_id)) if user_id.isdigit() else None
-            return SessionUser(user) if user is not None and user.active else None
+            user = s.get(User, int(user_id))
+            if user is None or not user.active or user.session_version != int(version):
+                return None
+            return SessionUser(user)
 
     @login_manager.request_loader
     def load_from_header(req: Any) -> SessionUser | None:
@@ -92,9 +97,9 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
     def _csrf() -> None:
         if request.method in ("GET", "HEAD", "OPTIONS"):
             return
-        if request.headers.get("Authorization", "").startswith("Bearer "):
-            return  # not a cookie session: nothing a foreign page could forge
-        csrf.protect()
+        if user_from_bearer(settings, request.headers.get("Authorization", "")) is not None:
+            return  # a valid token, not a cookie: nothing a foreign page could forge
+        csrf.protect()  # any other header ("Bearer junk" beside a cookie) gets no exemption
 
     @app.after_request
     def _headers(response: Any) -> Any:

@@ -154,7 +154,7 @@ def _png_bytes(data: bytes) -> Any:
     return response
 
 
-@bp.route("/slices/<int:prediction_id>/model.png")
+@bp.route("/slices/<int(max=2147483647):prediction_id>/model.png")
 @login_required
 def slice_model_png(prediction_id: int) -> Any:
     ds, frame = _slice_source(prediction_id)
@@ -164,14 +164,14 @@ def slice_model_png(prediction_id: int) -> Any:
         abort(422, str(exc))
 
 
-@bp.route("/slices/<int:prediction_id>/original.png")
+@bp.route("/slices/<int(max=2147483647):prediction_id>/original.png")
 @login_required
 def slice_original_png(prediction_id: int) -> Any:
     ds, frame = _slice_source(prediction_id)
     return _png(square_pixels(windowed_slice(ds, frame), _spacing(ds), 400))
 
 
-@bp.route("/slices/<int:prediction_id>/overlay.png")
+@bp.route("/slices/<int(max=2147483647):prediction_id>/overlay.png")
 @login_required
 def slice_overlay_png(prediction_id: int) -> Any:
     """The slice in the lung window with the lungs' contour and the opacity map over it."""
@@ -183,7 +183,7 @@ def slice_overlay_png(prediction_id: int) -> Any:
     return _png(draw_overlay(gray, code))
 
 
-@bp.route("/slices/<int:prediction_id>/view.png")
+@bp.route("/slices/<int(max=2147483647):prediction_id>/view.png")
 @login_required
 def slice_view_png(prediction_id: int) -> Any:
     """The viewer's image: square pixels, ``size`` (one of :data:`VIEW_SIZES`) on its longer
@@ -296,7 +296,7 @@ def viewer_data(uid: str) -> Any:
     return response
 
 
-@bp.route("/uploads/<int:upload_id>/model.png")
+@bp.route("/uploads/<int(max=2147483647):upload_id>/model.png")
 @login_required
 def upload_model_png(upload_id: int) -> Any:
     with session_scope(settings().database_url) as s:

@@ -38,7 +38,7 @@ class Filters:
                 return None
 
         try:
-            page = max(1, int(args.get("page", 1)))
+            page = min(MAX_PAGE, max(1, int(args.get("page", 1))))
         except ValueError:
             page = 1
         return cls(
@@ -64,6 +64,8 @@ class Filters:
         out.update(override)
         return {k: v for k, v in out.items() if v not in ("", None)}
 
+
+MAX_PAGE = 1_000_000  # ?page= is clamped to this: an offset the database can take
 
 STATE_WORDS = {
     "receiving": "receiving",

@@ -21,6 +21,9 @@ class SessionUser:
         self.is_active = user.active
         self.is_authenticated = True
         self.is_anonymous = False
+        self.session_version = user.session_version
 
     def get_id(self) -> str:
-        return str(self.id)
+        """What the session cookie keeps: the user and the session version it began under,
+        so that moving the version on (logout) ends the session on the server's side."""
+        return f"{self.id}:{self.session_version}"

@@ -144,7 +144,7 @@ def _chart(detail: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-@bp.route("/studies/<uid>/reports/<int:report_id>.dcm")
+@bp.route("/studies/<uid>/reports/<int(max=2147483647):report_id>.dcm")
 @login_required
 def download_report(uid: str, report_id: int) -> Any:
     with session_scope(settings().database_url) as s:
@@ -225,7 +225,7 @@ def performance_page() -> Any:
     return render_template("performance.html", p=figures)
 
 
-@bp.route("/deliveries/<int:delivery_id>/resend", methods=["POST"])
+@bp.route("/deliveries/<int(max=2147483647):delivery_id>/resend", methods=["POST"])
 @login_required
 def resend(delivery_id: int) -> Any:
     admin_required()
