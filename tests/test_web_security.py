@@ -3,7 +3,9 @@ waived for valid tokens, ids out of range.  Against the real app (#22)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -119,3 +121,117 @@ def test_a_name_guessed_from_everywhere_is_held_briefly(settings: Settings) -> N
     with session_scope(settings.database_url) as db:
         wait = auth.wait_before_login(db, replace(settings, login_max_failures=2), "admin", "x")
     assert 0 < wait <= auth.NAME_LOCK_SECONDS
+
+
+@pytest.fixture
+def web_server(tmp_path: Path) -> Iterator[int]:
+    """A real `covidct web` (waitress) on a free port."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from covidct.testbed import free_port, launched
+    from tests.conftest import port_open
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVIDCT_")} | {
+        "COVIDCT_DATA_DIR": str(tmp_path / "var"),
+        "COVIDCT_WEB_PORT": str(port),
+    }
+    log = (tmp_path / "web.log").open("w")
+    root = Path(__file__).resolve().parent.parent
+    with launched(
+        [sys.executable, "-m", "covidct.cli", "web"],
+        env=env,
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    ) as proc:
+        deadline = time.monotonic() + 60
+        while not port_open("127.0.0.1", port):
+            assert proc.poll() is None, (tmp_path / "web.log").read_text()
+            assert time.monotonic() < deadline, "covidct web did not open its port"
+            time.sleep(0.1)
+        yield port
+
+
+def raw(port: int, head: bytes, body: bytes = b"", timeout: float = 10.0) -> tuple[str, float]:
+    """Send ``head`` and ``body`` on a socket of our own; the status line, and how long the
+    answer took from the first byte sent."""
+    import socket
+    import time
+
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        started = time.monotonic()
+        try:
+            sock.sendall(head)
+            for i in range(0, len(body), 65536):
+                sock.sendall(body[i : i + 65536])
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed while we were still sending: what we want
+        answer = b""
+        try:
+            while b"\r\n" not in answer:
+                piece = sock.recv(4096)
+                if not piece:
+                    break
+                answer += piece
+        except ConnectionResetError:
+            pass
+        return answer.split(b"\r\n", 1)[0].decode("latin-1"), time.monotonic() - started
+
+
+def test_a_chunk_size_line_without_end_is_refused_at_once(web_server: int) -> None:
+    """8 MiB of chunk-size digits and no CRLF held waitress's I/O thread for 3.97 s (a
+    230 MB one for about 15 minutes); the bounded reader refuses it after 4 KiB."""
+    head = (
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Content-Type: application/octet-stream\r\n\r\n"
+    )
+    status, took = raw(web_server, head, b"1" * (8 * 1024 * 1024))
+    assert status.split()[1:2] == ["400"], status
+    assert took < 3.0, f"the refusal took {took:.1f} s"
+    ok, _ = raw(web_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert ok.split()[1:2] == ["200"], ok  # the server still answers
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(web_server: int) -> None:
+    head = (
+        b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        b"Content-Length: 943718400\r\n\r\n"
+    )
+    status, took = raw(web_server, head)  # no body sent at all: the answer comes anyway
+    assert status.split()[1:2] == ["413"], status
+    assert took < 3.0
+
+
+def test_oversized_headers_are_refused(web_server: int) -> None:
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Junk: " + b"a" * (100 * 1024) + b"\r\n\r\n"
+    status, _ = raw(web_server, head)
+    assert status.split()[1:2] == ["431"], status
+
+
+def test_an_uploads_picture_is_made_once_at_upload(reader: FlaskClient, settings: Settings) -> None:
+    """A 6320x6320 16-bit PNG cost 751 ms and 640 MB per view when every view decoded it;
+    the picture of what the model sees is made once, at upload, and served as stored."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("I;16", (900, 900), 30000).save(buf, format="PNG")
+    token = csrf_token(reader, "/uploads")
+    r = reader.post(
+        "/api/uploads",
+        data={"csrf_token": token, "file": (io.BytesIO(buf.getvalue()), "big.png")},
+        content_type="multipart/form-data",
+    )
+    assert r.status_code == 202, r.json
+    (stored,) = settings.uploads_dir.glob("*.model.png")
+    assert Image.open(stored).size == (200, 200)
+    original = next(p for p in settings.uploads_dir.iterdir() if not p.name.endswith(".model.png"))
+    original.unlink()  # a view that decoded the upload would fail now
+    view = reader.get(f"/uploads/{r.json['id']}/model.png")
+    assert view.status_code == 200 and view.data == stored.read_bytes()
+    assert view.headers["Cache-Control"] == "no-store"

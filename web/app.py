@@ -7,7 +7,6 @@ stack trace.  Every page carries the notice that results are not a diagnosis.
 
 from __future__ import annotations
 
-import errno
 import logging
 from typing import Any
 
@@ -20,6 +19,7 @@ from core.db import session_scope, upgrade
 from core.models import User
 from core.settings import Settings
 from web.queries import dicom_date, state_words, utc_text
+from web.server import request_body_limit
 from web.session import NOTICE, SessionUser
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
         REMEMBER_COOKIE_HTTPONLY=True,
         REMEMBER_COOKIE_SECURE=settings.web_secure_cookies,
         PERMANENT_SESSION_LIFETIME=8 * 3600,
-        MAX_CONTENT_LENGTH=settings.max_upload_bytes * 10 + 1024 * 1024,
+        MAX_CONTENT_LENGTH=request_body_limit(settings),
         WTF_CSRF_CHECK_DEFAULT=False,  # checked in _csrf below, except for bearer tokens
         WTF_CSRF_TIME_LIMIT=8 * 3600,
         COVIDCT=settings,
@@ -139,18 +139,10 @@ def _error(code: int, message: str) -> Any:
 
 
 def run_web(settings: Settings) -> int:
-    """``covidct web``: the dashboard on waitress (a production WSGI server)."""
-    from waitress import serve
+    """``covidct web``: the dashboard on waitress, each part of a request bounded
+    (web/server.py)."""
+    from web.server import serve
 
     app = create_app(settings)
     print(f"covidct dashboard: http://{settings.web_host}:{settings.web_port}/", flush=True)
-    try:
-        serve(app, host=settings.web_host, port=settings.web_port, threads=8, ident="covidct")
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise OSError(
-                f"web port {settings.web_port} on {settings.web_host} is in use: stop what uses "
-                "it, or set COVIDCT_WEB_PORT"
-            ) from None
-        raise
-    return 0
+    return serve(app, settings)

@@ -25,11 +25,12 @@ from scipy import ndimage
 from sqlalchemy import select
 
 from classifier.errors import UnusableInputError
-from classifier.preprocess import to_model_input, windowed_slice
+from classifier.preprocess import open_image, to_model_input, windowed_slice
 from core.db import session_scope
 from core.models import Instance, Prediction, Study, Upload
 from core.settings import Settings
 from web.queries import key_slices, study_detail
+from web.uploads import model_input_png, thumbnail_path
 
 bp = Blueprint("images", __name__)
 
@@ -299,12 +300,23 @@ def viewer_data(uid: str) -> Any:
 @bp.route("/uploads/<int(max=2147483647):upload_id>/model.png")
 @login_required
 def upload_model_png(upload_id: int) -> Any:
+    """The stored picture of what the model saw; made from the upload only for uploads
+    stored before such pictures were kept, and then kept."""
     with session_scope(settings().database_url) as s:
         up = s.get(Upload, upload_id)
         if up is None:
             abort(404, "No such upload.")
         path, filename = Path(up.path), up.filename
+    stored = thumbnail_path(path)
+    if stored.is_file():
+        return _png_bytes(stored.read_bytes())
     try:
-        return _png(to_model_input(path, max_pixels=settings().max_upload_pixels))
-    except UnusableInputError as exc:
+        data = model_input_png(
+            open_image(path.read_bytes(), max_pixels=settings().max_upload_pixels)
+        )
+    except (OSError, UnusableInputError) as exc:
         abort(422, f"{filename}: {exc}")
+    tmp = stored.with_name(f"{stored.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, stored)
+    return _png_bytes(data)

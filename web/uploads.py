@@ -1,18 +1,24 @@
 """Manual uploads: checked by content, size and pixel count, stored, queued for the worker.
 
 A rejected file leaves nothing behind (no file, no row).  Accepted files are kept under
-``<data>/uploads/<sha256>.<png|jpg>``; identical content is stored once.
+``<data>/uploads/<sha256>.<png|jpg>``, beside the picture as the model sees it
+(``<sha256>.model.png``, made once at upload: a page view never decodes the image again);
+identical content is stored once.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
 
 from classifier.errors import UnusableInputError
-from classifier.preprocess import open_image
+from classifier.preprocess import open_image, to_model_input
 from core import audit
 from core.db import session_scope
 from core.models import Upload
@@ -30,6 +36,18 @@ class UploadRejected(ValueError):
 class Accepted:
     id: int
     filename: str
+
+
+def thumbnail_path(upload: Path) -> Path:
+    """Where an upload's picture as the model sees it is kept (made once, at upload)."""
+    return upload.with_name(upload.stem + ".model.png")
+
+
+def model_input_png(img: Image.Image) -> bytes:
+    """The 200x200 model input as PNG bytes: decoded once, here, not at every page view."""
+    buf = io.BytesIO()
+    Image.fromarray(to_model_input(img)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def accept_upload(
@@ -51,14 +69,19 @@ def accept_upload(
         img = open_image(data, max_pixels=settings.max_upload_pixels)
     except UnusableInputError as exc:
         raise UploadRejected(f"{name}: {exc}") from None
+    try:
+        thumbnail = model_input_png(img)
+    except UnusableInputError as exc:
+        raise UploadRejected(f"{name}: {exc}") from None
     digest = hashlib.sha256(data).hexdigest()
     suffix = ".png" if img.format == "PNG" else ".jpg"
     path = settings.uploads_dir / f"{digest}{suffix}"
     settings.uploads_dir.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+    for target, content in ((path, data), (thumbnail_path(path), thumbnail)):
+        if not target.exists():
+            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+            tmp.write_bytes(content)
+            os.replace(tmp, target)
     with session_scope(settings.database_url) as s:
         up = Upload(
             filename=name,
