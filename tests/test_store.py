@@ -168,6 +168,13 @@ def test_users_and_tokens(db_url: str) -> None:
             create_user(s, "bob", "short")
         with pytest.raises(UserError, match="user name"):
             create_user(s, "<script>", "long enough pw")
+        # the password policy: length, not only spaces, not a common password in any case
+        for common in ("password1234", "Password1234", "qwerty 123456", "Leave Me Alone"):
+            with pytest.raises(UserError, match="most common"):
+                create_user(s, "carol", common)
+        with pytest.raises(UserError, match="only spaces"):
+            create_user(s, "carol", " " * 14)
+        assert not s.scalar(select(User).where(User.username == "carol"))
     with session_scope(db_url) as s:
         user = s.scalar(select(User).where(User.username == "alice"))
         assert user is not None and user.password_hash.startswith("$argon2id$")
