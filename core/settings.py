@@ -85,6 +85,7 @@ class Settings:
     max_upload_pixels: int = 40_000_000
     web_secure_cookies: bool = False
     login_max_failures: int = 5
+    shared_uploads: bool = False
     login_window_seconds: float = 900.0
     log_level: str = "INFO"
 
@@ -185,6 +186,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "max_upload_pixels": v.int_range(1024, 10**9),
     "web_secure_cookies": v.boolean,
     "login_max_failures": v.int_range(1, 1000),
+    "shared_uploads": v.boolean,
     "login_window_seconds": v.float_range(10.0, 86400.0),
     "log_level": v.level,
     "database_url": v.db_url,

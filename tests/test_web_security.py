@@ -235,3 +235,40 @@ def test_an_uploads_picture_is_made_once_at_upload(reader: FlaskClient, settings
     view = reader.get(f"/uploads/{r.json['id']}/model.png")
     assert view.status_code == 200 and view.data == stored.read_bytes()
     assert view.headers["Cache-Control"] == "no-store"
+
+
+def test_uploads_are_their_owners(app: Flask, settings: Settings) -> None:
+    """A second user's token read the first user's upload and its picture; now each user
+    sees their own (admins all), unless the site shares uploads."""
+    import io
+
+    from PIL import Image
+
+    from core.users import create_user
+
+    with session_scope(settings.database_url) as db:
+        create_user(db, "other", "another reader")
+        tokens = {name: create_token(db, name) for name in ("reader", "other", "admin")}
+
+    def as_(name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {tokens[name]}"}
+
+    client = app.test_client()
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 40).convert("L").save(buf, format="PNG")
+    r = client.post(
+        "/api/uploads",
+        data={"file": (io.BytesIO(buf.getvalue()), "mine.png")},
+        content_type="multipart/form-data",
+        headers=as_("reader"),
+    )
+    assert r.status_code == 202
+    upload_id = r.json["id"]
+    for path in (f"/api/uploads/{upload_id}", f"/uploads/{upload_id}/model.png"):
+        assert client.get(path, headers=as_("other")).status_code == 404
+        assert client.get(path, headers=as_("reader")).status_code == 200
+        assert client.get(path, headers=as_("admin")).status_code == 200
+    assert client.get("/api/uploads", headers=as_("other")).json["items"] == []
+    assert len(client.get("/api/uploads", headers=as_("admin")).json["items"]) == 1
+    shared = create_app(replace(settings, shared_uploads=True), {"TESTING": True}).test_client()
+    assert shared.get(f"/api/uploads/{upload_id}", headers=as_("other")).status_code == 200

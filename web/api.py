@@ -18,6 +18,7 @@ from web.queries import (
     study_detail,
     upload_dict,
     uploads_with_thresholds,
+    visible_uploads,
 )
 from web.reviews import (
     ReviewInput,
@@ -101,7 +102,8 @@ def reviews_export() -> Any:
 @login_required
 def uploads() -> Any:
     with session_scope(settings().database_url) as s:
-        return jsonify(notice=NOTICE, items=list_uploads(s))
+        owner = current_user.upload_owner(settings().shared_uploads)
+        return jsonify(notice=NOTICE, items=list_uploads(s, owner))
 
 
 @bp.route("/uploads", methods=["POST"])
@@ -133,8 +135,9 @@ def create_upload() -> Any:
 @login_required
 def upload(upload_id: int) -> Any:
     with session_scope(settings().database_url) as s:
-        up = s.get(Upload, upload_id)
-        if up is None:
+        owner = current_user.upload_owner(settings().shared_uploads)
+        up = s.scalar(visible_uploads(owner).where(Upload.id == upload_id))
+        if up is None:  # another user's upload is not there for this one
             abort(404, "no such upload")
         (item,) = uploads_with_thresholds(s, [up])
         return jsonify(notice=NOTICE, **item)

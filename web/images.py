@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from flask import Blueprint, abort, current_app, jsonify, request, send_file
-from flask_login import login_required
+from flask_login import current_user, login_required
 from PIL import Image
 from scipy import ndimage
 from sqlalchemy import select
@@ -29,7 +29,7 @@ from classifier.preprocess import open_image, to_model_input, windowed_slice
 from core.db import session_scope
 from core.models import Instance, Prediction, Study, Upload
 from core.settings import Settings
-from web.queries import key_slices, study_detail
+from web.queries import key_slices, study_detail, visible_uploads
 from web.uploads import model_input_png, thumbnail_path
 
 bp = Blueprint("images", __name__)
@@ -303,7 +303,8 @@ def upload_model_png(upload_id: int) -> Any:
     """The stored picture of what the model saw; made from the upload only for uploads
     stored before such pictures were kept, and then kept."""
     with session_scope(settings().database_url) as s:
-        up = s.get(Upload, upload_id)
+        owner = current_user.upload_owner(settings().shared_uploads)
+        up = s.scalar(visible_uploads(owner).where(Upload.id == upload_id))
         if up is None:
             abort(404, "No such upload.")
         path, filename = Path(up.path), up.filename

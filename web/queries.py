@@ -312,8 +312,17 @@ def upload_dict(up: Upload, threshold: float | None = None) -> dict[str, Any]:
     }
 
 
-def list_uploads(session: Session, limit: int = 100) -> list[dict[str, Any]]:
-    rows = session.scalars(select(Upload).order_by(Upload.id.desc()).limit(limit)).all()
+def visible_uploads(owner: int | None) -> Any:
+    """The uploads a user may see: their own, or every one (``owner`` None: an admin, or a
+    site that shares uploads)."""
+    query = select(Upload)
+    return query if owner is None else query.where(Upload.user_id == owner)
+
+
+def list_uploads(
+    session: Session, owner: int | None = None, limit: int = 100
+) -> list[dict[str, Any]]:
+    rows = session.scalars(visible_uploads(owner).order_by(Upload.id.desc()).limit(limit)).all()
     return uploads_with_thresholds(session, list(rows))
 
 

@@ -23,6 +23,10 @@ class SessionUser:
         self.is_anonymous = False
         self.session_version = user.session_version
 
+    def upload_owner(self, shared: bool) -> int | None:
+        """Whose uploads this user sees: all (None) for an admin or a shared site, else own."""
+        return None if self.is_admin or shared else self.id
+
     def get_id(self) -> str:
         """What the session cookie keeps: the user and the session version it began under,
         so that moving the version on (logout) ends the session on the server's side."""

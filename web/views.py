@@ -285,7 +285,7 @@ def uploads() -> Any:
 
 def _uploads_page() -> Any:
     with session_scope(settings().database_url) as s:
-        rows = list_uploads(s)
+        rows = list_uploads(s, current_user.upload_owner(settings().shared_uploads))
     refresh = any(r["state"] in ("queued", "processing") for r in rows)
     return render_template(
         "uploads.html",
