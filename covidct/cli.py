@@ -317,7 +317,11 @@ def _db_help(parser: argparse.ArgumentParser) -> int:
     return EXIT_USAGE
 
 
+FILE_MODE_MASK = 0o027  # files 0640, folders 0750: patient data is not for other accounts
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    os.umask(FILE_MODE_MASK)  # every file any stage writes: spool, database, SRs, uploads
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -66,6 +66,8 @@ def test_db_upgrade_create_user_and_token(env: dict[str, str], tmp_path: Path) -
 
     newest = max(p.name[:4] for p in (MIGRATIONS_DIR / "versions").glob("0*.py"))
     assert out.stdout.strip() == f"database at revision {newest}"  # the newest migration
+    database = Path(env["COVIDCT_DATA_DIR"]) / "covidct.sqlite3"
+    assert database.stat().st_mode & 0o077 == 0o040  # 0640: nothing for other accounts
     out = run(["create-user", "rad1", "--admin", "--password-stdin"], env, "a long password\n")
     assert out.returncode == 0, out.stderr
     out = run(["create-user", "rad1", "--password-stdin"], env, "a long password\n")

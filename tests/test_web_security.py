@@ -272,3 +272,9 @@ def test_uploads_are_their_owners(app: Flask, settings: Settings) -> None:
     assert len(client.get("/api/uploads", headers=as_("admin")).json["items"]) == 1
     shared = create_app(replace(settings, shared_uploads=True), {"TESTING": True}).test_client()
     assert shared.get(f"/api/uploads/{upload_id}", headers=as_("other")).status_code == 200
+
+
+def test_nothing_with_patient_data_is_cached(reader: FlaskClient, study: int) -> None:
+    for path in ("/", "/studies/1.2.826.0.1.3680043.10.1404.77", "/api/studies", "/uploads"):
+        assert reader.get(path).headers["Cache-Control"] == "no-store", path
+    assert reader.get("/static/style.css").headers.get("Cache-Control") != "no-store"

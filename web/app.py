@@ -107,7 +107,8 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers.setdefault("Cache-Control", "no-store")
+        if not request.path.startswith("/static/"):  # patient data is never kept by a cache
+            response.headers["Cache-Control"] = "no-store"
         return response
 
     app.jinja_env.filters.update(dicom_date=dicom_date, utc_text=utc_text, state_words=state_words)
