@@ -264,6 +264,8 @@ class ApiToken(Base):
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)  # None: never
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Review(Base):

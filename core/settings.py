@@ -86,6 +86,7 @@ class Settings:
     web_secure_cookies: bool = False
     login_max_failures: int = 5
     shared_uploads: bool = False
+    token_days: float = 90.0
     login_window_seconds: float = 900.0
     log_level: str = "INFO"
 
@@ -187,6 +188,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "web_secure_cookies": v.boolean,
     "login_max_failures": v.int_range(1, 1000),
     "shared_uploads": v.boolean,
+    "token_days": v.float_range(0.0, 3650.0),
     "login_window_seconds": v.float_range(10.0, 86400.0),
     "log_level": v.level,
     "database_url": v.db_url,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from datetime import timedelta
 from functools import lru_cache
 
 from argon2 import PasswordHasher
@@ -81,26 +82,76 @@ def end_sessions(session: Session, user_id: int) -> None:
         user.session_version += 1
 
 
-def create_token(session: Session, username: str) -> str:
-    """Make a bearer token for ``username``; the token itself is returned once, never stored."""
-    user = session.scalar(select(User).where(User.username == username))
-    if user is None:
-        raise UserError(f"no user {username!r}")
+def create_token(session: Session, username: str, days: float | None = None) -> str:
+    """Make a bearer token for ``username`` that expires after ``days`` (None: never); the
+    token itself is returned once, never stored."""
+    user = _user(session, username)
     token = "cct_" + secrets.token_urlsafe(32)
-    session.add(ApiToken(user_id=user.id, token_sha256=_sha256(token)))
+    expires = utcnow() + timedelta(days=days) if days else None
+    session.add(ApiToken(user_id=user.id, token_sha256=_sha256(token), expires_at=expires))
     session.flush()
     return token
 
 
 def user_for_token(session: Session, token: str) -> User | None:
+    """The active user a live token (not expired, not revoked) belongs to."""
     row = session.scalar(select(ApiToken).where(ApiToken.token_sha256 == _sha256(token)))
-    if row is None:
+    if row is None or row.revoked_at is not None:
+        return None
+    if row.expires_at is not None and row.expires_at <= utcnow():
         return None
     user = session.get(User, row.user_id)
     if user is None or not user.active:
         return None
     row.last_used_at = utcnow()
     return user
+
+
+def _user(session: Session, username: str) -> User:
+    user = session.scalar(select(User).where(User.username == username))
+    if user is None:
+        raise UserError(f"no user {username!r}")
+    return user
+
+
+def set_active(session: Session, username: str, active: bool) -> User:
+    """Enable or disable a user; disabling ends their sessions, and their tokens stop
+    working while they are disabled."""
+    user = _user(session, username)
+    user.active = active
+    if not active:
+        user.session_version += 1
+    return user
+
+
+def set_password(session: Session, username: str, password: str) -> User:
+    """A new password (the policy applies); every session of the user ends."""
+    check_password(password)
+    user = _user(session, username)
+    user.password_hash = hash_password(password)
+    user.session_version += 1
+    return user
+
+
+def list_users(session: Session) -> list[User]:
+    return list(session.scalars(select(User).order_by(User.username)))
+
+
+def list_tokens(session: Session, username: str | None = None) -> list[tuple[ApiToken, str]]:
+    """Tokens with their user's name, newest first; only ``username``'s when given."""
+    query = select(ApiToken, User.username).join(User, User.id == ApiToken.user_id)
+    if username:
+        query = query.where(User.username == username)
+    return [(t, name) for t, name in session.execute(query.order_by(ApiToken.id.desc()))]
+
+
+def revoke_token(session: Session, token_id: int) -> ApiToken:
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        raise UserError(f"no token {token_id}")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    return row
 
 
 def _sha256(token: str) -> str:

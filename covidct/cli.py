@@ -8,7 +8,6 @@ fix end as one line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
-import getpass
 import logging
 import os
 import sys
@@ -174,50 +173,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if failures else 0
 
 
-def cmd_create_user(args: argparse.Namespace) -> int:
-    from core.db import session_scope, upgrade
-    from core.users import create_user
-
-    settings = _settings(args)
-    if args.password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    elif not sys.stdin.isatty():
-        raise CommandError(
-            "no terminal to ask for the password: pipe it in with --password-stdin, e.g. "
-            f"printf '%s\\n' \"$PASSWORD\" | covidct create-user {args.username} --password-stdin"
-        )
-    else:
-        try:
-            password = getpass.getpass(f"Password for {args.username}: ")
-            again = getpass.getpass("Repeat it: ")
-        except EOFError:
-            raise CommandError("no password given (use --password-stdin to pipe one)") from None
-        if again != password:
-            raise CommandError("the passwords differ")
-    upgrade(settings.database_url)
-    with session_scope(settings.database_url) as session:
-        user = create_user(session, args.username, password, admin=args.admin)
-        from core.audit import record
-
-        record(session, "cli", "user.create", user.username, admin=args.admin)
-    print(f"created {'admin' if args.admin else 'reader'} {args.username}")
-    return 0
-
-
-def cmd_create_token(args: argparse.Namespace) -> int:
-    from core.audit import record
-    from core.db import session_scope, upgrade
-    from core.users import create_token
-
-    settings = _settings(args)
-    upgrade(settings.database_url)
-    with session_scope(settings.database_url) as session:
-        token = create_token(session, args.username)
-        record(session, "cli", "token.create", args.username)
-    print(token)
-    return 0
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from covidct.demo import run_demo
 
@@ -289,12 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("predict", cmd_predict, "probability and label for PNG, JPEG or DICOM files")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--model", help="model file (default: COVIDCT_MODEL_PATH)")
-    p = add("create-user", cmd_create_user, "create a dashboard user")
-    p.add_argument("username")
-    p.add_argument("--admin", action="store_true", help="may re-run, re-send, manage users")
-    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    p = add("create-token", cmd_create_token, "print a new API bearer token for a user")
-    p.add_argument("username")
+    from covidct.accounts import add_account_commands
+
+    add_account_commands(add, _settings)
     p = add(
         "demo",
         cmd_demo,

@@ -20,6 +20,8 @@ SUBCOMMANDS = [
     "predict",
     "create-user",
     "create-token",
+    "user",
+    "token",
     "demo",
     "db",
 ]
@@ -99,3 +101,43 @@ def test_create_user_without_a_terminal_says_to_use_password_stdin(env: dict[str
     assert out.returncode == 1 and len(lines) == 1 and "--password-stdin" in lines[0]
     out = run(["create-user", "bob", "--password-stdin"], env, stdin="a long password\n")
     assert out.returncode == 0 and "created reader bob" in out.stdout
+
+
+def test_users_and_tokens_are_managed_and_audited(env: dict[str, str]) -> None:
+    """List, disable, enable and set a password; list and revoke tokens, with expiry."""
+    from sqlalchemy import select
+
+    from core.db import session_scope
+    from core.models import AuditEvent, User
+    from core.settings import load_settings
+    from core.users import authenticate, user_for_token
+
+    assert run(["create-user", "ann", "--password-stdin"], env, "a long password\n").returncode == 0
+    token = run(["create-token", "ann", "--days", "1"], env).stdout.strip()
+    forever = run(["create-token", "ann", "--days", "0"], env).stdout.strip()
+    listed = run(["user", "list"], env)
+    assert listed.returncode == 0 and "ann" in listed.stdout and "active" in listed.stdout
+    tokens = run(["token", "list", "ann"], env).stdout.splitlines()
+    assert len(tokens) == 2 and all("live" in line for line in tokens)
+    assert "expires -" in tokens[0] and "expires 20" in tokens[1]  # newest first: forever
+    url = load_settings(env).database_url
+    assert run(["user", "disable", "ann"], env).stdout.strip() == "ann disabled"
+    with session_scope(url) as db:
+        assert user_for_token(db, token) is None  # a disabled user's tokens stop working
+    assert run(["user", "enable", "ann"], env).returncode == 0
+    weak = run(["user", "set-password", "ann", "--password-stdin"], env, "password1234\n")
+    assert weak.returncode == 1 and "most common" in weak.stderr
+    changed = run(["user", "set-password", "ann", "--password-stdin"], env, "a new long one\n")
+    assert changed.returncode == 0 and "sessions have ended" in changed.stdout
+    token_id = tokens[1].split()[0]
+    assert run(["token", "revoke", token_id], env).returncode == 0
+    assert "revoked" in run(["token", "list", "ann"], env).stdout
+    with session_scope(url) as db:
+        assert user_for_token(db, token) is None and user_for_token(db, forever) is not None
+        assert authenticate(db, "ann", "a new long one") is not None
+        user = db.scalar(select(User).where(User.username == "ann"))
+        assert user is not None and user.session_version == 2  # disabled, new password
+        actions = set(db.scalars(select(AuditEvent.action)))
+    assert {"user.disable", "user.enable", "user.set_password", "token.revoke"} <= actions
+    bad = run(["token", "revoke", "999"], env)
+    assert bad.returncode == 1 and "no token 999" in bad.stderr

@@ -3,6 +3,7 @@ waived for valid tokens, ids out of range.  Against the real app (#22)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -278,3 +279,29 @@ def test_nothing_with_patient_data_is_cached(reader: FlaskClient, study: int) ->
     for path in ("/", "/studies/1.2.826.0.1.3680043.10.1404.77", "/api/studies", "/uploads"):
         assert reader.get(path).headers["Cache-Control"] == "no-store", path
     assert reader.get("/static/style.css").headers.get("Cache-Control") != "no-store"
+
+
+def test_the_admin_page_disables_users_and_revokes_tokens(app: Flask, settings: Settings) -> None:
+    with session_scope(settings.database_url) as db:
+        token = create_token(db, "reader", days=30)
+    admin, reader = app.test_client(), app.test_client()
+    login(reader)
+    assert reader.get("/admin/users").status_code == 403
+    login(admin, "admin", "admin password")
+    page = admin.get("/admin/users").get_data(as_text=True)
+    assert "reader" in page and "live" in page
+    csrf = csrf_token(admin, "/admin/users")
+    token_id = re.search(r"/admin/tokens/(\d+)/revoke", page)
+    assert token_id is not None
+    admin.post(f"/admin/tokens/{token_id[1]}/revoke", data={"csrf_token": csrf})
+    bare = app.test_client()
+    assert bare.get("/api/studies", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    admin.post("/admin/users/reader/disable", data={"csrf_token": csrf})
+    assert reader.get("/api/studies").status_code == 401  # their session ended
+    selfish = admin.post(
+        "/admin/users/admin/disable", data={"csrf_token": csrf}, follow_redirects=True
+    )
+    assert "You cannot disable yourself." in selfish.get_data(as_text=True)
+    with session_scope(settings.database_url) as db:
+        actions = set(db.scalars(select(AuditEvent.action)))
+    assert {"token.revoke", "user.disable"} <= actions

@@ -56,6 +56,7 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
     login_manager.login_view = "auth.login"
     login_manager.login_message = "Please log in."
 
+    from web.admin import bp as admin_bp
     from web.api import bp as api_bp
     from web.auth import bp as auth_bp
     from web.auth import user_from_bearer
@@ -65,6 +66,7 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
     app.register_blueprint(auth_bp)
     app.register_blueprint(views_bp)
     app.register_blueprint(images_bp)
+    app.register_blueprint(admin_bp)
     app.register_blueprint(api_bp, url_prefix="/api")
 
     @login_manager.user_loader
