@@ -82,3 +82,15 @@ def test_dockerfile_installs_the_package_and_model() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert "pip install ." in text and "COPY models" in text
     assert 'ENTRYPOINT ["covidct"]' in text and "USER covidct" in text
+
+
+def test_the_web_is_reached_only_through_the_tls_proxy(compose: dict) -> None:
+    """docker-compose published the web server's port directly; now only the proxy (Caddy:
+    TLS, a body limit, HTTP redirected to HTTPS) is published, and it forwards to web:8000."""
+    web, proxy = compose["services"]["web"], compose["services"]["proxy"]
+    assert "ports" not in web and web["expose"] == ["8000"]
+    assert {p.split(":")[-1] for p in proxy["ports"]} == {"443", "80"}
+    assert "./deploy/Caddyfile:/etc/caddy/Caddyfile:ro" in proxy["volumes"]
+    caddyfile = (ROOT / "deploy" / "Caddyfile").read_text()
+    assert "reverse_proxy web:8000" in caddyfile and "redir https://" in caddyfile
+    assert web["environment"]["COVIDCT_WEB_SECURE_COOKIES"].endswith(":-true}")  # HSTS on

@@ -305,3 +305,11 @@ def test_the_admin_page_disables_users_and_revokes_tokens(app: Flask, settings: 
     with session_scope(settings.database_url) as db:
         actions = set(db.scalars(select(AuditEvent.action)))
     assert {"token.revoke", "user.disable"} <= actions
+
+
+def test_hsts_when_cookies_are_secure(settings: Settings) -> None:
+    plain = create_app(settings, {"TESTING": True}).test_client()
+    assert "Strict-Transport-Security" not in plain.get("/healthz").headers
+    secure = create_app(replace(settings, web_secure_cookies=True), {"TESTING": True})
+    hsts = secure.test_client().get("/healthz").headers["Strict-Transport-Security"]
+    assert hsts == "max-age=31536000"

@@ -111,6 +111,8 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
         response.headers["Referrer-Policy"] = "no-referrer"
         if not request.path.startswith("/static/"):  # patient data is never kept by a cache
             response.headers["Cache-Control"] = "no-store"
+        if settings.web_secure_cookies:  # served over HTTPS: browsers keep to it for a year
+            response.headers["Strict-Transport-Security"] = "max-age=31536000"
         return response
 
     app.jinja_env.filters.update(dicom_date=dicom_date, utc_text=utc_text, state_words=state_words)
