@@ -313,3 +313,26 @@ def test_hsts_when_cookies_are_secure(settings: Settings) -> None:
     secure = create_app(replace(settings, web_secure_cookies=True), {"TESTING": True})
     hsts = secure.test_client().get("/healthz").headers["Strict-Transport-Security"]
     assert hsts == "max-age=31536000"
+
+
+def test_a_refused_admin_attempt_is_audited(reader: FlaskClient, settings: Settings) -> None:
+    assert reader.get("/admin/users").status_code == 403
+    with session_scope(settings.database_url) as db:
+        event = db.scalar(select(AuditEvent).where(AuditEvent.action == "admin.refused"))
+        assert event is not None and event.actor == "reader" and event.object == "/admin/users"
+
+
+def test_an_expired_token_is_refused(client: FlaskClient, settings: Settings) -> None:
+    from datetime import timedelta
+
+    from core.models import ApiToken, utcnow
+
+    with session_scope(settings.database_url) as db:
+        token = create_token(db, "reader", days=1)
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.get("/api/studies", headers=headers).status_code == 200
+    with session_scope(settings.database_url) as db:
+        row = db.scalar(select(ApiToken))
+        assert row is not None
+        row.expires_at = utcnow() - timedelta(seconds=1)
+    assert client.get("/api/studies", headers=headers).status_code == 401

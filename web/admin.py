@@ -12,6 +12,7 @@ from core import audit
 from core.db import session_scope
 from core.settings import Settings
 from core.users import UserError, list_tokens, list_users, revoke_token, set_active
+from web.session import admin_required
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -20,15 +21,10 @@ def settings() -> Settings:
     return current_app.config["COVIDCT"]  # type: ignore[no-any-return]
 
 
-def _admin() -> None:
-    if not current_user.is_admin:
-        abort(403, "Admins only.")
-
-
 @bp.route("/users")
 @login_required
 def users() -> Any:
-    _admin()
+    admin_required()
     with session_scope(settings().database_url) as s:
         people = [
             {
@@ -58,7 +54,7 @@ def users() -> Any:
 @bp.route("/users/<username>/<any(disable, enable):action>", methods=["POST"])
 @login_required
 def user_state(username: str, action: str) -> Any:
-    _admin()
+    admin_required()
     if username == current_user.username and action == "disable":
         flash("You cannot disable yourself.", "error")
         return redirect(url_for("admin.users"))
@@ -77,7 +73,7 @@ def user_state(username: str, action: str) -> Any:
 @bp.route("/tokens/<int(max=2147483647):token_id>/revoke", methods=["POST"])
 @login_required
 def token_revoke(token_id: int) -> Any:
-    _admin()
+    admin_required()
     with session_scope(settings().database_url) as s:
         try:
             revoke_token(s, token_id)

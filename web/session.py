@@ -6,6 +6,11 @@ without importing the app that imports them.
 
 from __future__ import annotations
 
+from flask import abort, current_app, request
+from flask_login import current_user
+
+from core import audit
+from core.db import session_scope
 from core.models import User
 
 NOTICE = "Research and triage support only: results are unverified AI output, not a diagnosis."
@@ -31,3 +36,19 @@ class SessionUser:
         """What the session cookie keeps: the user and the session version it began under,
         so that moving the version on (logout) ends the session on the server's side."""
         return f"{self.id}:{self.session_version}"
+
+
+def admin_required() -> None:
+    """403 for anyone but an admin; the refused attempt is audited (who, what, from where)."""
+    if current_user.is_admin:
+        return
+    with session_scope(current_app.config["COVIDCT"].database_url) as s:
+        audit.record(
+            s,
+            current_user.username,
+            "admin.refused",
+            request.path[:128],
+            outcome="refused",
+            remote=request.remote_addr or "",
+        )
+    abort(403, "Only administrators may do this.")

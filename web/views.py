@@ -35,6 +35,7 @@ from web.queries import (
     study_detail,
 )
 from web.reviews import CALLS, ReviewInput, ReviewRejected, performance, save_review
+from web.session import admin_required
 from web.uploads import UploadRejected, accept_upload, queue_upload
 
 bp = Blueprint("views", __name__)
@@ -43,11 +44,6 @@ IN_FLIGHT = {StudyState.RECEIVING, StudyState.QUEUED, StudyState.PROCESSING}
 
 def settings() -> Settings:
     return current_app.config["COVIDCT"]
-
-
-def admin_required() -> None:
-    if not current_user.is_admin:
-        abort(403, "Only administrators may do this.")
 
 
 @bp.route("/healthz")
