@@ -42,7 +42,7 @@ STUDY_KEYWORDS = (
 @dataclass
 class SeriesSpec:
     slices: int = 40
-    kind: str = "axial"  # axial | localizer | derived
+    kind: str = "axial"  # axial | localizer | derived | dose (a report saved as CT images)
     description: str = "Chest 1.0 B70f"
     ground_glass: bool = False
     rows: int = 512
@@ -51,6 +51,12 @@ class SeriesSpec:
     multifocal: bool = False
     # keyword arguments of :class:`Chest` for sick anatomy (wall, blankets, leak, ...)
     chest: tuple[tuple[str, object], ...] = ()
+    # how hospitals' series differ: ImageType (None: by kind), ConvolutionKernel, the plane
+    # (axial or coronal: a reformat), slice positions left out (a gap), a dose report
+    image_type: tuple[str, ...] | None = None
+    kernel: str = ""
+    plane: str = "axial"
+    missing: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -299,6 +305,8 @@ def make_series(
         )
     chest = Chest(height, blobs=blobs, **dict(spec.chest))  # type: ignore[arg-type]
     for i in range(count):
+        if i in spec.missing:
+            continue
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
@@ -326,13 +334,25 @@ def make_series(
             ds.ImagePositionPatient = [-250, 0, 0]
         else:
             ds.ImageType = (
-                ["DERIVED", "SECONDARY", "AXIAL"]
-                if spec.kind == "derived"
-                else ["ORIGINAL", "PRIMARY", "AXIAL"]
+                list(spec.image_type)
+                if spec.image_type
+                else (
+                    ["DERIVED", "SECONDARY", "AXIAL"]
+                    if spec.kind == "derived"
+                    else ["ORIGINAL", "PRIMARY", "AXIAL"]
+                )
             )
-            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-            ds.ImagePositionPatient = [-175.0, -175.0, -100.0 - spacing * i]
-            ds.SliceLocation = -100.0 - spacing * i
+            if spec.plane == "coronal":  # a reformat: rows run head to foot
+                ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+                ds.ImagePositionPatient = [-175.0, -175.0 + spacing * i, 0.0]
+            else:
+                ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+                ds.ImagePositionPatient = [-175.0, -175.0, -100.0 - spacing * i]
+                ds.SliceLocation = -100.0 - spacing * i
+        if spec.kernel:
+            ds.ConvolutionKernel = spec.kernel
+        if spec.kind == "dose":
+            ds.SeriesDescription = "Dose Report"
         ds.SliceThickness = round(spacing, 3)
         ds.PixelSpacing = [350.0 / spec.rows, 350.0 / spec.rows]
         ds.KVP = 120

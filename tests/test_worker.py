@@ -402,12 +402,14 @@ def test_read_ahead_keeps_order_and_memory_flat(tmp_path: Path) -> None:
         instances.append((i + 1, str(path)))
     runs = []
     for threads in (1, 2):
-        selection = select_slices(instances, 5)
-        assert len(selection.slices) == 18  # 12 slices and 6 frames
-        items = list(read_ahead(selection.slices, selection.headers, Timings(), threads=threads))
+        # a study's selection reads one series: the two are selected apart and read together
+        series, frames = select_slices(instances[:12], 5), select_slices(instances[12:], 5)
+        slices, headers = series.slices + frames.slices, {**series.headers, **frames.headers}
+        assert len(slices) == 18  # 12 slices and 6 frames
+        items = list(read_ahead(slices, headers, Timings(), threads=threads))
         runs.append(items)
-        assert [ref for ref, _, _ in items] == selection.slices
-        assert all("PixelData" not in ds for ds in selection.headers.values())
+        assert [ref for ref, _, _ in items] == slices
+        assert all("PixelData" not in ds for ds in headers.values())
         assert all(g is not None and g.dtype == np.int16 for _, _, g in items)
     for (ref_a, a, grid_a), (ref_b, b, grid_b) in zip(*runs, strict=True):
         assert ref_a == ref_b

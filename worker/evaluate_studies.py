@@ -80,15 +80,9 @@ def evaluate_study(label: str, folder: Path, settings: Settings, clf: Classifier
     a = analyse(list(enumerate(files)), settings, clf)
     seconds = time.perf_counter() - t0
     q = a.lungs.quantification if a.lungs is not None else None
-    series_uid = a.lungs.series_uid if a.lungs is not None else ""
-    description = next(
-        (
-            str(a.selection.headers[ref.instance_id].get("SeriesDescription", ""))
-            for ref in a.analysed
-            if ref.series_uid == series_uid and ref.instance_id in a.selection.headers
-        ),
-        "",
-    )
+    chosen = a.selection.chosen  # the series the CNN and the lungs read, and why
+    series_uid = chosen.uid if chosen is not None else ""
+    description = f"{chosen.description}; {chosen.why}" if chosen is not None else ""
     check = q.check if q is not None else None
     if check is not None and not check.ok:
         q = None  # the opacity figures stand only on lungs that passed the gate

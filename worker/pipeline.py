@@ -37,6 +37,7 @@ from core.settings import Settings
 from worker.analysis import Analysis, Timings, analyse
 from worker.delivery import enqueue
 from worker.lease import Claim, Lease, renew_study
+from worker.selection import series_parameters
 from worker.sr import Finding, build_sr, lung_measurements
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,8 @@ def _analyse_claimed(
         **lungs.quantification.as_dict(),
         "basis": a.basis,
         "series_instance_uid": lungs.series_uid,
+        "series": a.selection.chosen.as_dict() if a.selection.chosen else None,
+        "passed_over": dict(a.selection.skipped),
         "overlay": str(overlay),
     }
     t1 = time.perf_counter()
@@ -288,6 +291,7 @@ def _store_report(
             slices_analysed=len(analysed),
             incomplete=incomplete,
             lungs_ok=a.lungs.quantification.lungs_ok,
+            series=series_parameters(a.selection.chosen),
         ),
         lung_measurements(a.lungs.quantification),
         generation=generation,

@@ -79,6 +79,8 @@ class Finding:
     # the lung segmentation's quality gate (classifier.lungcheck): failed means no lung
     # measurement group, and an algorithm parameter that says why
     lungs_ok: bool = True
+    # the series read (worker.selection): description, thickness, kernel, and why
+    series: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ def build_sr(
             f"slices_analysed={finding.slices_analysed}",
             "lung_segmentation="
             + ("checked" if finding.lungs_ok else "failed its checks, no lung figures"),
+            *finding.series,
         ],
     )
     group = MeasurementsAndQualitativeEvaluations(
