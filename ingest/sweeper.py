@@ -24,6 +24,9 @@ Every ``sweep_seconds`` the sweeper:
 One sweeper sweeps at a time, wherever it runs (the listener's first process, the
 ``covidct sweeper`` stage, another machine): it holds the ``sweeper`` lease in the results
 store, renewed at every pass and taken over once it has expired (three sweeps, at least 10 s).
+Between passes the holder looks every ``COMPLETION_POLL_SECONDS`` (0.25 s) for a study whose
+quiet time has just ended and sweeps at once: a study is queued within that of its deadline,
+not up to ``sweep_seconds`` later.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, func, or_, select
 
 from core import lifecycle
 from core.db import session_scope
@@ -76,6 +80,9 @@ def celery_publisher(settings: Settings) -> Publisher:
 
 
 LEASE = "sweeper"  # one sweeper at a time, wherever the stages run
+# how often the sweep's holder looks for a study whose quiet time has just ended: a study is
+# queued within this of its deadline, not at the next SWEEP_SECONDS period
+COMPLETION_POLL_SECONDS = 0.25
 
 
 class Sweeper:
@@ -199,26 +206,52 @@ class Sweeper:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
+    def next_completion(self) -> datetime | None:
+        """When the quiet time of the next settled ``receiving`` study ends (None: no such
+        study).  The sweep's holder looks every :data:`COMPLETION_POLL_SECONDS` and sweeps
+        at that moment instead of at its next period."""
+        with session_scope(self.settings.database_url) as session:
+            last = session.scalar(
+                select(func.min(Study.last_instance_at)).where(
+                    Study.state == StudyState.RECEIVING,
+                    Study.open_associations == 0,
+                    Study.incomplete_reason == "",
+                )
+            )
+        return None if last is None else last + timedelta(seconds=self.settings.stable_seconds)
+
     def _run(self) -> None:
         # host:pid, and this sweeper's own mark: two sweepers of one process are two holders
         holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # held across three missed sweeps, and never shorter than 10 s
         ttl = max(10.0, 3 * self.settings.sweep_seconds)
+        period = self.settings.sweep_seconds
         holding = False
-        while not self._stop.wait(self.settings.sweep_seconds):
+        next_sweep = time.monotonic()  # the first look takes the lease and sweeps
+        stuck: datetime | None = None  # a deadline a sweep has just failed to clear
+        while not self._stop.wait(min(COMPLETION_POLL_SECONDS, period)):
             try:
+                if time.monotonic() < next_sweep:
+                    if not holding:
+                        continue
+                    due = self.next_completion()
+                    if due is None or due > utcnow() or due == stuck:
+                        continue
+                next_sweep = time.monotonic()  # the first look takes the lease and sweeps
                 held = hold_lease(self.settings, LEASE, holder, ttl)
                 if held != holding:
                     logger.info("sweeper %s %s the sweep", holder, "takes" if held else "left")
                     holding = held
                 if held:
                     self.sweep_once()
+                    left = self.next_completion()
+                    stuck = left if left is not None and left <= utcnow() else None
             except Exception as exc:
                 logger.warning(
                     "sweep failed (%s: %s); trying again in %.1f s",
                     exc.__class__.__name__,
                     str(exc).splitlines()[0][:200] if str(exc) else "",
-                    self.settings.sweep_seconds,
+                    period,
                 )
         if holding:
             try:
