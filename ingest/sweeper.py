@@ -26,7 +26,8 @@ One sweeper sweeps at a time, wherever it runs (the listener's first process, th
 store, renewed at every pass and taken over once it has expired (three sweeps, at least 10 s).
 Between passes the holder looks every ``COMPLETION_POLL_SECONDS`` (0.25 s) for a study whose
 quiet time has just ended and sweeps at once: a study is queued within that of its deadline,
-not up to ``sweep_seconds`` later.
+not up to ``sweep_seconds`` later.  The first pass, which takes the lease, comes one period
+after the start.
 """
 
 from __future__ import annotations
@@ -227,7 +228,7 @@ class Sweeper:
         ttl = max(10.0, 3 * self.settings.sweep_seconds)
         period = self.settings.sweep_seconds
         holding = False
-        next_sweep = time.monotonic()  # the first look takes the lease and sweeps
+        next_sweep = time.monotonic() + period  # the first pass takes the lease
         stuck: datetime | None = None  # a deadline a sweep has just failed to clear
         while not self._stop.wait(min(COMPLETION_POLL_SECONDS, period)):
             try:
@@ -237,7 +238,7 @@ class Sweeper:
                     due = self.next_completion()
                     if due is None or due > utcnow() or due == stuck:
                         continue
-                next_sweep = time.monotonic()  # the first look takes the lease and sweeps
+                next_sweep = time.monotonic() + period  # the first pass takes the lease
                 held = hold_lease(self.settings, LEASE, holder, ttl)
                 if held != holding:
                     logger.info("sweeper %s %s the sweep", holder, "takes" if held else "left")

@@ -763,53 +763,51 @@ def test_a_second_listener_on_the_same_port_refuses_to_start(tmp_path: Path) -> 
 
 
 def test_a_study_is_queued_at_its_deadline_not_at_the_next_sweep(tmp_path: Path) -> None:
-    """With a sweep every 60 s and a quiet time of 1 s, a complete study is queued about 1 s
-    after its last instance: the sweep's holder looks for deadlines every 0.25 s.  A late
-    instance pushes the deadline back; a study with an association open is not queued."""
+    """Sweeps 3 s apart and a quiet time of 1 s: once the sweeper holds the lease, a study is
+    queued about 1 s after its last instance, not at the next pass; a late instance pushes
+    the deadline back; a study with an association open is not queued."""
     from core.db import upgrade
+    from core.models import Lease
     from covidct.testbed import spool_study
     from ingest.sweeper import Sweeper
 
-    settings = settings_for(
-        tmp_path,
-        COVIDCT_SWEEP_SECONDS="60",
-        COVIDCT_STABLE_SECONDS="1",
-        COVIDCT_LISTENER_SWEEPER="false",
-    )
+    settings = settings_for(tmp_path, COVIDCT_SWEEP_SECONDS="3", COVIDCT_STABLE_SECONDS="1")
     upgrade(settings.database_url)
     published = Published()
     sweeper = Sweeper(settings, published)
-    first = make_study([SeriesSpec(slices=3, rows=64)], seed=1)
-    held_open = make_study([SeriesSpec(slices=3, rows=64)], seed=2)
-    spool_study(settings, first[:2])
-    open_id = spool_study(settings, held_open)
-    with session_scope(settings.database_url) as s:
-        study = s.get(Study, open_id)
-        assert study is not None
-        study.state = StudyState.RECEIVING  # spool_study queues; this one is still arriving
-        study.open_associations = 1
-    with session_scope(settings.database_url) as s:
-        first_id = s.scalar(
-            select(Study.id).where(Study.study_instance_uid == first[0].StudyInstanceUID)
-        )
-        row = s.get(Study, first_id)
-        assert row is not None
-        row.state = StudyState.RECEIVING
+
+    def arriving(datasets: list, open_associations: int = 0) -> int:
+        study_id = spool_study(settings, datasets)
+        with session_scope(settings.database_url) as s:
+            study = s.get(Study, study_id)
+            assert study is not None
+            study.state = StudyState.RECEIVING  # spool_study queues; these are arriving
+            study.open_associations = open_associations
+            study.last_instance_at = utcnow()
+        return study_id
+
+    def lease_held() -> bool:
+        with session_scope(settings.database_url) as s:
+            return s.get(Lease, "sweeper") is not None
+
     sweeper.start()
     try:
-        time.sleep(0.6)
-        spool_study(settings, first[2:])  # a late instance: the deadline moves
-        with session_scope(settings.database_url) as s:
-            row = s.get(Study, first_id)
-            assert row is not None
-            row.state = StudyState.RECEIVING
-            row.last_instance_at = utcnow()
+        deadline = time.monotonic() + 10
+        while not lease_held():  # the first pass, 3 s after the start, takes the lease
+            assert time.monotonic() < deadline, "the sweeper never took the lease"
+            time.sleep(0.05)
+        arriving(make_study([SeriesSpec(slices=3, rows=64)], seed=2), open_associations=1)
+        study = make_study([SeriesSpec(slices=3, rows=64)], seed=1)
+        study_id = arriving(study[:2])
+        time.sleep(0.5)
+        arriving(study[2:])  # a late instance: the deadline moves
         started = time.monotonic()
         while not published and time.monotonic() - started < 5.0:
             time.sleep(0.02)
         took = time.monotonic() - started
-        assert 0.8 <= took <= 2.5, f"queued {took:.2f} s after its last instance"
+        # the next pass is 2.4 s away: a queue at the deadline is about 1 s
+        assert 0.8 <= took <= 2.0, f"queued {took:.2f} s after its last instance"
         time.sleep(1.0)
-        assert published == [("covidct.analyse_study", first_id)]  # once; not the open one
+        assert published == [("covidct.analyse_study", study_id)]  # once; not the open one
     finally:
         sweeper.stop()
