@@ -20,6 +20,8 @@ command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v Orthanc >/dev/null || need_apt+=(orthanc)
 command -v openssl >/dev/null || need_apt+=(openssl)
+command -v java >/dev/null || need_apt+=(default-jre-headless)
+[ -f /usr/share/java/pixelmed.jar ] || need_apt+=(libpixelmed-java)  # PixelMed's SR validator
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing ${need_apt[*]} with apt-get"

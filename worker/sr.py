@@ -41,6 +41,9 @@ from classifier.quantify import Quantification
 UID_ROOT = "1.2.826.0.1.3680043.10.1404."
 COVID19 = CodedConcept("840539006", "SCT", "Disease caused by SARS-CoV-2")
 LUNG = CodedConcept("39607008", "SCT", "Lung")
+# TID 1500 Procedure Reported from CID 100 (Quantitative Diagnostic Imaging Procedures), as
+# PixelMed's validator and the IHE AI Results profile expect: "CT of chest" is not in it
+PROCEDURE = CodedConcept("25045-6", "LN", "CT unspecified body region")
 UNIT_ONE = CodedConcept("1", "UCUM", "no units")
 VALUES = {
     "Present": CodedConcept("52101004", "SCT", "Present"),
@@ -197,7 +200,7 @@ def build_sr(
     ]
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=device),
-        procedure_reported=CodedConcept("418023006", "SCT", "CT of chest"),
+        procedure_reported=PROCEDURE,
         imaging_measurements=groups,
     )
     sr = Comprehensive3DSR(
