@@ -82,7 +82,10 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
 
     @login_manager.request_loader
     def load_from_header(req: Any) -> SessionUser | None:
-        user = user_from_bearer(settings, req.headers.get("Authorization", ""))
+        # the CSRF check below may have looked the token up already in this request
+        user = g.pop("bearer_user", None) or user_from_bearer(
+            settings, req.headers.get("Authorization", "")
+        )
         if user is not None:
             g.bearer = True
         return user
@@ -99,7 +102,8 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
     def _csrf() -> None:
         if request.method in ("GET", "HEAD", "OPTIONS"):
             return
-        if user_from_bearer(settings, request.headers.get("Authorization", "")) is not None:
+        g.bearer_user = user_from_bearer(settings, request.headers.get("Authorization", ""))
+        if g.bearer_user is not None:
             return  # a valid token, not a cookie: nothing a foreign page could forge
         csrf.protect()  # any other header ("Bearer junk" beside a cookie) gets no exemption
 

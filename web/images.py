@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from core.db import session_scope
 from core.models import Instance, Prediction, Study, Upload
 from core.settings import Settings
 from web.queries import key_slices, study_detail, visible_uploads
-from web.uploads import model_input_png, thumbnail_path
+from web.uploads import model_input_png, thumbnail_path, write_whole
 
 bp = Blueprint("images", __name__)
 
@@ -47,15 +47,35 @@ def settings() -> Settings:
     return current_app.config["COVIDCT"]  # type: ignore[no-any-return]
 
 
-def _slice_file(prediction_id: int) -> tuple[Path, int]:
+@dataclass(frozen=True)
+class SliceSource:
+    """Where a scored slice's pixels are, and its study's segmentation: one read of the
+    results store per picture."""
+
+    path: Path
+    frame: int
+    position: float | None
+    quantification: dict[str, Any] | None
+
+    @property
+    def overlay(self) -> str:
+        """The segmentation's file ("" when none was stored)."""
+        return str((self.quantification or {}).get("overlay", "") or "")
+
+
+def _slice(prediction_id: int) -> SliceSource:
     with session_scope(settings().database_url) as s:
         pred = s.get(Prediction, prediction_id)
-        if pred is None or pred.instance_id is None:
+        inst = s.get(Instance, pred.instance_id) if pred and pred.instance_id else None
+        if pred is None or inst is None:
             abort(404, "No such slice.")
-        inst = s.get(Instance, pred.instance_id)
-        if inst is None:
-            abort(404, "No such slice.")
-        return Path(inst.spool_path), pred.frame
+        study = s.get(Study, pred.study_id) if pred.study_id is not None else None
+        return SliceSource(
+            Path(inst.spool_path),
+            pred.frame,
+            pred.position,
+            study.quantification if study is not None else None,
+        )
 
 
 def _read(path: Path) -> pydicom.Dataset:
@@ -64,11 +84,6 @@ def _read(path: Path) -> pydicom.Dataset:
     except OSError:
         abort(410, "The slice is no longer in the spool.")
     raise AssertionError("unreachable")
-
-
-def _slice_source(prediction_id: int) -> tuple[pydicom.Dataset, int]:
-    path, frame = _slice_file(prediction_id)
-    return _read(path), frame
 
 
 def draw_overlay(gray: np.ndarray, code: np.ndarray, size: int = 400) -> np.ndarray:
@@ -111,34 +126,21 @@ def _spacing(ds: pydicom.Dataset) -> tuple[float, float]:
     return 1.0, 1.0
 
 
-def _overlay_file(prediction_id: int) -> str:
-    with session_scope(settings().database_url) as s:
-        pred = s.get(Prediction, prediction_id)
-        study = s.get(Study, pred.study_id) if pred and pred.study_id is not None else None
-        q = study.quantification if study is not None else None
-    return str(q.get("overlay", "")) if q else ""
-
-
-def _overlay_code(prediction_id: int, ds: pydicom.Dataset) -> np.ndarray | None:
+def _overlay_code(src: SliceSource, ds: pydicom.Dataset) -> np.ndarray | None:
     """The segmentation's code bits of this slice, or None when its series was not
     segmented (or the overlay file is gone)."""
-    with session_scope(settings().database_url) as s:
-        pred = s.get(Prediction, prediction_id)
-        study = s.get(Study, pred.study_id) if pred and pred.study_id is not None else None
-        q = study.quantification if study is not None else None
-        position = pred.position if pred is not None else None
-    overlay = Path(str(q["overlay"])) if q and q.get("overlay") else None
-    if q is None or overlay is None or position is None:
+    q = src.quantification
+    if q is None or not src.overlay or src.position is None:
         return None
     if str(ds.get("SeriesInstanceUID", "")) != q.get("series_instance_uid"):
         return None
     try:
-        with np.load(overlay) as saved:
+        with np.load(src.overlay) as saved:
             code, positions = saved["code"], saved["positions"]
     except (OSError, KeyError, ValueError):
         return None
-    z = int(np.argmin(np.abs(positions - position)))
-    if abs(float(positions[z]) - position) > 0.01:
+    z = int(np.argmin(np.abs(positions - src.position)))
+    if abs(float(positions[z]) - src.position) > 0.01:
         return None
     return np.asarray(code[z])
 
@@ -158,9 +160,9 @@ def _png_bytes(data: bytes) -> Any:
 @bp.route("/slices/<int(max=2147483647):prediction_id>/model.png")
 @login_required
 def slice_model_png(prediction_id: int) -> Any:
-    ds, frame = _slice_source(prediction_id)
+    src = _slice(prediction_id)
     try:
-        return _png(to_model_input(ds, frame=frame))
+        return _png(to_model_input(_read(src.path), frame=src.frame))
     except UnusableInputError as exc:
         abort(422, str(exc))
 
@@ -168,19 +170,21 @@ def slice_model_png(prediction_id: int) -> Any:
 @bp.route("/slices/<int(max=2147483647):prediction_id>/original.png")
 @login_required
 def slice_original_png(prediction_id: int) -> Any:
-    ds, frame = _slice_source(prediction_id)
-    return _png(square_pixels(windowed_slice(ds, frame), _spacing(ds), 400))
+    src = _slice(prediction_id)
+    ds = _read(src.path)
+    return _png(square_pixels(windowed_slice(ds, src.frame), _spacing(ds), 400))
 
 
 @bp.route("/slices/<int(max=2147483647):prediction_id>/overlay.png")
 @login_required
 def slice_overlay_png(prediction_id: int) -> Any:
     """The slice in the lung window with the lungs' contour and the opacity map over it."""
-    ds, frame = _slice_source(prediction_id)
-    code = _overlay_code(prediction_id, ds)
+    src = _slice(prediction_id)
+    ds = _read(src.path)
+    code = _overlay_code(src, ds)
     if code is None:
         abort(404, "No overlay for this slice.")
-    gray = square_pixels(windowed_slice(ds, frame), _spacing(ds), 400)
+    gray = square_pixels(windowed_slice(ds, src.frame), _spacing(ds), 400)
     return _png(draw_overlay(gray, code))
 
 
@@ -194,18 +198,18 @@ def slice_view_png(prediction_id: int) -> Any:
     if not size.isdigit() or int(size) not in VIEW_SIZES:
         abort(400, f"size must be one of {', '.join(map(str, VIEW_SIZES))}")
     overlay = request.args.get("overlay", "0") == "1"
-    path, frame = _slice_file(prediction_id)
+    src = _slice(prediction_id)
     # keyed by what the picture shows (the file, the frame, the segmentation's generation),
     # not by the prediction's id, which a re-run replaces
-    key = f"{path}|{frame}|{_overlay_file(prediction_id) if overlay else ''}|{size}"
+    key = f"{src.path}|{src.frame}|{src.overlay if overlay else ''}|{size}"
     name = hashlib.sha256(key.encode()).hexdigest()[:32]
     cached = settings().data_dir / "cache" / "views" / f"{name}.png"
     if cached.is_file():
         return _png_bytes(cached.read_bytes())
-    ds = _read(path)
-    gray = square_pixels(windowed_slice(ds, frame), _spacing(ds), int(size))
+    ds = _read(src.path)
+    gray = square_pixels(windowed_slice(ds, src.frame), _spacing(ds), int(size))
     if overlay:
-        code = _overlay_code(prediction_id, ds)
+        code = _overlay_code(src, ds)
         if code is None:
             abort(404, "No overlay for this slice.")
         arr = draw_overlay(gray, code, int(size))
@@ -213,12 +217,8 @@ def slice_view_png(prediction_id: int) -> Any:
         arr = gray
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
-    data = buf.getvalue()
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, cached)  # whole or absent: two requests may render it at once
-    return _png_bytes(data)
+    write_whole(cached, buf.getvalue())
+    return _png_bytes(buf.getvalue())
 
 
 UNKNOWN = {"image_number": None, "right_on_left": True, "head_at_high": True}
@@ -271,10 +271,7 @@ def viewer_data(uid: str) -> Any:
         facts = json.loads(cache.read_text())
     else:
         facts = {str(i): _image_facts(paths[i]) for i in ids if i in paths}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(facts))
-        os.replace(tmp, cache)
+        write_whole(cache, json.dumps(facts).encode())
     slices = [
         {
             "id": sl["id"],
@@ -317,7 +314,5 @@ def upload_model_png(upload_id: int) -> Any:
         )
     except (OSError, UnusableInputError) as exc:
         abort(422, f"{filename}: {exc}")
-    tmp = stored.with_name(f"{stored.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, stored)
+    write_whole(stored, data)
     return _png_bytes(data)

@@ -134,6 +134,17 @@ def reference_call(calls: list[str]) -> str | None:
     return votes.most_common(1)[0][0]
 
 
+def proportion(k: int, n: int) -> dict[str, Any]:
+    """k of n, with its 95% Wilson interval (None without cases)."""
+    interval = wilson(k, n)
+    return {
+        "value": k / n if n else None,
+        "ci95": list(interval) if interval else None,
+        "k": k,
+        "n": n,
+    }
+
+
 def _figures(cases: list[tuple[str, str, float | None]]) -> dict[str, Any]:
     """cases: (reference, AI verdict, AI probability) per study."""
     table: dict[str, Counter[str]] = {"positive": Counter(), "negative": Counter()}
@@ -141,15 +152,6 @@ def _figures(cases: list[tuple[str, str, float | None]]) -> dict[str, Any]:
         table[ref][verdict or "none"] += 1
     tp, fn = table["positive"]["Present"], table["positive"]["Absent"]
     tn, fp = table["negative"]["Absent"], table["negative"]["Present"]
-
-    def proportion(k: int, n: int) -> dict[str, Any]:
-        interval = wilson(k, n)
-        return {
-            "value": k / n if n else None,
-            "ci95": list(interval) if interval else None,
-            "k": k,
-            "n": n,
-        }
 
     scored = [(1.0 if ref == "positive" else 0.0, p) for ref, _, p in cases if p is not None]
     return {
@@ -196,12 +198,7 @@ def performance(session: Session) -> dict[str, Any]:
         "reviews": len(rows),
         "reviewed_studies": len(by_study),
         "without_reference": excluded,
-        "agreement": {
-            "value": agree / len(rows) if rows else None,
-            "ci95": list(wilson(agree, len(rows)) or []) or None,
-            "k": agree,
-            "n": len(rows),
-        },
+        "agreement": proportion(agree, len(rows)),
         "overall": _figures([c[:3] for c in cases]),
         "per_model": {},
         "per_month": {},

@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,14 @@ class UploadRejected(ValueError):
 class Accepted:
     id: int
     filename: str
+
+
+def write_whole(path: Path, data: bytes) -> None:
+    """Write ``path`` so that it is whole or absent: two requests may make it at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def thumbnail_path(upload: Path) -> Path:
@@ -79,9 +88,7 @@ def accept_upload(
     settings.uploads_dir.mkdir(parents=True, exist_ok=True)
     for target, content in ((path, data), (thumbnail_path(path), thumbnail)):
         if not target.exists():
-            tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-            tmp.write_bytes(content)
-            os.replace(tmp, target)
+            write_whole(target, content)
     with session_scope(settings.database_url) as s:
         up = Upload(
             filename=name,

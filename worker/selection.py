@@ -84,9 +84,12 @@ class SeriesChoice:
     def name(self) -> str:
         return f"series {self.number or '?'} {self.description!r}".strip()
 
+    def thickness_text(self) -> str:
+        return f"{self.thickness:g} mm" if self.thickness is not None else "thickness unknown"
+
     def facts(self) -> str:
-        thick = f"{self.thickness:g} mm" if self.thickness is not None else "thickness unknown"
         kernel = f"kernel {self.kernel}" if self.kernel else "kernel unknown"
+        thick = self.thickness_text()
         return f"{self.image_type or 'no ImageType'}, {thick}, {kernel}, {self.frames} slices"
 
     def as_dict(self) -> dict[str, object]:
@@ -207,16 +210,17 @@ def classify_instance(ds: Dataset) -> str:
 
 
 def _thickness(ds: Dataset) -> float | None:
-    for source in (ds, *(ds.get("SharedFunctionalGroupsSequence") or [])):
-        measures = source.get("PixelMeasuresSequence") if source is not ds else None
-        item = measures[0] if measures else source
-        value = item.get("SliceThickness")
-        if value not in (None, ""):
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                return None
-    return None
+    """SliceThickness at the top level (CT Image) or in the shared functional groups
+    (Enhanced CT); None when neither gives a number."""
+    value = ds.get("SliceThickness")
+    if value in (None, ""):
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        measures = shared[0].get("PixelMeasuresSequence") if shared else None
+        value = measures[0].get("SliceThickness") if measures else None
+    try:
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 Member = tuple[int, Path, Dataset]  # (instance id, file, header)
@@ -255,8 +259,8 @@ def _passed_over(other: SeriesChoice, chosen: SeriesChoice) -> str:
         return f"secondary images, where {vs} (PRIMARY)"
     if a[3] != b[3]:
         return (
-            f"slices {other.facts().split(', ')[1]}, further from 1-3 mm than"
-            f" {chosen.name()} ({chosen.facts().split(', ')[1]}), which was read"
+            f"slices {other.thickness_text()}, further from 1-3 mm than"
+            f" {chosen.name()} ({chosen.thickness_text()}), which was read"
         )
     if a[4] != b[4]:
         return (
