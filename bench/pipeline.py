@@ -87,7 +87,8 @@ def run_one(settings, clf, study_id: int, label: str) -> tuple[float, float]:  #
     print(
         f"  read {t.read:.2f} s | preprocess {t.preprocess:.2f} s | inference {t.inference:.2f} s"
         f" | lungs {t.lungs:.2f} s (added after inference {t.extra.get('lungs_wait', 0):.2f} s)"
-        f" | SR {t.sr:.2f} s | export {export:.2f} s"
+        f" | SR {t.sr:.2f} s (of which key images and key objects"
+        f" {t.extra.get('key images', 0):.2f} s) | export {export:.2f} s"
         f" | other {other:.2f} s | total {total:.2f} s"
         " (read+preprocess run in a thread beside inference, so stages overlap)"
     )

@@ -85,3 +85,35 @@ def study_verdict(
             " (RSNA atypical pattern)"
         )
     return call, f"CNN probability {probability:.3f} against {threshold:.3f}; pattern {pattern}"
+
+
+KEY_SLICES = 4
+KEY_SLICE_GAP_MM = 10.0
+
+
+def key_slice_indices(
+    positions: Sequence[float | None],
+    probabilities: Sequence[float | None],
+    count: int = KEY_SLICES,
+    min_gap_mm: float = KEY_SLICE_GAP_MM,
+) -> list[int]:
+    """The key slices of a study, best first: the highest-scoring, no two within
+    ``min_gap_mm`` of each other, since neighbours show the same thing and a reader wants the
+    best slice of each part of the lungs.  Slices without a position (one-image studies) are
+    taken in order of score; unscored ones never."""
+    ranked = sorted(
+        (i for i, p in enumerate(probabilities) if p is not None),
+        key=lambda i: -float(probabilities[i]),  # type: ignore[arg-type]
+    )
+    chosen: list[int] = []
+    for i in ranked:
+        if len(chosen) == count:
+            break
+        here = positions[i]
+        if here is not None and any(
+            positions[c] is not None and abs(positions[c] - here) < min_gap_mm  # type: ignore[operator]
+            for c in chosen
+        ):
+            continue
+        chosen.append(i)
+    return chosen

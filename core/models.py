@@ -172,6 +172,23 @@ class Report(Base):
 
     study: Mapped[Study] = relationship(back_populates="reports")
     deliveries: Mapped[list[Delivery]] = relationship(back_populates="report")
+    objects: Mapped[list[ReportObject]] = relationship(back_populates="report")
+
+
+class ReportObject(Base):
+    """A DICOM object sent with a report: a key image (``sc``, Secondary Capture) or the key
+    object selection (``ko``)."""
+
+    __tablename__ = "report_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    path: Mapped[str] = mapped_column(String(512))
+
+    report: Mapped[Report] = relationship(back_populates="objects")
 
 
 class Delivery(Base):
@@ -183,6 +200,8 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
     destination: Mapped[str] = mapped_column(String(128))
+    # what goes there, of "sr", "sc", "ko" (comma-separated), fixed when the row is made
+    objects: Mapped[str] = mapped_column(String(32), default="sr,sc,ko")
     state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str] = mapped_column(Text, default="")

@@ -13,13 +13,18 @@ AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backs
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 
+OBJECT_KINDS = ("sr", "sc", "ko")  # the SR, key images (Secondary Capture), key objects
+
+
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer that receives our SRs (``AE@host:port``)."""
+    """A DICOM peer that receives our results (``AE@host:port``, optionally
+    ``?objects=sr+ko``: which of :data:`OBJECT_KINDS` it gets; all by default)."""
 
     ae_title: str
     host: str
     port: int
+    objects: tuple[str, ...] = OBJECT_KINDS
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -95,12 +100,22 @@ def destinations(raw: str) -> tuple[Destination, ...]:
     for item in (p.strip() for p in raw.split(",")):
         if not item:
             continue
-        m = re.match(r"^([^@]+)@(.+):(\d+)$", item)
+        m = re.match(r"^([^@]+)@(.+):(\d+)(?:\?objects=([a-z+]*))?$", item)
         if not m:
-            raise ValueError(f"{item!r} is not AE@host:port")
+            raise ValueError(f"{item!r} is not AE@host:port or AE@host:port?objects=sr+sc+ko")
         port = int_range(1, 65535)(m.group(3))
-        out.append(Destination(ae_title(m.group(1)), host(m.group(2)), port))
+        objects = OBJECT_KINDS if m.group(4) is None else object_kinds(m.group(4))
+        out.append(Destination(ae_title(m.group(1)), host(m.group(2)), port, objects))
     return tuple(out)
+
+
+def object_kinds(raw: str) -> tuple[str, ...]:
+    """``sr+sc+ko`` or a part of it, in that order."""
+    named = [p for p in raw.split("+") if p]
+    wrong = [p for p in named if p not in OBJECT_KINDS]
+    if wrong or not named:
+        raise ValueError(f"objects= takes {', '.join(OBJECT_KINDS)} joined by +, not {raw!r}")
+    return tuple(k for k in OBJECT_KINDS if k in named)
 
 
 def uid_list(raw: str) -> tuple[str, ...]:

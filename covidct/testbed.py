@@ -22,6 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+SR = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
+SC = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+KO = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document Storage
+
 
 class TestPACS:
     """A pynetdicom storage SCP on a free port that keeps what it receives in memory."""
@@ -34,9 +38,11 @@ class TestPACS:
         port: int = 0,
         status: int = 0x0000,
         gate: threading.Event | None = None,
+        accepts: Sequence[str] = (SR, SC, KO),
     ) -> None:
         """``gate``: a PACS that hangs: each C-STORE is kept (and counted) at once but
-        answered only when the event is set."""
+        answered only when the event is set; ``accepts``: the storage SOP classes it takes
+        (the SR, key images and key object selection by default)."""
         from pynetdicom import AE, evt
         from pynetdicom.sop_class import Verification
 
@@ -46,7 +52,8 @@ class TestPACS:
         self.lock = threading.Lock()
         self.ae = AE(ae_title=ae_title)
         self.ae.add_supported_context(Verification)
-        self.ae.add_supported_context("1.2.840.10008.5.1.4.1.1.88.34")  # Comprehensive 3D SR
+        for sop_class in accepts:
+            self.ae.add_supported_context(sop_class)
         self.ae_title = ae_title
         self.server = self.ae.start_server(
             ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
@@ -61,6 +68,16 @@ class TestPACS:
         if self.gate is not None:
             self.gate.wait(120)
         return self.status
+
+    @property
+    def reports(self) -> list[Any]:
+        """The SRs received (the key images and key object selections left out)."""
+        with self.lock:
+            return [ds for ds in self.received if ds.SOPClassUID == SR]
+
+    def of_class(self, sop_class: str) -> list[Any]:
+        with self.lock:
+            return [ds for ds in self.received if ds.SOPClassUID == sop_class]
 
     @property
     def destination(self) -> str:

@@ -211,24 +211,34 @@ def run_full_path(env: dict[str, str], tmp_path: Path, pacs_dir: Path) -> tuple[
 
     from tests.sr_reading import read_finding
 
-    def received() -> pydicom.Dataset | None:
+    def at_pacs() -> dict[str, list[Path]]:
+        """The files storescp wrote, by modality (a file still being written is left out)."""
+        out: dict[str, list[Path]] = {}
         for path in pacs_dir.iterdir():
             try:
-                return pydicom.dcmread(path)  # complete once it parses with its pixel-free body
-            except Exception:
-                return None
-        return None
+                modality = str(pydicom.dcmread(path, stop_before_pixels=True).Modality)
+            except Exception:  # noqa: S112  (a file storescp is still writing)
+                continue
+            out.setdefault(modality, []).append(path)
+        return out
 
-    sr = wait(received, 180, "the SR at the PACS")
-    sr_file = next(p for p in pacs_dir.iterdir() if p.is_file())
+    sr_file = wait(lambda: at_pacs().get("SR", [None])[0], 180, "the SR at the PACS")
+    sr = pydicom.dcmread(sr_file)
     assert dciodvfy_errors(sr_file) == []
-    assert sr.StudyInstanceUID == study_uid and sr.Modality == "SR"
+    assert sr.StudyInstanceUID == study_uid
 
     def delivered() -> dict | None:
         d = api(env, token, f"/api/studies/{study_uid}")
         return d if d["report_state"] == "delivered" else None
 
     detail = wait(delivered, 60, "delivered in the API")
+    # the key images and the key object selection came in the same association, before the
+    # delivery was recorded
+    files = at_pacs()
+    assert len(files["KO"]) == 1 and 1 <= len(files["OT"]) <= 4
+    for path in files["KO"] + files["OT"]:
+        ds = pydicom.dcmread(path)
+        assert ds.StudyInstanceUID == study_uid and dciodvfy_errors(path) == [], path
     # the drawn chest's apex and base slices hold too little lung to frame
     scored = [x for x in detail["slices"] if x["probability"] is not None]
     assert detail["state"] == "done" and 10 < detail["slices_analysed"] == len(scored) < 40
@@ -355,3 +365,14 @@ def test_orthanc_as_the_hospital_pacs(tmp_path: Path) -> None:
             (sr,) = wait(sr_series, 180, "the SR filed in the same study in Orthanc")
             assert sr["MainDicomTags"]["SeriesDescription"] == "AI OUTPUT - NOT FOR DIAGNOSTIC USE"
             assert sr["ParentStudy"] == orthanc_study
+
+            # the key images and the key object selection, filed in the same study
+            def by_modality() -> dict | None:
+                series = orthanc_call(http, f"/studies/{orthanc_study}/series")
+                out = {s["MainDicomTags"].get("Modality"): s for s in series}  # type: ignore[union-attr]
+                return out if {"KO", "OT"} <= set(out) else None
+
+            by_modality = wait(by_modality, 30, "the key objects and images in Orthanc")
+            assert len(by_modality["KO"]["Instances"]) == 1
+            assert 1 <= len(by_modality["OT"]["Instances"]) <= 4
+            assert by_modality["OT"]["MainDicomTags"]["SeriesDescription"].startswith("AI KEY")

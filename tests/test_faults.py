@@ -96,7 +96,7 @@ def test_worker_killed_during_delivery_resends_within_seconds_and_counts_it(
 
         with worker_process(settings) as worker:
             publish(create_app(settings), DELIVER_TASK, delivery_row(settings).id)
-            wait_for(lambda: len(pacs.received) == 1, timeout=120, what="the C-STORE to hang")
+            wait_for(lambda: len(pacs.reports) == 1, timeout=120, what="the C-STORE to hang")
             assert kill_children(worker)
             killed = time.monotonic()
             gate.set()
@@ -110,8 +110,8 @@ def test_worker_killed_during_delivery_resends_within_seconds_and_counts_it(
         print(f"\ndelivered {took:.1f} s after its worker was killed")
         assert took < 20, f"delivered {took:.1f} s after the kill"
         assert row.interrupted == 1 and row.attempts == 1 and row.claimed_until is None
-        assert len(pacs.received) == 2
-        assert pacs.received[0].SOPInstanceUID == pacs.received[1].SOPInstanceUID
+        assert len(pacs.reports) == 2
+        assert pacs.reports[0].SOPInstanceUID == pacs.reports[1].SOPInstanceUID
     finally:
         gate.set()
         pacs.stop()
@@ -279,12 +279,12 @@ def test_database_down_35_s_during_analysis_is_ridden_out(
             outage.end()
             dispose_engines()
             wait_for(lambda: state() == StudyState.DONE, 180, "done after the outage")
-            wait_for(lambda: len(pacs.received) == 1, 60, "the SR")
+            wait_for(lambda: len(pacs.reports) == 1, 60, "the SR")
         with session_scope(settings.database_url) as s:
             assert len(s.scalars(select(Report.id)).all()) == 1
             row = s.get(Study, study_id)
             assert row is not None and row.attempts >= 2  # the retried task claimed it again
-        assert len(pacs.received) == 1
+        assert len(pacs.reports) == 1
     finally:
         outage.end()
         pacs.stop()
@@ -674,7 +674,7 @@ def test_a_frozen_listener_is_seen_and_restarted(tmp_path: Path) -> None:
             )
             assert "listener" in body and body["listener"] != "ok", body
             print(f"\n/readyz 503 {time.monotonic() - stopped_at:.1f} s after the freeze")
-            wait(lambda: pacs.received, 30, "the SR at the PACS within 30 s of its coming up")
+            wait(lambda: pacs.reports, 30, "the SR at the PACS within 30 s of its coming up")
             print(f"SR delivered {time.monotonic() - stopped_at:.1f} s after the PACS came up")
             wait(
                 lambda: stage_pids(proc.pid).get("listener", listener) != listener,

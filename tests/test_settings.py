@@ -38,7 +38,7 @@ def test_values_are_parsed(env: dict[str, str]) -> None:
         "COVIDCT_DICOM_HOST": "0.0.0.0",
         "COVIDCT_DICOM_PORT": "4242",
         "COVIDCT_ALLOWED_AES": "PACS1, CT_SCANNER",
-        "COVIDCT_DESTINATIONS": "PACS@10.0.0.5:104,ARCHIVE@pacs.example.org:11112",
+        "COVIDCT_DESTINATIONS": "PACS@10.0.0.5:104,ARCHIVE@pacs.example.org:11112?objects=ko+sr",
         "COVIDCT_STABLE_SECONDS": "2.5",
         "COVIDCT_BROKER_URL": "redis://127.0.0.1:6379/3",
         "COVIDCT_DATABASE_URL": "postgresql+psycopg://u:pw@db/covidct",
@@ -56,9 +56,10 @@ def test_values_are_parsed(env: dict[str, str]) -> None:
     assert s.allowed_aes == ("PACS1", "CT_SCANNER")
     assert s.destinations == (
         Destination("PACS", "10.0.0.5", 104),
-        Destination("ARCHIVE", "pacs.example.org", 11112),
+        Destination("ARCHIVE", "pacs.example.org", 11112, ("sr", "ko")),
     )
     assert str(s.destinations[0]) == "PACS@10.0.0.5:104"
+    assert s.destinations[0].objects == ("sr", "sc", "ko")  # everything unless it says
     assert s.stable_seconds == 2.5
     assert not s.broker_is_embedded
     assert s.secret_key == "x" * 40
@@ -77,6 +78,9 @@ def test_values_are_parsed(env: dict[str, str]) -> None:
         ("COVIDCT_ALLOWED_AES", " , "),
         ("COVIDCT_DESTINATIONS", "PACS@host"),
         ("COVIDCT_DESTINATIONS", "PACS@host:99999"),
+        ("COVIDCT_DESTINATIONS", "PACS@host:104?objects="),
+        ("COVIDCT_DESTINATIONS", "PACS@host:104?objects=sr+pdf"),
+        ("COVIDCT_DESTINATIONS", "PACS@host:104?what=sr"),
         ("COVIDCT_STABLE_SECONDS", "-1"),
         ("COVIDCT_STABLE_SECONDS", "soon"),
         ("COVIDCT_BROKER_URL", "amqp://guest@localhost//"),

@@ -1,7 +1,10 @@
-"""The SR the service sends, checked by PixelMed's validators (what the IHE AI Results
-profile's test tools run) beside dciodvfy: the IOD and the TID 1500 template (#21).
+"""The objects the service sends, checked by PixelMed's validators (what the IHE AI Results
+profile's test tools run) beside dciodvfy (#21): the SR (IOD and TID 1500), the key object
+selection (IOD and TID 2010) and the key images (Secondary Capture: dciodvfy only, since the
+instance validator of Debian's PixelMed 2022 knows seven IODs and Secondary Capture is not one
+of them).
 
-One JVM run, on one SR built by the worker's own pipeline."""
+One JVM run per document, on the objects the worker's own pipeline built for one study."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from sqlalchemy import select
 
 from classifier.inference import Classifier
 from core.db import session_scope, upgrade
-from core.models import Report
+from core.models import Report, ReportObject
 from core.settings import load_settings
 from covidct.synthetic import SeriesSpec, make_study
 from covidct.testbed import spool_study
@@ -33,17 +36,34 @@ KNOWN_WARNING = 'CODE (840539006,SCT,"Disease caused by SARS-CoV-2"): Content It
 
 
 @pytest.fixture(scope="module")
-def sr_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sent(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """The files the pipeline made for one drawn study, by kind: ``sr``, ``sc``, ``ko``."""
     tmp = tmp_path_factory.mktemp("sr")
     settings = load_settings({"COVIDCT_DATA_DIR": str(tmp / "var")})
     upgrade(settings.database_url)
     study = make_study([SeriesSpec(slices=49, rows=256, ground_glass=True, multifocal=True)])
     study_id = spool_study(settings, study)
     assert analyse_study(settings, study_id, Classifier(settings.model_path)).state == "done"
+    out: dict[str, list[Path]] = {}
     with session_scope(settings.database_url) as s:
-        path = s.scalar(select(Report.path))
-    assert path is not None
-    return Path(path)
+        report = s.scalar(select(Report))
+        assert report is not None
+        out["sr"] = [Path(report.path)]
+        for obj in s.scalars(select(ReportObject)):
+            out.setdefault(obj.kind, []).append(Path(obj.path))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sr_path(sent: dict[str, list[Path]]) -> Path:
+    return sent["sr"][0]
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(
+        [need_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120
+    )
+    return [line for line in out.stderr.splitlines() if line.startswith("Error")]
 
 
 def pixelmed(validator: str, path: Path) -> list[str]:
@@ -68,7 +88,21 @@ def test_pixelmed_and_dciodvfy_find_no_error_in_the_sr(sr_path: Path) -> None:
     assert [line for line in lines if line.startswith("Error")] == []
     warnings = [line for line in lines if line.startswith("Warning")]
     assert all(KNOWN_WARNING in w for w in warnings), warnings
-    out = subprocess.run(
-        [need_tool("dciodvfy"), str(sr_path)], capture_output=True, text=True, timeout=120
-    )
-    assert [line for line in out.stderr.splitlines() if line.startswith("Error")] == []
+    assert dciodvfy_errors(sr_path) == []
+
+
+def test_pixelmed_finds_nothing_in_the_key_object_selection(sent: dict[str, list[Path]]) -> None:
+    """TID 2010 as PixelMed reads it: no error and no warning (highdicom's concept name on
+    the IMAGE items, which the template forbids, is taken out)."""
+    (ko,) = sent["ko"]
+    lines = pixelmed("DicomSRValidator", ko)
+    assert "Found KeyObjectSelectionDocument IOD" in lines, lines
+    assert "Found Root Template TID_2010 (KeyObjectSelection)" in lines, lines
+    assert [line for line in lines if line.startswith(("Error", "Warning"))] == [], lines
+    assert dciodvfy_errors(ko) == []
+
+
+def test_dciodvfy_finds_no_error_in_the_key_images(sent: dict[str, list[Path]]) -> None:
+    assert 1 <= len(sent["sc"]) <= 4
+    for path in sent["sc"]:
+        assert dciodvfy_errors(path) == [], path

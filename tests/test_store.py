@@ -41,15 +41,16 @@ TABLES = {
     "audit_log",
     "workers",
     "reviews",
+    "report_objects",
     "alembic_version",
 }
 
 
 def test_migrations_create_every_table(db_url: str) -> None:
-    assert current_revision(db_url) == "0007"
+    assert current_revision(db_url) == "0008"
     assert set(inspect(get_engine(db_url)).get_table_names()) == TABLES
     upgrade(db_url)  # idempotent
-    assert current_revision(db_url) == "0007"
+    assert current_revision(db_url) == "0008"
 
 
 def test_models_and_migrations_agree(db_url: str) -> None:

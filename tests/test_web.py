@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -15,7 +16,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from core.db import session_scope, upgrade
-from core.models import AuditEvent, Prediction, Study, StudyState, Upload
+from core.models import AuditEvent, Instance, Prediction, ReportObject, Study, StudyState, Upload
 from core.settings import Settings, load_settings
 from core.users import create_token, create_user
 from web.app import create_app
@@ -418,7 +419,7 @@ def test_study_page_and_api_show_the_lung_measurements(reader: FlaskClient, stud
 
 
 def test_overlay_draws_contours_and_opacity() -> None:
-    from web.images import OVERLAY_COLOURS, draw_overlay
+    from classifier.render import OVERLAY_COLOURS, draw_overlay
 
     gray = np.full((256, 256), 40, np.uint8)
     code = np.zeros((128, 128), np.uint8)
@@ -440,10 +441,10 @@ def test_overlay_of_an_analysed_study(
     from dataclasses import replace
 
     from classifier.inference import Classifier
+    from classifier.render import OVERLAY_COLOURS
     from covidct.synthetic import SeriesSpec, make_study
     from covidct.testbed import spool_study
     from tests.helpers import make_tiny_model
-    from web.images import OVERLAY_COLOURS
     from worker.pipeline import analyse_study
 
     model = make_tiny_model(tmp_path / "tiny.keras", weight=12.0, bias=-3.0)
@@ -460,6 +461,19 @@ def test_overlay_of_an_analysed_study(
     rgb = np.asarray(Image.open(io.BytesIO(r.data)).convert("RGB"))
     colours = {tuple(int(v) for v in px) for px in rgb.reshape(-1, 3)}
     assert OVERLAY_COLOURS["right"] in colours and OVERLAY_COLOURS["left"] in colours
+    # the key images sent to the PACS are pictures of the slices the page calls key
+    assert f"with {len(paths)} key image(s) and a key object selection" in html
+    shown = [int(p.split("/")[2]) for p in paths]
+    with session_scope(settings.database_url) as db:
+        on_page = {
+            db.get(Instance, db.get(Prediction, pid).instance_id).sop_instance_uid  # type: ignore[union-attr]
+            for pid in shown
+        }
+        pictured = {
+            pydicom.dcmread(o.path).SourceImageSequence[0].ReferencedSOPInstanceUID
+            for o in db.scalars(select(ReportObject).where(ReportObject.kind == "sc"))
+        }
+    assert pictured == on_page
     with session_scope(settings.database_url) as db:
         st = db.get(Study, study_id)
         assert st is not None and st.quantification is not None

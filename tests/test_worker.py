@@ -17,7 +17,7 @@ from pydicom.uid import JPEGLSLossless, RLELossless
 from sqlalchemy import func, select, update
 
 from core.db import session_scope, upgrade
-from core.models import Delivery, Prediction, Report, Study, StudyState, Upload
+from core.models import Delivery, Prediction, Report, ReportObject, Study, StudyState, Upload
 from core.settings import Settings, load_settings
 from covidct.synthetic import SeriesSpec, make_study
 from covidct.testbed import TestPACS, launched, spool_study
@@ -105,7 +105,7 @@ def test_study_to_validated_sr_in_the_pacs(celery_setup: tuple) -> None:
     )
     study_id = spool_study(settings, study)
     publish(app, STUDY_TASK, study_id)
-    wait_for(lambda: len(pacs.received) == 1, what="the SR at the PACS")
+    wait_for(lambda: len(pacs.reports) == 1, what="the SR at the PACS")
 
     def delivered() -> bool:  # the PACS answers before the worker commits its outcome
         with session_scope(settings.database_url) as s:
@@ -115,7 +115,7 @@ def test_study_to_validated_sr_in_the_pacs(celery_setup: tuple) -> None:
     row = study_row(settings, study_id)
     # the drawn chest's apex and base slices hold too little lung to frame
     assert row.state == StudyState.DONE and 10 <= row.slices_analysed < 24
-    sr = pacs.received[0]
+    sr = pacs.reports[0]
     assert sr.StudyInstanceUID == study[0].StudyInstanceUID
     assert sr.SeriesDescription == "AI OUTPUT - NOT FOR DIAGNOSTIC USE"
     assert sr.VerificationFlag == "UNVERIFIED"
@@ -135,6 +135,50 @@ def test_study_to_validated_sr_in_the_pacs(celery_setup: tuple) -> None:
     saved = Path(report.path)
     assert saved.is_file()
     assert dciodvfy_errors(saved) == []
+    assert_key_objects(settings, pacs, sr, row)
+
+
+def assert_key_objects(settings: Settings, pacs: TestPACS, sr: Any, row: Study) -> None:
+    """The key images and the key object selection reached the PACS in the study, each
+    clean under dciodvfy and read back by highdicom; the SR names both."""
+    from highdicom import Image
+    from highdicom.ko import KeyObjectSelectionDocument
+
+    from covidct.testbed import KO, SC
+
+    images, kos = pacs.of_class(SC), pacs.of_class(KO)
+    assert 1 <= len(images) <= 4 and len(kos) == 1
+    sources = set()
+    for im in images:
+        assert im.StudyInstanceUID == sr.StudyInstanceUID
+        assert im.SeriesInstanceUID not in (sr.SeriesInstanceUID, kos[0].SeriesInstanceUID)
+        assert im.BurnedInAnnotation == "YES" and list(im.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        assert im.PatientName == sr.PatientName  # the HTML stays text, copied as it came
+        sources.add(im.SourceImageSequence[0].ReferencedSOPInstanceUID)
+        picture = Image.from_dataset(im).get_frame(1)
+        assert picture.shape[2] == 3 and picture.shape[0] > 512 - 1  # the slice and its caption
+    assert KeyObjectSelectionDocument.from_dataset(kos[0]).SeriesDescription.startswith("AI")
+    with session_scope(settings.database_url) as s:
+        objects = s.scalars(select(ReportObject).order_by(ReportObject.id)).all()
+        assert sorted(o.kind for o in objects) == ["ko"] + ["sc"] * len(images)
+        paths = [Path(o.path) for o in objects]
+    for path in paths:
+        assert dciodvfy_errors(path) == [], path
+    named = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.PertinentOtherEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert named == {im.SOPInstanceUID for im in images} | {kos[0].SOPInstanceUID}
+    # the slices flagged are the key slices behind the pictures, and the pictures
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in kos[0].CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert evidence == sources | {im.SOPInstanceUID for im in images}
 
 
 def test_running_twice_sends_one_sr(celery_setup: tuple) -> None:
@@ -143,7 +187,7 @@ def test_running_twice_sends_one_sr(celery_setup: tuple) -> None:
     publish(app, STUDY_TASK, study_id)
     publish(app, STUDY_TASK, study_id)
     wait_for(lambda: study_row(settings, study_id).state == StudyState.DONE, what="done")
-    wait_for(lambda: len(pacs.received) >= 1, what="SR")
+    wait_for(lambda: len(pacs.reports) >= 1, what="SR")
     # a forced re-run of the same generation and model makes the same SR, not a second one
     with session_scope(settings.database_url) as s:
         s.execute(update(Study).where(Study.id == study_id).values(state=StudyState.QUEUED))
@@ -156,7 +200,7 @@ def test_running_twice_sends_one_sr(celery_setup: tuple) -> None:
             s.scalar(select(func.count()).select_from(Prediction).where(Prediction.kind == "study"))
             == 1
         )
-    assert len(pacs.received) == 1
+    assert len(pacs.reports) == 1
 
 
 def test_pacs_down_then_up_delivers_after_retries(tmp_path: Path, redis_db: int) -> None:
@@ -194,7 +238,7 @@ def test_pacs_down_then_up_delivers_after_retries(tmp_path: Path, redis_db: int)
                     return s.scalar(select(Delivery.state)) == "delivered"
 
             sweep_until(
-                lambda: len(pacs.received) == 1 and delivered(), "delivery once the PACS is up"
+                lambda: len(pacs.reports) == 1 and delivered(), "delivery once the PACS is up"
             )
             with session_scope(settings.database_url) as s:
                 row = s.scalar(select(Delivery))
@@ -227,6 +271,57 @@ def test_destination_that_stays_down_ends_failed(tmp_path: Path, redis_db: int) 
         assert row is not None and row.state == "pending" and row.attempts == 0
 
 
+def test_each_destination_gets_the_objects_it_names(tmp_path: Path, redis_db: int) -> None:
+    """One PACS takes everything, an archive only the SR and key objects (``?objects=sr+ko``),
+    and a PACS that takes no Secondary Capture, sent everything, fails with a reason that says
+    how to configure it, while the others are delivered."""
+    from covidct.testbed import KO, SC, SR
+    from worker.tasks import create_app
+
+    full, archive, picky = TestPACS(), TestPACS("ARCHIVE"), TestPACS("PICKY", accepts=(SR, KO))
+    try:
+        settings = make_settings(
+            tmp_path,
+            redis_db,
+            f"{full.destination},{archive.destination}?objects=sr+ko,{picky.destination}",
+            COVIDCT_SR_MAX_ATTEMPTS="2",
+        )
+        app = create_app(settings)
+        with running_worker(app):
+            publish(app, STUDY_TASK, spool_study(settings, make_study([SeriesSpec(slices=10)])))
+
+            def states() -> dict[str, str]:
+                with session_scope(settings.database_url) as s:
+                    return {d.destination: d.state for d in s.scalars(select(Delivery))}
+
+            sweeper = Sweeper(settings, lambda task, obj: publish(app, task, obj))
+
+            def settled() -> bool:  # the sweeper publishes each retry when it is due
+                sweeper.sweep_once()
+                return len(states()) == 3 and "pending" not in states().values()
+
+            wait_for(settled, what="every delivery settled")
+        assert states() == {
+            full.destination: "delivered",
+            archive.destination: "delivered",
+            picky.destination: "failed",
+        }
+        n_images = len(full.of_class(SC))
+        assert n_images >= 1 and len(full.of_class(KO)) == 1 and len(full.reports) == 1
+        assert len(archive.reports) == 1 and len(archive.of_class(KO)) == 1
+        assert archive.of_class(SC) == []
+        with session_scope(settings.database_url) as s:
+            failed = s.scalar(select(Delivery).where(Delivery.state == "failed"))
+            assert failed is not None
+            assert "does not accept Secondary Capture Image Storage" in failed.last_error
+            assert "?objects=" in failed.last_error
+            assert failed.objects == "sr,sc,ko"
+        assert picky.received == []  # refused before anything was sent: no half delivery
+    finally:
+        for p in (full, archive, picky):
+            p.stop()
+
+
 def test_only_localizers_is_not_analysable(celery_setup: tuple) -> None:
     settings, app, pacs = celery_setup
     study_id = spool_study(
@@ -249,7 +344,7 @@ def test_compressed_study(celery_setup: tuple, syntax: str) -> None:
         ds.compress(syntax)
     study_id = spool_study(settings, datasets)
     publish(app, STUDY_TASK, study_id)
-    wait_for(lambda: len(pacs.received) == 1, what="SR")
+    wait_for(lambda: len(pacs.reports) == 1, what="SR")
     assert study_row(settings, study_id).slices_analysed == 6
 
 
@@ -258,7 +353,7 @@ def test_enhanced_ct_multiframe(celery_setup: tuple) -> None:
     ds = enhanced_ct(frames=8)
     study_id = spool_study(settings, [ds])
     publish(app, STUDY_TASK, study_id)
-    wait_for(lambda: len(pacs.received) == 1, what="SR")
+    wait_for(lambda: len(pacs.reports) == 1, what="SR")
     row = study_row(settings, study_id)
     assert row.state == StudyState.DONE and row.slices_analysed == 8
     with session_scope(settings.database_url) as s:
@@ -356,7 +451,7 @@ def test_worker_killed_mid_task_is_redelivered_and_finished_once(
             timeout=180,
             what="finished after redelivery",
         )
-        wait_for(lambda: len(pacs.received) == 1, what="one SR")
+        wait_for(lambda: len(pacs.reports) == 1, what="one SR")
         row = study_row(settings, study_id)
         # the drawn chest's apex and base slices are skipped; the redelivered run stores
         # each slice once
@@ -369,7 +464,7 @@ def test_worker_killed_mid_task_is_redelivered_and_finished_once(
                 .where(Prediction.kind == "slice", Prediction.probability.is_not(None))
             )
             assert stored == row.slices_analysed
-    assert len(pacs.received) == 1
+    assert len(pacs.reports) == 1
 
 
 def test_sr_for_a_deidentified_study_without_patient_name(tmp_path: Path) -> None:

@@ -21,11 +21,11 @@ import pydicom
 from flask import Blueprint, abort, current_app, jsonify, request, send_file
 from flask_login import current_user, login_required
 from PIL import Image
-from scipy import ndimage
 from sqlalchemy import select
 
 from classifier.errors import UnusableInputError
 from classifier.preprocess import open_image, to_model_input, windowed_slice
+from classifier.render import draw_overlay, pixel_spacing, square_pixels
 from core.db import session_scope
 from core.models import Instance, Prediction, Study, Upload
 from core.settings import Settings
@@ -35,12 +35,6 @@ from web.uploads import model_input_png, thumbnail_path, write_whole
 bp = Blueprint("images", __name__)
 
 VIEW_SIZES = (256, 512, 768, 1024)  # the viewer asks for the smallest that fills its box
-OVERLAY_COLOURS = {
-    "right": (0, 255, 255),
-    "left": (255, 255, 0),
-    "ggo": (255, 150, 0),
-    "consolidation": (255, 0, 0),
-}
 
 
 def settings() -> Settings:
@@ -84,46 +78,6 @@ def _read(path: Path) -> pydicom.Dataset:
     except OSError:
         abort(410, "The slice is no longer in the spool.")
     raise AssertionError("unreachable")
-
-
-def draw_overlay(gray: np.ndarray, code: np.ndarray, size: int = 400) -> np.ndarray:
-    """RGB picture: lung contours and the opacity map (``code`` bits from the worker's
-    overlay file, on the segmentation grid) over the windowed slice, at most ``size`` wide."""
-    img = Image.fromarray(gray).convert("RGB")
-    img.thumbnail((size, size))
-    rgb = np.asarray(img).copy()
-    shape = rgb.shape[:2]
-    rows = np.minimum((np.arange(shape[0]) * code.shape[0]) // shape[0], code.shape[0] - 1)
-    cols = np.minimum((np.arange(shape[1]) * code.shape[1]) // shape[1], code.shape[1] - 1)
-    big = code[np.ix_(rows, cols)]
-    for bit, name in ((4, "ggo"), (8, "consolidation")):
-        m = (big & bit) > 0
-        rgb[m] = (0.5 * rgb[m] + 0.5 * np.array(OVERLAY_COLOURS[name])).astype(np.uint8)
-    for side, name in ((1, "right"), (2, "left")):
-        lung = (big & 3) == side
-        edge = lung & ~ndimage.binary_erosion(lung)
-        rgb[edge] = OVERLAY_COLOURS[name]
-    return rgb
-
-
-def square_pixels(gray: np.ndarray, spacing: tuple[float, float], size: int) -> np.ndarray:
-    """The slice resampled so that one screen pixel is as tall as it is wide in mm
-    (PixelSpacing row, column), its longer side ``size`` pixels."""
-    rows, cols = gray.shape
-    height_mm, width_mm = rows * spacing[0], cols * spacing[1]
-    scale = size / max(height_mm, width_mm)
-    shape = (max(1, round(width_mm * scale)), max(1, round(height_mm * scale)))
-    return np.asarray(Image.fromarray(gray).resize(shape, Image.Resampling.BILINEAR))
-
-
-def _spacing(ds: pydicom.Dataset) -> tuple[float, float]:
-    try:
-        row, col = (float(v) for v in ds.PixelSpacing)
-        if row > 0 and col > 0:
-            return row, col
-    except (AttributeError, TypeError, ValueError):
-        pass
-    return 1.0, 1.0
 
 
 def _overlay_code(src: SliceSource, ds: pydicom.Dataset) -> np.ndarray | None:
@@ -172,7 +126,7 @@ def slice_model_png(prediction_id: int) -> Any:
 def slice_original_png(prediction_id: int) -> Any:
     src = _slice(prediction_id)
     ds = _read(src.path)
-    return _png(square_pixels(windowed_slice(ds, src.frame), _spacing(ds), 400))
+    return _png(square_pixels(windowed_slice(ds, src.frame), pixel_spacing(ds), 400))
 
 
 @bp.route("/slices/<int(max=2147483647):prediction_id>/overlay.png")
@@ -184,7 +138,7 @@ def slice_overlay_png(prediction_id: int) -> Any:
     code = _overlay_code(src, ds)
     if code is None:
         abort(404, "No overlay for this slice.")
-    gray = square_pixels(windowed_slice(ds, src.frame), _spacing(ds), 400)
+    gray = square_pixels(windowed_slice(ds, src.frame), pixel_spacing(ds), 400)
     return _png(draw_overlay(gray, code))
 
 
@@ -207,7 +161,7 @@ def slice_view_png(prediction_id: int) -> Any:
     if cached.is_file():
         return _png_bytes(cached.read_bytes())
     ds = _read(src.path)
-    gray = square_pixels(windowed_slice(ds, src.frame), _spacing(ds), int(size))
+    gray = square_pixels(windowed_slice(ds, src.frame), pixel_spacing(ds), int(size))
     if overlay:
         code = _overlay_code(src, ds)
         if code is None:

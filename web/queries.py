@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import case, func, or_, select
 from sqlalchemy.orm import Session
 
+from classifier.aggregate import key_slice_indices
 from classifier.quantify import zone_at
 from core.models import Delivery, Prediction, Report, Study, StudyState, Upload
 from web.reviews import study_reviews
@@ -191,30 +192,14 @@ def measurement_summary(q: dict[str, Any] | None) -> dict[str, Any] | None:
     }
 
 
-KEY_SLICES = 4
-KEY_SLICE_GAP_MM = 10.0
+OBJECT_NAMES = {"sr": "SR", "sc": "key images", "ko": "key object selection"}
 
 
-def key_slices(
-    slices: list[dict[str, Any]], count: int = KEY_SLICES, min_gap_mm: float = KEY_SLICE_GAP_MM
-) -> list[dict[str, Any]]:
-    """The highest-scoring slices, no two within ``min_gap_mm`` of each other: neighbours
-    show the same thing, so the page shows the best slice of each part of the lungs instead.
-    Slices without a position (one-image studies) are taken in order of score."""
-    ranked = sorted(
-        (s for s in slices if s["probability"] is not None), key=lambda s: -s["probability"]
-    )
-    chosen: list[dict[str, Any]] = []
-    for s in ranked:
-        if len(chosen) == count:
-            break
-        here = s["position"]
-        if here is not None and any(
-            c["position"] is not None and abs(c["position"] - here) < min_gap_mm for c in chosen
-        ):
-            continue
-        chosen.append(s)
-    return chosen
+def key_slices(slices: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The study's key slices (:func:`classifier.aggregate.key_slice_indices`), the same the
+    worker sends to the PACS as key images."""
+    picked = key_slice_indices([s["position"] for s in slices], [s["probability"] for s in slices])
+    return [slices[i] for i in picked]
 
 
 def study_detail(session: Session, uid: str) -> dict[str, Any] | None:
@@ -275,6 +260,7 @@ def study_detail(session: Session, uid: str) -> dict[str, Any] | None:
                 "attempts": d.attempts,
                 "interrupted": d.interrupted,
                 "last_error": d.last_error,
+                "objects": [OBJECT_NAMES.get(k, k) for k in d.objects.split(",")],
                 "delivered_at": d.delivered_at.isoformat(timespec="seconds")
                 if d.delivered_at
                 else None,
@@ -288,6 +274,7 @@ def study_detail(session: Session, uid: str) -> dict[str, Any] | None:
                 "generation": r.generation,
                 "model_version": r.model_version,
                 "predecessor_uid": r.predecessor_uid,
+                "key_images": sum(o.kind == "sc" for o in r.objects),
                 "deliveries": deliveries,
             }
         )

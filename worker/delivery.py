@@ -1,4 +1,5 @@
-"""The outbox: C-STORE a report to one destination, with backoff and a visible failed state.
+"""The outbox: C-STORE a report, and the key images and key object selection made with it,
+to one destination in one association, with backoff and a visible failed state.
 
 Attempt n (1-based) that fails waits ``sr_retry_base_seconds * 2**(n-1)`` before the next; after
 ``sr_max_attempts`` the delivery is ``failed`` with its last error, and an admin can re-send it
@@ -8,24 +9,24 @@ from the dashboard (which resets it to ``pending``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 
 import pydicom
+from pydicom.uid import UID
 from pynetdicom import AE
+from pynetdicom.association import Association
 from sqlalchemy import case, or_, select, update
 from sqlalchemy.orm import Session
 
 from core import audit, lifecycle
 from core.db import session_scope
-from core.models import Delivery, DeliveryState, Report, utcnow
+from core.models import Delivery, DeliveryState, Report, ReportObject, utcnow
 from core.settings import Settings
 from core.values import Destination
 from worker.lease import Lease, renew_delivery
 
 logger = logging.getLogger(__name__)
-
-COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
 class DeliveryError(Exception):
@@ -38,42 +39,62 @@ def parse_destination(text: str) -> Destination:
     return Destination(ae, host, int(port))
 
 
-def c_store(settings: Settings, dest: Destination, path: str) -> None:
-    """Send one file; raise :class:`DeliveryError` unless the peer answers 0x0000."""
-    ds = pydicom.dcmread(path)
+def c_store(settings: Settings, dest: Destination, paths: Sequence[str]) -> None:
+    """Send files in one association; raise :class:`DeliveryError` unless the peer takes
+    each (0x0000, or a warning status)."""
+    datasets = [pydicom.dcmread(p) for p in paths]
     ae = AE(ae_title=settings.ae_title)
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
-    ae.add_requested_context(ds.SOPClassUID, [str(ds.file_meta.TransferSyntaxUID)])
+    for sop_class, syntax in dict.fromkeys(
+        (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets
+    ):
+        ae.add_requested_context(sop_class, [syntax])
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
         raise DeliveryError(f"association with {dest} refused or failed")
     try:
-        status = assoc.send_c_store(ds)
+        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        refused = sorted({str(ds.SOPClassUID) for ds in datasets} - accepted)
+        if refused:
+            names = ", ".join(UID(u).name for u in refused)
+            raise DeliveryError(
+                f"{dest} does not accept {names}: leave it out with ?objects= in"
+                " COVIDCT_DESTINATIONS (docs/configuration.md)"
+            )
+        for ds in datasets:
+            _store_one(assoc, ds, dest)
     finally:
         assoc.release()
+
+
+def _store_one(assoc: Association, ds: pydicom.Dataset, dest: Destination) -> None:
+    status = assoc.send_c_store(ds)
     code = getattr(status, "Status", None)
     if code is None:
         raise DeliveryError(f"no response from {dest} (timeout or abort)")
     if code not in (0x0000, 0xB000, 0xB007, 0xB006):
-        raise DeliveryError(f"{dest} answered status 0x{code:04X}")
+        raise DeliveryError(f"{dest} answered status 0x{code:04X} to {UID(ds.SOPClassUID).name}")
 
 
 def enqueue(s: Session, report_id: int, destinations: Iterable[Destination]) -> None:
-    """One outbox row per destination for a report (kept when it exists: a re-run)."""
+    """One outbox row per destination for a report (kept when it exists: a re-run), with
+    the kinds of object it gets."""
     have = set(s.scalars(select(Delivery.destination).where(Delivery.report_id == report_id)))
     for dest in destinations:
         if str(dest) not in have:
-            s.add(Delivery(report_id=report_id, destination=str(dest)))
+            s.add(
+                Delivery(report_id=report_id, destination=str(dest), objects=",".join(dest.objects))
+            )
 
 
 BUSY = "busy"  # another attempt holds the delivery: try again after its lease
 
 
-def claim_delivery(settings: Settings, delivery_id: int) -> tuple[str, str, str] | str:
-    """Take a pending delivery for one attempt: (report path, destination, SR UID), or the
-    state that says why not (``delivered``, ``failed``, ``missing``, ``busy``).
+def claim_delivery(settings: Settings, delivery_id: int) -> tuple[list[str], str, str] | str:
+    """Take a pending delivery for one attempt: (the files to send, destination, SR UID),
+    or the state that says why not (``delivered``, ``failed``, ``missing``, ``busy``).
 
     An earlier attempt that died (its claim expired, its outcome never written) is counted
     in ``interrupted``: the PACS may hold the SR already, so this attempt may be a re-send of
@@ -107,7 +128,19 @@ def claim_delivery(settings: Settings, delivery_id: int) -> tuple[str, str, str]
                 row.destination,
                 row.interrupted,
             )
-        return report.path, row.destination, report.sop_instance_uid
+        return _files(s, report, row.objects), row.destination, report.sop_instance_uid
+
+
+def _files(s: Session, report: Report, objects: str) -> list[str]:
+    """What a delivery sends: the SR first, then the key object selection and the key
+    images, of the kinds it was made for."""
+    kinds = objects.split(",")
+    extra = s.scalars(
+        select(ReportObject)
+        .where(ReportObject.report_id == report.id, ReportObject.kind.in_(kinds))
+        .order_by(ReportObject.kind.desc(), ReportObject.id)
+    )
+    return ([report.path] if "sr" in kinds else []) + [o.path for o in extra]
 
 
 def deliver(settings: Settings, delivery_id: int) -> str:
@@ -116,11 +149,12 @@ def deliver(settings: Settings, delivery_id: int) -> str:
     claimed = claim_delivery(settings, delivery_id)
     if isinstance(claimed, str):
         return claimed
-    path, destination, sop_uid = claimed
+    paths, destination, sop_uid = claimed
     renew = lambda: renew_delivery(settings, delivery_id)  # noqa: E731
     with Lease(settings, f"delivery {delivery_id}", renew):
         try:
-            c_store(settings, parse_destination(destination), path)
+            if paths:  # a report made before key images, sent to a destination of them only
+                c_store(settings, parse_destination(destination), paths)
             error = ""
         except (DeliveryError, OSError, ValueError, RuntimeError) as exc:
             error = str(exc) or exc.__class__.__name__

@@ -35,16 +35,27 @@ class LungResult:
             return None
         return float((self.lungs.labels[z] > 0).mean())
 
+    def codes(self, z: int | slice = slice(None)) -> np.ndarray:
+        """Masks of slice ``z`` (or all) as bits: 1 right lung, 2 left lung, 4 ground glass,
+        8 consolidation (what :func:`classifier.render.draw_overlay` draws)."""
+        code = self.lungs.labels[z].astype(np.uint8)
+        opacity = self.quantification.opacity
+        if opacity is not None:
+            code |= np.where(opacity[z] == 1, 4, 0).astype(np.uint8)
+            code |= np.where(opacity[z] == 2, 8, 0).astype(np.uint8)
+        return code
+
+    def code_at(self, ref: SliceRef) -> np.ndarray | None:
+        """The mask bits of one slice; None for a slice of another series."""
+        z = self.index.get(ref)
+        return None if z is None else self.codes(z)
+
     def save_overlay(self, path: Path) -> None:
-        """Masks per slice for the dashboard: bits 1 right lung, 2 left lung, 4 ground
-        glass, 8 consolidation; with the slice positions (mm)."""
-        code = self.lungs.labels.astype(np.uint8).copy()
-        if self.quantification.opacity is not None:
-            code |= np.where(self.quantification.opacity == 1, 4, 0).astype(np.uint8)
-            code |= np.where(self.quantification.opacity == 2, 8, 0).astype(np.uint8)
+        """The masks of every slice for the dashboard (:meth:`codes`), with the slice
+        positions (mm)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, code=code, positions=np.asarray(self.grid.positions))
+        np.savez_compressed(tmp, code=self.codes(), positions=np.asarray(self.grid.positions))
         tmp.replace(path)
 
 

@@ -1,8 +1,8 @@
 """A complete study becomes a verdict and an SR: the stages, wired in one place.
 
     claim -> analyse (worker/analysis.py: select, read, classify, segment and measure the
-          lungs, verdict) -> store predictions and measurements -> build SR -> outbox rows
-          -> finish
+          lungs, verdict) -> store predictions and measurements -> key images and key object
+          selection (worker/evidence.py) -> SR -> outbox rows -> finish
 
 Every step is idempotent: a run that dies is re-run by the sweeper or the broker and produces
 the same SR UID; a study that got new instances while it was processed stays queued for the
@@ -21,14 +21,16 @@ import pydicom
 from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
-from classifier.aggregate import STUDY_RULE
+from classifier.aggregate import STUDY_RULE, key_slice_indices
 from classifier.inference import Classifier
+from classifier.quantify import zone_at
 from core import lifecycle
 from core.db import session_scope
 from core.models import (
     Instance,
     Prediction,
     Report,
+    ReportObject,
     Study,
     StudyState,
     utcnow,
@@ -36,9 +38,17 @@ from core.models import (
 from core.settings import Settings
 from worker.analysis import Analysis, Timings, analyse
 from worker.delivery import enqueue
+from worker.evidence import Caption, KeySlice, build_key_images, build_kos
 from worker.lease import Claim, Lease, renew_study
 from worker.selection import series_parameters
-from worker.sr import Finding, build_sr, lung_measurements
+from worker.sr import (
+    MANUFACTURER,
+    Finding,
+    build_sr,
+    deterministic_uid,
+    device_identity,
+    lung_measurements,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -278,28 +288,31 @@ def _store_report(
         return ref.frame + 1 if frames > 1 else None
 
     key = [(headers[analysed[i].instance_id], frame_number(i)) for i in a.top]
+    finding = Finding(
+        probability=a.probability,
+        verdict=a.verdict,
+        threshold=classifier.threshold,
+        band=settings.indeterminate_band,
+        aggregation=STUDY_RULE,
+        model_version=version,
+        slices_analysed=len(analysed),
+        incomplete=incomplete,
+        lungs_ok=a.lungs.quantification.lungs_ok,
+        series=series_parameters(a.selection.chosen),
+    )
+    t0 = time.perf_counter()
+    images, kos = key_objects(a, finding, study.study_instance_uid, generation)
+    a.timings.extra["key images"] = time.perf_counter() - t0
     sr = build_sr(
         evidence,
         key,
-        Finding(
-            probability=a.probability,
-            verdict=a.verdict,
-            threshold=classifier.threshold,
-            band=settings.indeterminate_band,
-            aggregation=STUDY_RULE,
-            model_version=version,
-            slices_analysed=len(analysed),
-            incomplete=incomplete,
-            lungs_ok=a.lungs.quantification.lungs_ok,
-            series=series_parameters(a.selection.chosen),
-        ),
+        finding,
         lung_measurements(a.lungs.quantification),
         generation=generation,
         predecessor=predecessor,
+        companions=[*images, kos],
     )
-    path = settings.reports_dir / study.study_instance_uid / f"{sr.SOPInstanceUID}.dcm"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sr.save_as(path, enforce_file_format=True)
+    folder = settings.reports_dir / study.study_instance_uid
     report = Report(
         study_id=study_id,
         sop_instance_uid=str(sr.SOPInstanceUID),
@@ -307,8 +320,59 @@ def _store_report(
         predecessor_uid=previous.sop_instance_uid if previous else None,
         model_version=version,
         generation=generation,
-        path=str(path),
+        path=str(_save(sr, folder)),
     )
     s.add(report)
     s.flush()
+    for kind, ds in [("sc", im) for im in images] + [("ko", kos)]:
+        s.add(
+            ReportObject(
+                report_id=report.id,
+                kind=kind,
+                sop_class_uid=str(ds.SOPClassUID),
+                sop_instance_uid=str(ds.SOPInstanceUID),
+                path=str(_save(ds, folder)),
+            )
+        )
     return report.id
+
+
+def _save(ds: pydicom.Dataset, folder: Path) -> Path:
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def key_objects(
+    a: Analysis, finding: Finding, study_uid: str, generation: int
+) -> tuple[list[pydicom.Dataset], pydicom.Dataset]:
+    """The key images of the study's key slices and the key object selection flagging
+    them (:mod:`worker.evidence`)."""
+    assert a.lungs is not None and a.probability is not None and a.verdict is not None
+    q = a.lungs.quantification
+    stored = q.as_dict()
+    picked = key_slice_indices([r.position for r in a.analysed], list(a.probs))
+    keys = [
+        KeySlice(
+            ref=a.analysed[i],
+            header=a.selection.headers[a.analysed[i].instance_id],
+            probability=a.probs[i],
+            zone=zone_at(stored, a.analysed[i].position),
+            code=a.lungs.code_at(a.analysed[i]),
+        )
+        for i in picked
+    ]
+    version = finding.model_version
+
+    def uid_of(*kind: str) -> str:
+        return deterministic_uid(*kind, study_uid, version, str(generation))
+
+    images = build_key_images(
+        keys,
+        Caption(a.verdict, a.probability, version, q.lungs_ok),
+        uid_of,
+        MANUFACTURER,
+    )
+    kos = build_kos(keys, images, uid_of, device_identity(version), MANUFACTURER)
+    return list(images), kos

@@ -126,6 +126,16 @@ def deterministic_uid(*parts: str) -> str:
     return str(generate_uid(prefix=UID_ROOT, entropy_srcs=list(parts)))
 
 
+def device_identity(model_version: str) -> DeviceObserverIdentifyingAttributes:
+    """The observer device of every object we write: one UID per model version."""
+    return DeviceObserverIdentifyingAttributes(
+        uid=deterministic_uid("device", model_version),
+        name="covidct",
+        manufacturer_name=MANUFACTURER,
+        model_name=model_version[:64],
+    )
+
+
 def build_sr(
     evidence: Sequence[Dataset],
     key_images: Sequence[tuple[Dataset, int | None]],
@@ -134,9 +144,13 @@ def build_sr(
     *,
     generation: int = 0,
     predecessor: Dataset | None = None,
+    companions: Sequence[Dataset] = (),
 ) -> Comprehensive3DSR:
     """Build the report.  ``evidence``: headers of every analysed instance (pixel data not
-    needed); ``key_images``: (header, frame number or None) of the slices behind the verdict.
+    needed); ``key_images``: (header, frame number or None) of the slices behind the verdict;
+    ``companions``: the key images and key object selection sent with it, named in the
+    Pertinent Other Evidence Sequence (evidence the report's creator holds pertinent, PS3.3
+    C.17.2.3) so that a reader of the report finds them.
 
     Raises ValueError if the finding is inconsistent (highdicom validates the rest).
     """
@@ -150,12 +164,7 @@ def build_sr(
     evidence = [_with_type2_defaults(evidence[0]), *evidence[1:]]
     device = ObserverContext(
         observer_type=codes.DCM.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=deterministic_uid("device", finding.model_version),
-            name="covidct",
-            manufacturer_name=MANUFACTURER,
-            model_name=finding.model_version[:64],
-        ),
+        observer_identifying_attributes=device_identity(finding.model_version),
     )
     algorithm = AlgorithmIdentification(
         name="covidct COVID-19 CT classifier",
@@ -217,11 +226,36 @@ def build_sr(
         series_description=SERIES_DESCRIPTION,
         previous_versions=[predecessor] if predecessor is not None else None,
     )
+    if companions:
+        sr.PertinentOtherEvidenceSequence = references(companions)
     if finding.incomplete:  # CompletionFlag PARTIAL says so; LO: 64 characters
         sr.CompletionFlagDescription = _partial_description(
             finding.slices_analysed, finding.incomplete
         )
     return sr
+
+
+def references(objects: Sequence[Dataset]) -> list[Dataset]:
+    """The study / series / instance hierarchy of an evidence sequence (PS3.3 C.17.2.3)."""
+    studies: dict[str, dict[str, list[Dataset]]] = {}
+    for ds in objects:
+        item = Dataset()
+        item.ReferencedSOPClassUID = ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        series = studies.setdefault(str(ds.StudyInstanceUID), {})
+        series.setdefault(str(ds.SeriesInstanceUID), []).append(item)
+    out = []
+    for study_uid, by_series in studies.items():
+        study = Dataset()
+        study.StudyInstanceUID = study_uid
+        study.ReferencedSeriesSequence = []
+        for series_uid, items in by_series.items():
+            entry = Dataset()
+            entry.SeriesInstanceUID = series_uid
+            entry.ReferencedSOPSequence = items
+            study.ReferencedSeriesSequence.append(entry)
+        out.append(study)
+    return out
 
 
 def _partial_description(slices: int, reason: str) -> str:
