@@ -47,6 +47,37 @@ def _litert_line(card: dict[str, Any]) -> list[str]:
     ]
 
 
+def _heatmap_lines(card: dict[str, Any]) -> list[str]:
+    """Whether the heatmaps mean something (``scripts/check_heatmaps.py``)."""
+    h = card.get("heatmap")
+    if not h:
+        return []
+    out = [
+        "",
+        "## Heatmaps",
+        "",
+        f"{h['method']}; measured {h['measured_on']} on the val images the model calls"
+        f" COVID-19.  Deletion test: the hottest {h['hot_fraction']:.0%} of the picture"
+        f" blurred (sigma {h['blur_sigma_px']:g} px) against the same region moved to"
+        f" {h['random_places']} random places.",
+        "",
+        "| dataset | measured | heat inside the lung | lung share of the picture | drop, hot |"
+        " drop, random | difference (95% CI) | hot drops more |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in h["results"]:
+        lo, hi = r["drop_difference_ci"]
+        out.append(
+            f"| {r['dataset']} | {r['measured']} of {r['called_covid']} | "
+            f"{r['heat_in_lung']:.0%} | {r['lung_area']:.0%} | {r['drop_hot']:.3f} | "
+            f"{r['drop_random']:.3f} | {r['drop_difference']:.3f} ({lo:.3f} to {hi:.3f}) | "
+            f"{r['hot_drops_more']:.0%} |"
+        )
+    if h.get("verdict"):
+        out += ["", h["verdict"]]
+    return out
+
+
 def write_card_markdown(card: dict[str, Any], path: Path) -> None:
     """The card as Markdown, with ``<name>.notes.md`` beside it (written by hand) included."""
     lines = [
@@ -108,6 +139,7 @@ def write_card_markdown(card: dict[str, Any], path: Path) -> None:
                 f"| {name} | {before['auc']:.3f} | {after[name]['auc']:.3f} | "
                 f"{after[name]['routed_own']:.0%} |"
             )
+    lines += _heatmap_lines(card)
     if card.get("dicom_studies"):
         lines += ["", "## Real DICOM studies (development sample)", ""]
         for s in card["dicom_studies"]:
