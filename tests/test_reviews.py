@@ -175,6 +175,9 @@ def test_performance_page_api_and_csv(reader: FlaskClient, settings: Settings, s
     assert body["overall"]["sensitivity"]["k"] == 1 and body["overall"]["specificity"]["n"] == 1
     html = reader.get("/performance").get_data(as_text=True)
     assert "Sensitivity" in html and "100.0% (1 of 1" in html and "0.0% (0 of 1" in html
+    # the reliability plot: a point per probability bin at (mean probability, share positive)
+    assert 'class="reliability-plot"' in html
+    assert 'cx="180.0" cy="0.0"' in html and 'cx="140.0" cy="200.0"' in html
     export = reader.get("/api/reviews.csv")
     assert export.headers["Content-Type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(export.get_data(as_text=True))))
