@@ -87,3 +87,34 @@ def test_no_map_when_the_lungs_failed_their_checks(ct_slice: tuple[Path, Dataset
     rgb = picture(key(path, hdr, code), pixels, Caption("Indeterminate", 0.5, "m", False))
     image = rgb[:512]
     assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+
+
+def test_a_de_identified_study_gets_its_key_objects(tmp_path: Path) -> None:
+    """Exports and anonymisers drop Type 2 patient and study attributes (the MIDRC-RICORD
+    study has no Patient's Name): the key images and the key object selection are built with
+    the empty values the standard allows, as the SR is."""
+    from sqlalchemy import select
+
+    from classifier.inference import Classifier
+    from core.db import session_scope, upgrade
+    from core.models import ReportObject
+    from core.settings import load_settings
+    from covidct.testbed import spool_study
+    from worker.pipeline import analyse_study
+    from worker.sr import TYPE2_PATIENT_STUDY
+
+    settings = load_settings({"COVIDCT_DATA_DIR": str(tmp_path / "var")})
+    upgrade(settings.database_url)
+    study = make_study([SeriesSpec(slices=24, rows=128)])
+    for ds in study:
+        for keyword in TYPE2_PATIENT_STUDY:
+            if keyword in ds:
+                delattr(ds, keyword)
+    outcome = analyse_study(settings, spool_study(settings, study), Classifier(settings.model_path))
+    assert outcome.state == "done"
+    with session_scope(settings.database_url) as s:
+        paths = {o.kind: o.path for o in s.scalars(select(ReportObject))}
+    assert set(paths) == {"sc", "ko"}
+    for path in paths.values():
+        ds = pydicom.dcmread(path)
+        assert ds.PatientName == "" and ds.StudyInstanceUID == study[0].StudyInstanceUID

@@ -32,6 +32,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from classifier.preprocess import windowed_slice
 from classifier.render import draw_overlay, pixel_spacing, square_pixels, with_caption
 from worker.selection import SliceRef, orientation
+from worker.sr import with_type2_defaults
 
 KEY_IMAGE_PX = 512  # the pictures' longer side: a PACS viewer scales them to its window
 SC_SERIES_NUMBER = 9902
@@ -115,7 +116,7 @@ def build_key_images(
     for number, key in enumerate(keys, start=1):
         pixels = pydicom.dcmread(key.ref.path)
         sc = SCImage.from_ref_dataset(
-            ref_dataset=key.header,
+            ref_dataset=with_type2_defaults(key.header),
             pixel_array=picture(key, pixels, caption),
             photometric_interpretation="RGB",
             bits_allocated=8,
@@ -165,7 +166,7 @@ def build_kos(
         description="Slices with the highest COVID-19 probability (AI; not for diagnostic use)",
     )
     kos = KeyObjectSelectionDocument(
-        evidence=referenced,
+        evidence=[with_type2_defaults(referenced[0]), *referenced[1:]],
         content=content,
         series_instance_uid=uid_of("ko-series"),
         series_number=KO_SERIES_NUMBER,

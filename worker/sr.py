@@ -161,7 +161,7 @@ def build_sr(
     if not evidence:
         raise ValueError("an SR needs at least one evidence instance")
     study_uid = str(evidence[0].StudyInstanceUID)
-    evidence = [_with_type2_defaults(evidence[0]), *evidence[1:]]
+    evidence = [with_type2_defaults(evidence[0]), *evidence[1:]]
     device = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=device_identity(finding.model_version),
@@ -311,9 +311,10 @@ TYPE2_PATIENT_STUDY = (
 )
 
 
-def _with_type2_defaults(ds: Dataset) -> Dataset:
-    """De-identified studies often omit Type 2 patient/study attributes that the SR copies
-    from its first evidence instance; give them the empty value the standard allows."""
+def with_type2_defaults(ds: Dataset) -> Dataset:
+    """De-identified studies often omit Type 2 patient/study attributes that the SR, the key
+    images and the key object selection copy from a source instance; give them the empty
+    value the standard allows."""
     missing = [kw for kw in TYPE2_PATIENT_STUDY if kw not in ds]
     if not missing:
         return ds
