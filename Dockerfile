@@ -11,6 +11,9 @@ COPY worker ./worker
 COPY classifier ./classifier
 COPY web ./web
 COPY models ./models
+# dicom3tools: dciodvfy checks every object the worker sends (COVIDCT_DCIODVFY)
+RUN apt-get update && apt-get install -y --no-install-recommends dicom3tools \
+    && rm -rf /var/lib/apt/lists/*
 RUN pip install --upgrade pip && pip install . \
     && useradd --system --uid 10001 --home-dir /data covidct \
     && mkdir -p /data && chown covidct /data

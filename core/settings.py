@@ -81,6 +81,8 @@ class Settings:
     read_threads: int = 1
     sr_max_attempts: int = 6
     sr_retry_base_seconds: float = 10.0
+    # dciodvfy checks each object before it leaves: "auto" when it is on PATH, "off", or a path
+    dciodvfy: str = "auto"
     max_upload_bytes: int = 20 * 1024 * 1024
     max_upload_pixels: int = 40_000_000
     web_secure_cookies: bool = False
@@ -183,6 +185,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "read_threads": v.int_range(1, 64),
     "sr_max_attempts": v.int_range(1, 100),
     "sr_retry_base_seconds": v.float_range(0.0, 3600.0),
+    "dciodvfy": v.tool,
     "max_upload_bytes": v.int_range(1024, 1024**3),
     "max_upload_pixels": v.int_range(1024, 10**9),
     "web_secure_cookies": v.boolean,

@@ -185,3 +185,13 @@ def secret(raw: str) -> str:
     if len(raw) < 16:
         raise ValueError("must be at least 16 characters")
     return raw
+
+
+def tool(raw: str) -> str:
+    """A program: ``auto`` (found on PATH when there), ``off``, or its path."""
+    value = raw.strip()
+    if value in ("auto", "off"):
+        return value
+    if not value or not Path(value).is_file():
+        raise ValueError("give auto, off, or the path of the program")
+    return value

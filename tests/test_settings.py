@@ -81,6 +81,8 @@ def test_values_are_parsed(env: dict[str, str]) -> None:
         ("COVIDCT_DESTINATIONS", "PACS@host:104?objects="),
         ("COVIDCT_DESTINATIONS", "PACS@host:104?objects=sr+pdf"),
         ("COVIDCT_DESTINATIONS", "PACS@host:104?what=sr"),
+        ("COVIDCT_DCIODVFY", "/nonexistent/dciodvfy"),
+        ("COVIDCT_DCIODVFY", "sometimes"),
         ("COVIDCT_STABLE_SECONDS", "-1"),
         ("COVIDCT_STABLE_SECONDS", "soon"),
         ("COVIDCT_BROKER_URL", "amqp://guest@localhost//"),

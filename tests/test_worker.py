@@ -322,6 +322,36 @@ def test_each_destination_gets_the_objects_it_names(tmp_path: Path, redis_db: in
             p.stop()
 
 
+def test_an_object_that_fails_dciodvfy_is_not_sent(
+    tmp_path: Path, redis_db: int, pacs: TestPACS
+) -> None:
+    """A key image that lost a Type 1 attribute: dciodvfy finds the error before the
+    association, nothing of the report is sent, and the delivery says why."""
+    from classifier.inference import Classifier
+    from worker.delivery import deliver
+    from worker.pipeline import analyse_study
+
+    need_tool("dciodvfy")
+    settings = make_settings(tmp_path, redis_db, pacs.destination)
+    study_id = spool_study(settings, make_study([SeriesSpec(slices=10)]))
+    assert analyse_study(settings, study_id, Classifier(settings.model_path)).state == "done"
+    with session_scope(settings.database_url) as s:
+        image = s.scalar(select(ReportObject).where(ReportObject.kind == "sc"))
+        delivery_id = s.scalar(select(Delivery.id))
+        assert image is not None and delivery_id is not None
+        path = Path(image.path)
+    ds = pydicom.dcmread(path)
+    del ds.ConversionType  # Type 1 in the SC Equipment module
+    ds.save_as(path, enforce_file_format=True)
+    assert deliver(settings, delivery_id) == "pending"
+    with session_scope(settings.database_url) as s:
+        row = s.get(Delivery, delivery_id)
+        assert row is not None and row.attempts == 1
+        assert f"{path.name} fails dciodvfy, nothing sent" in row.last_error
+        assert "ConversionType" in row.last_error or "Conversion Type" in row.last_error
+    assert pacs.received == []
+
+
 def test_only_localizers_is_not_analysable(celery_setup: tuple) -> None:
     settings, app, pacs = celery_setup
     study_id = spool_study(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
+from pathlib import Path
 
 import pydicom
 from pydicom.uid import UID
@@ -24,6 +25,7 @@ from core.db import session_scope
 from core.models import Delivery, DeliveryState, Report, ReportObject, utcnow
 from core.settings import Settings
 from core.values import Destination
+from worker import validate
 from worker.lease import Lease, renew_delivery
 
 logger = logging.getLogger(__name__)
@@ -40,8 +42,14 @@ def parse_destination(text: str) -> Destination:
 
 
 def c_store(settings: Settings, dest: Destination, paths: Sequence[str]) -> None:
-    """Send files in one association; raise :class:`DeliveryError` unless the peer takes
-    each (0x0000, or a warning status)."""
+    """Send files in one association; raise :class:`DeliveryError` unless each passes
+    dciodvfy (:mod:`worker.validate`) and the peer takes each (0x0000, or a warning status)."""
+    for path in paths:
+        found = validate.errors(settings.dciodvfy, path)
+        if found:
+            raise DeliveryError(
+                f"{Path(path).name} fails dciodvfy, nothing sent: {'; '.join(found[:2])}"
+            )
     datasets = [pydicom.dcmread(p) for p in paths]
     ae = AE(ae_title=settings.ae_title)
     ae.acse_timeout = settings.acse_timeout
