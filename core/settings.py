@@ -84,6 +84,7 @@ class Settings:
     # dciodvfy checks each object before it leaves: "auto" when it is on PATH, "off", or a path
     dciodvfy: str = "auto"
     max_upload_bytes: int = 20 * 1024 * 1024
+    stow_max_bytes: int = 200 * 1024**2  # one STOW-RS request (and so one instance in it)
     max_upload_pixels: int = 40_000_000
     web_secure_cookies: bool = False
     login_max_failures: int = 5
@@ -187,6 +188,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "sr_retry_base_seconds": v.float_range(0.0, 3600.0),
     "dciodvfy": v.tool,
     "max_upload_bytes": v.int_range(1024, 1024**3),
+    "stow_max_bytes": v.int_range(1024 * 1024, 64 * 1024**3),
     "max_upload_pixels": v.int_range(1024, 10**9),
     "web_secure_cookies": v.boolean,
     "login_max_failures": v.int_range(1, 1000),

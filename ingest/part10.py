@@ -12,6 +12,22 @@ import struct
 
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
+# the transfer syntaxes the listener and STOW-RS accept (docs/conformance.md, section 3)
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (8-bit)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (12-bit)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+
 IMPLEMENTATION_VERSION = "COVIDCT_01"
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 

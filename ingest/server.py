@@ -38,26 +38,12 @@ from ingest.handlers import (
     handle_requested,
     handle_store,
 )
+from ingest.part10 import TRANSFER_SYNTAXES
 from ingest.records import UnreadableDatasetError, read_header, record_instance
 from ingest.spool import InvalidUIDError, iter_spool, remove_stale_temporaries
 from ingest.sweeper import Sweeper, celery_publisher
 
 logger = logging.getLogger(__name__)
-
-TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (8-bit)
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended (12-bit)
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-]
 
 
 class PortInUse(OSError):

@@ -60,6 +60,7 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
     from web.api import bp as api_bp
     from web.auth import bp as auth_bp
     from web.auth import user_from_bearer
+    from web.dicomweb import register as register_dicomweb
     from web.images import bp as images_bp
     from web.views import bp as views_bp
 
@@ -68,6 +69,7 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
     app.register_blueprint(images_bp)
     app.register_blueprint(admin_bp)
     app.register_blueprint(api_bp, url_prefix="/api")
+    register_dicomweb(app)
 
     @login_manager.user_loader
     def load_user(session_id: str) -> SessionUser | None:
@@ -105,6 +107,8 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
         g.bearer_user = user_from_bearer(settings, request.headers.get("Authorization", ""))
         if g.bearer_user is not None:
             return  # a valid token, not a cookie: nothing a foreign page could forge
+        if request.path.startswith("/dicom-web/"):
+            return  # takes a bearer token only, never a cookie: web/dicomweb.py answers 401
         csrf.protect()  # any other header ("Bearer junk" beside a cookie) gets no exemption
 
     @app.after_request

@@ -26,8 +26,15 @@ THREADS = 8
 
 
 def request_body_limit(settings: Settings) -> int:
-    """The largest request body the app takes: ten uploads of the largest size, plus form."""
+    """The largest request body the app takes: ten uploads of the largest size, plus form
+    (the STOW-RS route raises it to ``stow_max_bytes`` for itself)."""
     return settings.max_upload_bytes * 10 + 1024 * 1024
+
+
+def server_body_limit(settings: Settings) -> int:
+    """What waitress reads (buffered to a temporary file when large): the largest body of
+    any route."""
+    return max(request_body_limit(settings), settings.stow_max_bytes)
 
 
 class BoundedChunkedReceiver(receiver.ChunkedReceiver):
@@ -60,7 +67,7 @@ def serve(app: Any, settings: Settings) -> int:
             threads=THREADS,
             ident="covidct",
             max_request_header_size=MAX_HEADER,
-            max_request_body_size=request_body_limit(settings),
+            max_request_body_size=server_body_limit(settings),
         )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
