@@ -83,6 +83,8 @@ class Settings:
     sr_retry_base_seconds: float = 10.0
     # dciodvfy checks each object before it leaves: "auto" when it is on PATH, "off", or a path
     dciodvfy: str = "auto"
+    # sent as "Authorization: Bearer" to DICOMweb destinations without user:password in the URL
+    dicomweb_token: str = field(default="", repr=False)
     max_upload_bytes: int = 20 * 1024 * 1024
     stow_max_bytes: int = 200 * 1024**2  # one STOW-RS request (and so one instance in it)
     max_upload_pixels: int = 40_000_000
@@ -127,8 +129,8 @@ class Settings:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "secret_key":
-                value = "***"
+            if f.name in ("secret_key", "dicomweb_token"):
+                value = "***" if value else ""
             elif f.name in ("database_url", "broker_url"):
                 value = v.mask_url(str(value))
             elif isinstance(value, tuple):
@@ -187,6 +189,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "sr_max_attempts": v.int_range(1, 100),
     "sr_retry_base_seconds": v.float_range(0.0, 3600.0),
     "dciodvfy": v.tool,
+    "dicomweb_token": v.token,
     "max_upload_bytes": v.int_range(1024, 1024**3),
     "stow_max_bytes": v.int_range(1024 * 1024, 64 * 1024**3),
     "max_upload_pixels": v.int_range(1024, 10**9),

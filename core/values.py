@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
 UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
@@ -18,15 +19,26 @@ OBJECT_KINDS = ("sr", "sc", "ko")  # the SR, key images (Secondary Capture), key
 
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer that receives our results (``AE@host:port``, optionally
-    ``?objects=sr+ko``: which of :data:`OBJECT_KINDS` it gets; all by default)."""
+    """A peer that receives our results: a DICOM node (``AE@host:port``), or a DICOMweb
+    service (``url``: its base URL, STOW-RS), optionally ``?objects=sr+ko``: which of
+    :data:`OBJECT_KINDS` it gets, all by default.  ``str()`` names it without credentials
+    (it is stored with each delivery and shown on the dashboard)."""
 
     ae_title: str
     host: str
     port: int
     objects: tuple[str, ...] = OBJECT_KINDS
+    url: str = ""  # DICOMweb base URL, without credentials
+    username: str = field(default="", repr=False)
+    password: str = field(default="", repr=False)
+
+    @property
+    def is_dicomweb(self) -> bool:
+        return bool(self.url)
 
     def __str__(self) -> str:
+        if self.url:
+            return self.url
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
@@ -100,13 +112,44 @@ def destinations(raw: str) -> tuple[Destination, ...]:
     for item in (p.strip() for p in raw.split(",")):
         if not item:
             continue
+        if re.match(r"^https?://", item, re.IGNORECASE):
+            out.append(dicomweb_destination(item))
+            continue
         m = re.match(r"^([^@]+)@(.+):(\d+)(?:\?objects=([a-z+]*))?$", item)
         if not m:
-            raise ValueError(f"{item!r} is not AE@host:port or AE@host:port?objects=sr+sc+ko")
+            raise ValueError(
+                f"{mask_url(item)!r} is not AE@host:port or a DICOMweb URL"
+                " (either may end in ?objects=sr+sc+ko)"
+            )
         port = int_range(1, 65535)(m.group(3))
         objects = OBJECT_KINDS if m.group(4) is None else object_kinds(m.group(4))
         out.append(Destination(ae_title(m.group(1)), host(m.group(2)), port, objects))
     return tuple(out)
+
+
+def dicomweb_destination(item: str) -> Destination:
+    """``http(s)://[user:password@]host[:port]/path[?objects=...]``: a STOW-RS service."""
+    parts = urlsplit(item)
+    query = parts.query
+    objects = OBJECT_KINDS
+    if query:
+        if not query.startswith("objects="):
+            raise ValueError(f"{mask_url(item)!r}: the only query a destination takes is objects=")
+        objects = object_kinds(query.removeprefix("objects="))
+    if not parts.hostname:
+        raise ValueError(f"{mask_url(item)!r} has no host")
+    host(parts.hostname)
+    netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    url = urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), "", ""))
+    return Destination(
+        "",
+        parts.hostname,
+        parts.port or (443 if parts.scheme.lower() == "https" else 80),
+        objects,
+        url=url,
+        username=unquote(parts.username or ""),
+        password=unquote(parts.password or ""),
+    )
 
 
 def object_kinds(raw: str) -> tuple[str, ...]:
@@ -194,4 +237,12 @@ def tool(raw: str) -> str:
         return value
     if not value or not Path(value).is_file():
         raise ValueError("give auto, off, or the path of the program")
+    return value
+
+
+def token(raw: str) -> str:
+    """An HTTP bearer token: printable ASCII without spaces (RFC 6750's token68 and more)."""
+    value = raw.strip()
+    if not re.match(r"^[\x21-\x7e]+$", value):
+        raise ValueError("a bearer token is printable ASCII without spaces")
     return value

@@ -19,6 +19,7 @@ command -v dciodvfy >/dev/null || need_apt+=(dicom3tools)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v Orthanc >/dev/null || need_apt+=(orthanc)
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need_apt+=(orthanc-dicomweb)
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v java >/dev/null || need_apt+=(default-jre-headless)
 [ -f /usr/share/java/pixelmed.jar ] || need_apt+=(libpixelmed-java)  # PixelMed's SR validator

@@ -13,6 +13,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -21,7 +22,7 @@ from sqlalchemy import func, select
 
 from core.db import session_scope, upgrade
 from core.models import AuditEvent, Instance, Study, StudyState
-from core.settings import load_settings
+from core.settings import Settings, load_settings
 from covidct.synthetic import SeriesSpec, make_study
 from covidct.testbed import free_port, launched
 from tests.conftest import port_open
@@ -207,3 +208,52 @@ def test_parts_are_found_whatever_the_read_size(
     assert got == [("application/dicom", a), ("application/dicom", b)]
     with pytest.raises(stow.BadRequest, match="larger than"):
         list(stow.parts(io.BytesIO(body), stow.boundary_of(ctype), 4))
+
+
+def test_a_dicomweb_destination_gets_every_object_by_stow_rs(tmp_path: Path) -> None:
+    """Orthanc with its DICOMweb plugin and basic authentication as the destination: the SR,
+    the key images and the key object selection arrive in the CT's study by STOW-RS; the
+    delivery row names the URL without the password; a wrong password fails with the HTTP
+    status and stores nothing."""
+    from classifier.inference import Classifier
+    from core.models import Delivery
+    from covidct.testbed import spool_study
+    from tests.test_e2e import orthanc, orthanc_call
+    from worker.delivery import deliver
+    from worker.pipeline import analyse_study
+
+    auth = ("covidct", "pacs password")
+    with orthanc(tmp_path, free_port(), dicomweb=True, users=dict([auth])) as (http, _):
+        base = f"127.0.0.1:{http}/dicom-web"
+
+        def analysed(name: str, credentials: str) -> tuple[Settings, int, str]:
+            settings = load_settings(
+                {
+                    "COVIDCT_DATA_DIR": str(tmp_path / name),
+                    "COVIDCT_DESTINATIONS": f"http://{credentials}@{base}/",
+                }
+            )
+            upgrade(settings.database_url)
+            study = make_study([SeriesSpec(slices=20)])
+            study_id = spool_study(settings, study)
+            outcome = analyse_study(settings, study_id, Classifier(settings.model_path))
+            assert outcome.state == "done"
+            with session_scope(settings.database_url) as s:
+                (row,) = s.scalars(select(Delivery)).all()
+                assert row.destination == f"http://{base}"  # no credentials kept or shown
+                return settings, row.id, str(study[0].StudyInstanceUID)
+
+        settings, delivery_id, _ = analysed("wrong", "covidct:not%20it")
+        assert deliver(settings, delivery_id) == "pending"
+        with session_scope(settings.database_url) as s:
+            row = s.get(Delivery, delivery_id)
+            assert row is not None and "answered HTTP 401" in row.last_error
+        assert orthanc_call(http, "/studies", auth=auth) == []
+
+        settings, delivery_id, study_uid = analysed("right", "covidct:pacs%20password")
+        assert deliver(settings, delivery_id) == "delivered"
+        (orthanc_study,) = orthanc_call(http, "/studies", auth=auth)  # type: ignore[misc]
+        info: Any = orthanc_call(http, f"/studies/{orthanc_study}", auth=auth)
+        assert info["MainDicomTags"]["StudyInstanceUID"] == study_uid
+        series: Any = orthanc_call(http, f"/studies/{orthanc_study}/series", auth=auth)
+        assert sorted(x["MainDicomTags"]["Modality"] for x in series) == ["KO", "OT", "SR"]

@@ -294,9 +294,18 @@ def test_serve_with_redis_and_postgresql(tmp_path: Path, pg_url: str) -> None:
     record_latency("Redis + PostgreSQL", (delivered - last).total_seconds() - STABLE)
 
 
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
 @contextmanager
-def orthanc(tmp_path: Path, covidct_port: int) -> Iterator[tuple[int, int]]:
+def orthanc(
+    tmp_path: Path, covidct_port: int, *, dicomweb: bool = False, users: dict | None = None
+) -> Iterator[tuple[int, int]]:
+    """Orthanc on free ports; with ``dicomweb`` its DICOMweb plugin (Debian's
+    orthanc-dicomweb) at /dicom-web/; with ``users`` HTTP basic authentication."""
     exe = need_tool("Orthanc")
+    if dicomweb:
+        need(DICOMWEB_PLUGIN.is_file(), "Orthanc's DICOMweb plugin (Debian's orthanc-dicomweb)")
     http, dicom = free_port(), free_port()
     storage = tmp_path / "orthanc"
     storage.mkdir()
@@ -308,11 +317,13 @@ def orthanc(tmp_path: Path, covidct_port: int) -> Iterator[tuple[int, int]]:
         "DicomPort": dicom,
         "DicomAet": "ORTHANC",
         "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
+        "AuthenticationEnabled": bool(users),
+        "RegisteredUsers": users or {},
         "DicomCheckCalledAet": False,
         "DicomAlwaysAllowStore": True,
         "DicomModalities": {"covidct": ["COVIDCT", "127.0.0.1", covidct_port]},
-        "Plugins": [],
+        "Plugins": [str(DICOMWEB_PLUGIN)] if dicomweb else [],
+        "DicomWeb": {"Enable": dicomweb, "Root": "/dicom-web/"},
         "HttpsVerifyPeers": False,
         "StableAge": 1,
     }
@@ -328,10 +339,17 @@ def orthanc(tmp_path: Path, covidct_port: int) -> Iterator[tuple[int, int]]:
         yield http, dicom
 
 
-def orthanc_call(http: int, path: str, body: bytes | None = None) -> object:
+def orthanc_call(
+    http: int, path: str, body: bytes | None = None, auth: tuple[str, str] | None = None
+) -> object:
     req = urllib.request.Request(
         f"http://127.0.0.1:{http}{path}", data=body, method="POST" if body is not None else "GET"
     )
+    if auth:
+        import base64
+
+        pair = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        req.add_header("Authorization", f"Basic {pair}")
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.loads(r.read() or b"null")
 

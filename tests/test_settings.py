@@ -65,6 +65,19 @@ def test_values_are_parsed(env: dict[str, str]) -> None:
     assert s.secret_key == "x" * 40
 
 
+def test_a_dicomweb_destination_keeps_its_password_out_of_its_name(env: dict[str, str]) -> None:
+    env["COVIDCT_DESTINATIONS"] = (
+        "PACS@10.0.0.5:104,https://ai:p%40ss@pacs.example.org:8443/dicom-web/?objects=sr+ko"
+    )
+    env["COVIDCT_DICOMWEB_TOKEN"] = "tok-123456"
+    s = load_settings(env)
+    web = s.destinations[1]
+    assert web.is_dicomweb and str(web) == "https://pacs.example.org:8443/dicom-web"
+    assert (web.username, web.password, web.objects) == ("ai", "p@ss", ("sr", "ko"))
+    logged = " ".join(f"{k}={v}" for k, v in s.masked().items())
+    assert "p@ss" not in logged and "p%40ss" not in logged and "tok-123456" not in logged
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -83,6 +96,9 @@ def test_values_are_parsed(env: dict[str, str]) -> None:
         ("COVIDCT_DESTINATIONS", "PACS@host:104?what=sr"),
         ("COVIDCT_DCIODVFY", "/nonexistent/dciodvfy"),
         ("COVIDCT_DCIODVFY", "sometimes"),
+        ("COVIDCT_DESTINATIONS", "https://pacs.example.org/dicom-web?what=sr"),
+        ("COVIDCT_DESTINATIONS", "http:///dicom-web"),
+        ("COVIDCT_DICOMWEB_TOKEN", "two words"),
         ("COVIDCT_STABLE_SECONDS", "-1"),
         ("COVIDCT_STABLE_SECONDS", "soon"),
         ("COVIDCT_BROKER_URL", "amqp://guest@localhost//"),

@@ -1,5 +1,6 @@
-"""The outbox: C-STORE a report, and the key images and key object selection made with it,
-to one destination in one association, with backoff and a visible failed state.
+"""The outbox: a report, and the key images and key object selection made with it, to one
+destination (C-STORE in one association, or STOW-RS in one request: worker/dicomweb.py), with
+backoff and a visible failed state.
 
 Attempt n (1-based) that fails waits ``sr_retry_base_seconds * 2**(n-1)`` before the next; after
 ``sr_max_attempts`` the delivery is ``failed`` with its last error, and an admin can re-send it
@@ -24,32 +25,42 @@ from core import audit, lifecycle
 from core.db import session_scope
 from core.models import Delivery, DeliveryState, Report, ReportObject, utcnow
 from core.settings import Settings
-from core.values import Destination
+from core.values import Destination, destinations
 from worker import validate
+from worker.dicomweb import stow_rs
+from worker.errors import DeliveryError
 from worker.lease import Lease, renew_delivery
 
 logger = logging.getLogger(__name__)
 
 
-class DeliveryError(Exception):
-    """The destination did not take the report (network, association or status)."""
+def resolve(settings: Settings, text: str) -> Destination:
+    """The destination a delivery row names: the configured one (with its credentials), or,
+    when the settings no longer list it, the one its name describes."""
+    for dest in settings.destinations:
+        if str(dest) == text:
+            return dest
+    return destinations(text)[0]
 
 
-def parse_destination(text: str) -> Destination:
-    ae, rest = text.split("@", 1)
-    host, port = rest.rsplit(":", 1)
-    return Destination(ae, host, int(port))
-
-
-def c_store(settings: Settings, dest: Destination, paths: Sequence[str]) -> None:
-    """Send files in one association; raise :class:`DeliveryError` unless each passes
-    dciodvfy (:mod:`worker.validate`) and the peer takes each (0x0000, or a warning status)."""
+def send(settings: Settings, dest: Destination, paths: Sequence[str]) -> None:
+    """Send files to a destination of either kind, each checked by dciodvfy first; raise
+    :class:`DeliveryError` unless every one is taken."""
     for path in paths:
         found = validate.errors(settings.dciodvfy, path)
         if found:
             raise DeliveryError(
                 f"{Path(path).name} fails dciodvfy, nothing sent: {'; '.join(found[:2])}"
             )
+    if dest.is_dicomweb:
+        stow_rs(settings, dest, paths)
+    else:
+        c_store(settings, dest, paths)
+
+
+def c_store(settings: Settings, dest: Destination, paths: Sequence[str]) -> None:
+    """Send files in one association; raise :class:`DeliveryError` unless the peer takes
+    each (0x0000, or a warning status)."""
     datasets = [pydicom.dcmread(p) for p in paths]
     ae = AE(ae_title=settings.ae_title)
     ae.acse_timeout = settings.acse_timeout
@@ -162,7 +173,7 @@ def deliver(settings: Settings, delivery_id: int) -> str:
     with Lease(settings, f"delivery {delivery_id}", renew):
         try:
             if paths:  # a report made before key images, sent to a destination of them only
-                c_store(settings, parse_destination(destination), paths)
+                send(settings, resolve(settings, destination), paths)
             error = ""
         except (DeliveryError, OSError, ValueError, RuntimeError) as exc:
             error = str(exc) or exc.__class__.__name__
