@@ -274,15 +274,18 @@ def record_attempt(
 
 
 def resend_delivery(s: Executor, delivery_id: int, now: datetime) -> bool:
-    """Back to the outbox with its attempts reset (the dashboard's re-send): from delivered
-    or failed, or pending while no attempt holds it (send now instead of after the backoff)."""
+    """Back to the outbox with its attempts reset (the dashboard's re-send): from delivered,
+    failed or cancelled, or pending while no attempt holds it (send now instead of after the
+    backoff)."""
     return _moved(
         s,
         update(Delivery)
         .where(
             Delivery.id == delivery_id,
             or_(
-                Delivery.state.in_((DeliveryState.DELIVERED, DeliveryState.FAILED)),
+                Delivery.state.in_(
+                    (DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.CANCELLED)
+                ),
                 and_(
                     Delivery.state == DeliveryState.PENDING,
                     or_(Delivery.claimed_until.is_(None), Delivery.claimed_until <= now),
@@ -290,6 +293,26 @@ def resend_delivery(s: Executor, delivery_id: int, now: datetime) -> bool:
             ),
         )
         .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=None, claimed_until=None),
+    )
+
+
+def cancel_delivery(s: Executor, delivery_id: int, now: datetime) -> bool:
+    """Out of the outbox for good (the operations page's cancel): from failed, or pending
+    while no attempt holds it; a re-send brings it back."""
+    return _moved(
+        s,
+        update(Delivery)
+        .where(
+            Delivery.id == delivery_id,
+            or_(
+                Delivery.state == DeliveryState.FAILED,
+                and_(
+                    Delivery.state == DeliveryState.PENDING,
+                    or_(Delivery.claimed_until.is_(None), Delivery.claimed_until <= now),
+                ),
+            ),
+        )
+        .values(state=DeliveryState.CANCELLED, next_attempt_at=None, claimed_until=None),
     )
 
 

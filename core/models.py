@@ -65,6 +65,7 @@ class DeliveryState(enum.StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # an admin took it out of the outbox (the operations page)
 
 
 class UploadState(enum.StrEnum):

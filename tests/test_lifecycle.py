@@ -281,6 +281,7 @@ def test_a_delivered_attempt(db_url: str) -> None:
         (DeliveryState.DELIVERED, False, True),
         (DeliveryState.PENDING, False, True),
         (DeliveryState.PENDING, True, False),  # an attempt is running: refused
+        (DeliveryState.CANCELLED, False, True),
     ],
 )
 def test_resend(db_url: str, state: DeliveryState, claimed: bool, moved: bool) -> None:
@@ -290,6 +291,25 @@ def test_resend(db_url: str, state: DeliveryState, claimed: bool, moved: bool) -
     row = delivery(db_url, did)
     assert row.state == (DeliveryState.PENDING if moved else state)
     assert row.attempts == (0 if moved else 3)
+
+
+@pytest.mark.parametrize(
+    "state,claimed,moved",
+    [
+        (DeliveryState.FAILED, False, True),
+        (DeliveryState.PENDING, False, True),
+        (DeliveryState.PENDING, True, False),  # an attempt is running: refused
+        (DeliveryState.DELIVERED, False, False),  # it arrived: nothing to take back
+        (DeliveryState.CANCELLED, False, False),
+    ],
+)
+def test_cancel(db_url: str, state: DeliveryState, claimed: bool, moved: bool) -> None:
+    until = utcnow() + timedelta(seconds=30) if claimed else None
+    did = add_delivery(db_url, state, attempts=2, claimed_until=until)
+    assert moves(db_url, lifecycle.cancel_delivery, did, utcnow()) == moved
+    row = delivery(db_url, did)
+    assert row.state == (DeliveryState.CANCELLED if moved else state)
+    assert row.attempts == 2
 
 
 def test_a_missed_doorbell_is_rung_at_the_next_sweep(tmp_path: Path, db_url: str) -> None:

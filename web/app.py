@@ -62,12 +62,14 @@ def create_app(settings: Settings, test_config: dict[str, Any] | None = None) ->
     from web.auth import user_from_bearer
     from web.dicomweb import register as register_dicomweb
     from web.images import bp as images_bp
+    from web.operations import bp as operations_bp
     from web.views import bp as views_bp
 
     app.register_blueprint(auth_bp)
     app.register_blueprint(views_bp)
     app.register_blueprint(images_bp)
     app.register_blueprint(admin_bp)
+    app.register_blueprint(operations_bp)
     app.register_blueprint(api_bp, url_prefix="/api")
     register_dicomweb(app)
 

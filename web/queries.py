@@ -100,7 +100,8 @@ def utc_text(iso: str) -> str:
 
 
 def report_state(session: Session, study_id: int) -> str:
-    """none | pending | delivered | failed | partial, over the latest report's deliveries."""
+    """none | stored | pending | delivered | failed | partial | cancelled, over the latest
+    report's deliveries (cancelled ones count only when every one is)."""
     report = session.scalar(
         select(Report)
         .where(Report.study_id == study_id)
@@ -110,6 +111,9 @@ def report_state(session: Session, study_id: int) -> str:
     if report is None:
         return "none"
     states = set(session.scalars(select(Delivery.state).where(Delivery.report_id == report.id)))
+    if states and states <= {"cancelled"}:
+        return "cancelled"
+    states.discard("cancelled")  # taken out by an admin: the others tell the state
     if not states:
         return "stored"
     if states == {"delivered"}:

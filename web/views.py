@@ -51,20 +51,24 @@ def healthz() -> Any:
     return jsonify(status="ok")
 
 
+def broker_check(s: Settings) -> str:
+    """``ok``, or why the broker cannot be reached (within 2 s)."""
+    try:
+        from worker.app import celery_for
+
+        with celery_for(s).connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        return "ok"
+    except Exception as exc:
+        return f"error: {exc.__class__.__name__}"
+
+
 @bp.route("/readyz")
 def readyz() -> Any:
     """503 with each reason the service cannot take work: database, broker, free disk under
     the listener's floor, no live worker, a listener that does not answer C-ECHO (when
     ``COVIDCT_LISTENER_ADDRESS`` names it; serve sets it for its own listener)."""
-    try:
-        from worker.app import celery_for
-
-        with celery_for(settings()).connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
-        broker = "ok"
-    except Exception as exc:
-        broker = f"error: {exc.__class__.__name__}"
-    ok, checks = readiness(settings(), broker)
+    ok, checks = readiness(settings(), broker_check(settings()))
     reasons = [f"{k}: {v}" for k, v in checks.items() if v != "ok"]
     return jsonify(
         status="ok" if ok else "unavailable", reasons=reasons, **checks
@@ -241,6 +245,8 @@ def resend(delivery_id: int) -> Any:
         flash("Re-send queued.")
     else:
         flash("Re-send recorded; it will be sent when the broker is back.", "error")
+    if request.form.get("back") == "operations":
+        return redirect(url_for("operations.page"))
     return redirect(url_for("views.study", uid=uid))
 
 
