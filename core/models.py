@@ -193,14 +193,19 @@ class ReportObject(Base):
 
 
 class Delivery(Base):
-    """The outbox: one row per report and destination."""
+    """The outbox: one row per report and destination, and one per study event and webhook
+    (``event`` set: ``done``, ``not_analysable``, ``failed``; ``report_id`` only when the event
+    made a report; ``payload`` the JSON sent, fixed when the event happened)."""
 
     __tablename__ = "deliveries"
     __table_args__ = (UniqueConstraint("report_id", "destination"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
-    destination: Mapped[str] = mapped_column(String(128))
+    report_id: Mapped[int | None] = mapped_column(ForeignKey("reports.id"), index=True)
+    study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), index=True)
+    event: Mapped[str] = mapped_column(String(16), default="")
+    payload: Mapped[str | None] = mapped_column(Text, default=None)
+    destination: Mapped[str] = mapped_column(String(512))
     # what goes there, of "sr", "sc", "ko" (comma-separated), fixed when the row is made
     objects: Mapped[str] = mapped_column(String(32), default="sr,sc,ko")
     state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING, index=True)
@@ -213,7 +218,7 @@ class Delivery(Base):
     interrupted: Mapped[int] = mapped_column(Integer, default=0)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
 
-    report: Mapped[Report] = relationship(back_populates="deliveries")
+    report: Mapped[Report | None] = relationship(back_populates="deliveries")
 
 
 class Upload(Base):

@@ -85,6 +85,9 @@ class Settings:
     dciodvfy: str = "auto"
     # sent as "Authorization: Bearer" to DICOMweb destinations without user:password in the URL
     dicomweb_token: str = field(default="", repr=False)
+    webhook_urls: tuple[str, ...] = ()  # a signed JSON POST per finished, not-analysable, failed
+    webhook_secret: str = field(default="", repr=False)
+    public_url: str = ""  # the dashboard as users reach it (links in notifications)
     max_upload_bytes: int = 20 * 1024 * 1024
     stow_max_bytes: int = 200 * 1024**2  # one STOW-RS request (and so one instance in it)
     max_upload_pixels: int = 40_000_000
@@ -129,12 +132,12 @@ class Settings:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("secret_key", "dicomweb_token"):
+            if f.name in ("secret_key", "dicomweb_token", "webhook_secret"):
                 value = "***" if value else ""
-            elif f.name in ("database_url", "broker_url"):
+            elif f.name in ("database_url", "broker_url", "public_url"):
                 value = v.mask_url(str(value))
             elif isinstance(value, tuple):
-                value = ",".join(str(v) for v in value)
+                value = ",".join(v.mask_url(str(x)) for x in value)
             elif isinstance(value, Path):
                 value = str(value)
             out[f.name] = value
@@ -190,6 +193,9 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "sr_retry_base_seconds": v.float_range(0.0, 3600.0),
     "dciodvfy": v.tool,
     "dicomweb_token": v.token,
+    "webhook_urls": v.url_list,
+    "webhook_secret": v.secret,
+    "public_url": v.url,
     "max_upload_bytes": v.int_range(1024, 1024**3),
     "stow_max_bytes": v.int_range(1024 * 1024, 64 * 1024**3),
     "max_upload_pixels": v.int_range(1024, 10**9),
@@ -263,6 +269,11 @@ def load_settings(
         raise SettingsError(
             f"{PREFIX}ALLOWED_AES='*' is only allowed while the SCP listens on loopback "
             f"({PREFIX}DICOM_HOST={host!r}): name the calling AE titles"
+        )
+    if values.get("webhook_urls") and not values.get("webhook_secret"):
+        raise SettingsError(
+            f"{PREFIX}WEBHOOK_URLS needs {PREFIX}WEBHOOK_SECRET (16 characters or more): every"
+            " notification is signed with it"
         )
     if ("tls_cert" in values) != ("tls_key" in values):
         raise SettingsError(f"{PREFIX}TLS_CERT and {PREFIX}TLS_KEY must be set together")

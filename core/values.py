@@ -246,3 +246,16 @@ def token(raw: str) -> str:
     if not re.match(r"^[\x21-\x7e]+$", value):
         raise ValueError("a bearer token is printable ASCII without spaces")
     return value
+
+
+def url(raw: str) -> str:
+    """An http(s) URL with a host, without a trailing slash."""
+    value = raw.strip().rstrip("/")
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{mask_url(value)!r} is not an http(s) URL")
+    return value
+
+
+def url_list(raw: str) -> tuple[str, ...]:
+    return tuple(url(p) for p in raw.split(",") if p.strip())

@@ -62,7 +62,12 @@ def with_outbox(settings: Settings) -> dict[str, int]:
 
 
 def admin_app(settings: Settings) -> Flask:
-    configured = replace(settings, destinations=destinations(f"{PACS},{ARCHIVE}?objects=sr"))
+    configured = replace(
+        settings,
+        destinations=destinations(f"{PACS},{ARCHIVE}?objects=sr"),
+        webhook_urls=("https://ris.example/hooks",),
+        webhook_secret="a shared secret of the hospital",
+    )
     return create_app(configured, {"TESTING": True})
 
 
@@ -77,13 +82,14 @@ def test_an_admin_sees_why_no_result_arrived(settings: Settings) -> None:
         "COVIDCT",  # the node's AE title
         "DICOMweb (STOW-RS)",
         "DICOM (C-STORE)",
+        "webhook (signed JSON)",
         "answered HTTP 503",  # the archive's last failure, from the audit log
         "/dicom-web/studies",
     ):
         assert text in html, text
     assert "<b>Doe</b>" not in html  # no patient data on the page, escaped or not
     row = html[html.index('<table class="destinations">') : html.index("<h2>Outbox")]
-    assert row.count("<tr>") == 3  # header, the PACS, the archive
+    assert row.count("<tr>") == 4  # header, the PACS, the archive, the webhook
     outbox = html[html.index('<table class="outbox">') : html.index("<h2>Audit log")]
     assert f"<td>{ids['bad']}</td>" in outbox and f"<td>{ids['ok']}</td>" not in outbox
 

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from core import audit, lifecycle
 from core.db import session_scope
 from core.health import readiness
-from core.models import AuditEvent, Delivery, DeliveryState, Report, Study, utcnow
+from core.models import AuditEvent, Delivery, DeliveryState, Study, utcnow
 from core.settings import Settings
 from web.session import admin_required
 
@@ -58,7 +58,8 @@ def destinations(db: Session, s: Settings) -> list[dict[str, Any]]:
         )
     ):
         counts.setdefault(name, {})[state] = n
-    named = {str(d): d for d in s.destinations}
+    named: dict[str, Any] = {str(d): d for d in s.destinations}
+    named.update({url: "webhook" for url in s.webhook_urls})
     out = []
     for name in list(named) + sorted(set(counts) - set(named)):
         dest = named.get(name)
@@ -68,7 +69,7 @@ def destinations(db: Session, s: Settings) -> list[dict[str, Any]]:
         failure = db.scalar(
             select(AuditEvent)
             .where(
-                AuditEvent.action == "report.export",
+                AuditEvent.action.in_(("report.export", "notify.send")),
                 AuditEvent.object == name,
                 AuditEvent.outcome == "failed",
             )
@@ -79,12 +80,12 @@ def destinations(db: Session, s: Settings) -> list[dict[str, Any]]:
         out.append(
             {
                 "name": name,
-                "kind": "not configured"
-                if dest is None
-                else "DICOMweb (STOW-RS)"
-                if dest.is_dicomweb
-                else "DICOM (C-STORE)",
-                "objects": ", ".join(dest.objects) if dest else "",
+                "kind": _kind(dest),
+                "objects": "study events"
+                if dest == "webhook"
+                else ", ".join(dest.objects)
+                if dest
+                else "",
                 "last_success": _when(last_ok),
                 "last_failure": _when(failure.at) if failure else None,
                 "last_error": (failure.detail or {}).get("error", "") if failure else "",
@@ -96,12 +97,19 @@ def destinations(db: Session, s: Settings) -> list[dict[str, Any]]:
     return out
 
 
+def _kind(dest: Any) -> str:
+    if dest is None:
+        return "not configured"
+    if dest == "webhook":
+        return "webhook (signed JSON)"
+    return "DICOMweb (STOW-RS)" if dest.is_dicomweb else "DICOM (C-STORE)"
+
+
 def outbox(db: Session) -> list[dict[str, Any]]:
     """Deliveries not delivered (pending, failed, cancelled), newest first."""
     rows = db.execute(
         select(Delivery, Study.study_instance_uid)
-        .join(Report, Report.id == Delivery.report_id)
-        .join(Study, Study.id == Report.study_id)
+        .join(Study, Study.id == Delivery.study_id, isouter=True)
         .where(Delivery.state != DeliveryState.DELIVERED)
         .order_by(Delivery.id.desc())
         .limit(OUTBOX_ROWS)
@@ -111,7 +119,7 @@ def outbox(db: Session) -> list[dict[str, Any]]:
             "id": d.id,
             "study": uid,
             "destination": d.destination,
-            "objects": d.objects,
+            "objects": f"notification of {d.event}" if d.event else d.objects,
             "state": d.state,
             "attempts": d.attempts,
             "next_attempt_at": _when(d.next_attempt_at),

@@ -110,7 +110,11 @@ def report_state(session: Session, study_id: int) -> str:
     )
     if report is None:
         return "none"
-    states = set(session.scalars(select(Delivery.state).where(Delivery.report_id == report.id)))
+    states = set(
+        session.scalars(
+            select(Delivery.state).where(Delivery.report_id == report.id, Delivery.event == "")
+        )
+    )
     if states and states <= {"cancelled"}:
         return "cancelled"
     states.discard("cancelled")  # taken out by an admin: the others tell the state
@@ -264,7 +268,11 @@ def study_detail(session: Session, uid: str) -> dict[str, Any] | None:
                 "attempts": d.attempts,
                 "interrupted": d.interrupted,
                 "last_error": d.last_error,
-                "objects": [OBJECT_NAMES.get(k, k) for k in d.objects.split(",")],
+                "objects": (
+                    [f"notification of {d.event.replace('_', ' ')}"]
+                    if d.event
+                    else [OBJECT_NAMES.get(k, k) for k in d.objects.split(",")]
+                ),
                 "delivered_at": d.delivered_at.isoformat(timespec="seconds")
                 if d.delivered_at
                 else None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,10 +24,10 @@ from sqlalchemy.orm import Session
 
 from core import audit, lifecycle
 from core.db import session_scope
-from core.models import Delivery, DeliveryState, Report, ReportObject, utcnow
+from core.models import Delivery, DeliveryState, Report, ReportObject, Study, utcnow
 from core.settings import Settings
 from core.values import Destination, destinations
-from worker import validate
+from worker import notify, validate
 from worker.dicomweb import stow_rs
 from worker.errors import DeliveryError
 from worker.lease import Lease, renew_delivery
@@ -101,19 +102,36 @@ def enqueue(s: Session, report_id: int, destinations: Iterable[Destination]) -> 
     """One outbox row per destination for a report (kept when it exists: a re-run), with
     the kinds of object it gets."""
     have = set(s.scalars(select(Delivery.destination).where(Delivery.report_id == report_id)))
+    study_id = s.scalar(select(Report.study_id).where(Report.id == report_id))
     for dest in destinations:
         if str(dest) not in have:
             s.add(
-                Delivery(report_id=report_id, destination=str(dest), objects=",".join(dest.objects))
+                Delivery(
+                    report_id=report_id,
+                    study_id=study_id,
+                    destination=str(dest),
+                    objects=",".join(dest.objects),
+                )
             )
 
 
 BUSY = "busy"  # another attempt holds the delivery: try again after its lease
 
 
-def claim_delivery(settings: Settings, delivery_id: int) -> tuple[list[str], str, str] | str:
-    """Take a pending delivery for one attempt: (the files to send, destination, SR UID),
-    or the state that says why not (``delivered``, ``failed``, ``missing``, ``busy``).
+@dataclass(frozen=True)
+class Claimed:
+    """A delivery taken for one attempt: a report's files, or a webhook's event and body."""
+
+    destination: str
+    label: str  # what the logs and the audit log name: the SR's UID, or the study's
+    paths: list[str] = field(default_factory=list)
+    event: str = ""
+    payload: str = ""
+
+
+def claim_delivery(settings: Settings, delivery_id: int) -> Claimed | str:
+    """Take a pending delivery for one attempt, or say why not (``delivered``, ``failed``,
+    ``cancelled``, ``missing``, ``busy``).
 
     An earlier attempt that died (its claim expired, its outcome never written) is counted
     in ``interrupted``: the PACS may hold the SR already, so this attempt may be a re-send of
@@ -138,6 +156,10 @@ def claim_delivery(settings: Settings, delivery_id: int) -> tuple[list[str], str
             return "missing"
         if taken != 1:
             return str(row.state) if row.state != DeliveryState.PENDING else BUSY
+        if row.event:
+            study = s.get(Study, row.study_id) if row.study_id else None
+            label = study.study_instance_uid if study else f"study id {row.study_id}"
+            return Claimed(row.destination, label, event=row.event, payload=row.payload or "")
         report = s.get(Report, row.report_id)
         assert report is not None
         if row.interrupted:
@@ -147,7 +169,7 @@ def claim_delivery(settings: Settings, delivery_id: int) -> tuple[list[str], str
                 row.destination,
                 row.interrupted,
             )
-        return _files(s, report, row.objects), row.destination, report.sop_instance_uid
+        return Claimed(row.destination, report.sop_instance_uid, _files(s, report, row.objects))
 
 
 def _files(s: Session, report: Report, objects: str) -> list[str]:
@@ -168,12 +190,15 @@ def deliver(settings: Settings, delivery_id: int) -> str:
     claimed = claim_delivery(settings, delivery_id)
     if isinstance(claimed, str):
         return claimed
-    paths, destination, sop_uid = claimed
+    destination, label = claimed.destination, claimed.label
+    what = "notification" if claimed.event else "report"
     renew = lambda: renew_delivery(settings, delivery_id)  # noqa: E731
     with Lease(settings, f"delivery {delivery_id}", renew):
         try:
-            if paths:  # a report made before key images, sent to a destination of them only
-                send(settings, resolve(settings, destination), paths)
+            if claimed.event:
+                notify.post(settings, destination, claimed.event, delivery_id, claimed.payload)
+            elif claimed.paths:  # a report made before key images, sent to a destination of
+                send(settings, resolve(settings, destination), claimed.paths)  # them only
             error = ""
         except (DeliveryError, OSError, ValueError, RuntimeError) as exc:
             error = str(exc) or exc.__class__.__name__
@@ -184,16 +209,28 @@ def deliver(settings: Settings, delivery_id: int) -> str:
         row = s.get(Delivery, delivery_id)
         assert row is not None
         if state is None:  # an admin's re-send moved it meanwhile: that one counts
-            logger.info("report %s to %s: re-sent during an attempt", sop_uid, destination)
+            logger.info("%s %s to %s: re-sent during an attempt", what, label, destination)
             return str(row.state)
         if state != DeliveryState.PENDING:
             outcome = {} if not error else {"outcome": "failed", "error": error[:200]}
-            audit.record(s, "worker", "report.export", destination, report=sop_uid, **outcome)
+            if claimed.event:
+                audit.record(
+                    s,
+                    "worker",
+                    "notify.send",
+                    destination,
+                    study=label,
+                    event=claimed.event,
+                    **outcome,
+                )
+            else:
+                audit.record(s, "worker", "report.export", destination, report=label, **outcome)
         attempts = row.attempts
     logger.log(
         logging.INFO if not error else logging.WARNING,
-        "report %s to %s: %s",
-        sop_uid,
+        "%s %s to %s: %s",
+        what,
+        label,
         destination,
         "delivered" if not error else f"attempt {attempts} failed: {error}",
     )

@@ -36,6 +36,7 @@ from core.models import (
     utcnow,
 )
 from core.settings import Settings
+from worker import notify
 from worker.analysis import Analysis, Timings, analyse
 from worker.delivery import enqueue
 from worker.evidence import Caption, KeySlice, build_key_images, build_kos
@@ -114,6 +115,8 @@ def finish(
         done = lifecycle.finish_study(
             s, study_id, generation, taken.attempt, state, reason, **values
         )
+        if done:
+            notify.enqueue(s, settings, study_id, str(state))
         if not done:
             study = s.get(Study, study_id)
             logger.info(

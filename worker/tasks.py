@@ -22,6 +22,7 @@ from core import lifecycle
 from core.db import dispose_engines, session_scope
 from core.models import Delivery, DeliveryState, Prediction, Upload
 from core.settings import Settings
+from worker import notify
 from worker.app import DELIVER_TASK, STUDY_TASK, UPLOAD_TASK, publish, ring
 from worker.delivery import BUSY, deliver
 from worker.pipeline import StudyBusy, analyse_study
@@ -61,15 +62,17 @@ def _after_fork(**_: Any) -> None:
 
 def _fail_study(settings: Settings, study_id: int, reason: str) -> None:
     with session_scope(settings.database_url) as s:
-        lifecycle.fail_study(s, study_id, reason)
+        if lifecycle.fail_study(s, study_id, reason):
+            notify.enqueue(s, settings, study_id, "failed")
 
 
-def send_pending_deliveries(app: Celery, settings: Settings, report_id: int) -> int:
-    """Publish the outbox rows of a new report now rather than at the next sweep."""
+def send_pending_deliveries(app: Celery, settings: Settings, study_id: int) -> int:
+    """Publish a study's new outbox rows (its report's, its notifications) now rather than
+    at the next sweep."""
     with session_scope(settings.database_url) as s:
         ids = s.scalars(
             select(Delivery.id).where(
-                Delivery.report_id == report_id,
+                Delivery.study_id == study_id,
                 Delivery.state == DeliveryState.PENDING,
                 Delivery.next_attempt_at.is_(None),
             )
@@ -110,8 +113,7 @@ def register_tasks(app: Celery) -> None:
                 settings, study_id, f"internal error: {exc.__class__.__name__}: {exc}"[:2000]
             )
             raise
-        if outcome.report_id is not None:
-            send_pending_deliveries(app, settings, outcome.report_id)
+        send_pending_deliveries(app, settings, study_id)
         return outcome.state
 
     @app.task(name=UPLOAD_TASK, **TASK_OPTIONS)
