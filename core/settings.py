@@ -88,6 +88,7 @@ class Settings:
     webhook_urls: tuple[str, ...] = ()  # a signed JSON POST per finished, not-analysable, failed
     webhook_secret: str = field(default="", repr=False)
     public_url: str = ""  # the dashboard as users reach it (links in notifications)
+    hl7_destinations: tuple[str, ...] = ()  # host:port of MLLP receivers of an ORU^R01 a study
     max_upload_bytes: int = 20 * 1024 * 1024
     stow_max_bytes: int = 200 * 1024**2  # one STOW-RS request (and so one instance in it)
     max_upload_pixels: int = 40_000_000
@@ -196,6 +197,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "webhook_urls": v.url_list,
     "webhook_secret": v.secret,
     "public_url": v.url,
+    "hl7_destinations": v.address_list,
     "max_upload_bytes": v.int_range(1024, 1024**3),
     "stow_max_bytes": v.int_range(1024 * 1024, 64 * 1024**3),
     "max_upload_pixels": v.int_range(1024, 10**9),

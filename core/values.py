@@ -259,3 +259,8 @@ def url(raw: str) -> str:
 
 def url_list(raw: str) -> tuple[str, ...]:
     return tuple(url(p) for p in raw.split(",") if p.strip())
+
+
+def address_list(raw: str) -> tuple[str, ...]:
+    """``host:port`` items, comma-separated."""
+    return tuple(address(p) for p in raw.split(",") if p.strip())

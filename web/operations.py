@@ -60,6 +60,7 @@ def destinations(db: Session, s: Settings) -> list[dict[str, Any]]:
         counts.setdefault(name, {})[state] = n
     named: dict[str, Any] = {str(d): d for d in s.destinations}
     named.update({url: "webhook" for url in s.webhook_urls})
+    named.update({f"mllp://{a}": "hl7" for a in s.hl7_destinations})
     out = []
     for name in list(named) + sorted(set(counts) - set(named)):
         dest = named.get(name)
@@ -97,11 +98,21 @@ def destinations(db: Session, s: Settings) -> list[dict[str, Any]]:
     return out
 
 
+def _gets(dest: Any) -> str:
+    if dest == "webhook":
+        return "study events"
+    if dest == "hl7":
+        return "finished studies"
+    return ", ".join(dest.objects) if dest else ""
+
+
 def _kind(dest: Any) -> str:
     if dest is None:
         return "not configured"
     if dest == "webhook":
         return "webhook (signed JSON)"
+    if dest == "hl7":
+        return "HL7 v2 ORU^R01 (MLLP)"
     return "DICOMweb (STOW-RS)" if dest.is_dicomweb else "DICOM (C-STORE)"
 
 

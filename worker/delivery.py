@@ -27,7 +27,7 @@ from core.db import session_scope
 from core.models import Delivery, DeliveryState, Report, ReportObject, Study, utcnow
 from core.settings import Settings
 from core.values import Destination, destinations
-from worker import notify, validate
+from worker import hl7out, notify, validate
 from worker.dicomweb import stow_rs
 from worker.errors import DeliveryError
 from worker.lease import Lease, renew_delivery
@@ -195,7 +195,9 @@ def deliver(settings: Settings, delivery_id: int) -> str:
     renew = lambda: renew_delivery(settings, delivery_id)  # noqa: E731
     with Lease(settings, f"delivery {delivery_id}", renew):
         try:
-            if claimed.event:
+            if claimed.event and destination.startswith("mllp://"):
+                hl7out.send(settings, destination.removeprefix("mllp://"), claimed.payload)
+            elif claimed.event:
                 notify.post(settings, destination, claimed.event, delivery_id, claimed.payload)
             elif claimed.paths:  # a report made before key images, sent to a destination of
                 send(settings, resolve(settings, destination), claimed.paths)  # them only

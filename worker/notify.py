@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from core.models import Delivery, Report, Study, utcnow
 from core.settings import Settings
+from worker import hl7out
 from worker.errors import DeliveryError
 
 NOTICE = "AI output for research and triage support; not a diagnosis."
@@ -45,8 +46,9 @@ def payload(settings: Settings, study: Study, event: str) -> dict[str, object]:
 
 
 def enqueue(s: Session, settings: Settings, study_id: int, event: str) -> None:
-    """One outbox row per webhook URL for this event of the study (none configured: none)."""
-    if not settings.webhook_urls:
+    """One outbox row per webhook URL for this event of the study, and for a finished study
+    one per HL7 destination (:mod:`worker.hl7out`); none configured: none."""
+    if not settings.webhook_urls and not (event == "done" and settings.hl7_destinations):
         return
     study = s.get(Study, study_id)
     if study is None:
@@ -61,13 +63,17 @@ def enqueue(s: Session, settings: Settings, study_id: int, event: str) -> None:
             .limit(1)
         )
     body = json.dumps(payload(settings, study, event), sort_keys=True)
-    for url in settings.webhook_urls:
+    targets = [(url, body) for url in settings.webhook_urls]
+    if event == "done":
+        message = hl7out.oru_r01(settings, study)
+        targets += [(hl7out.destination(a), message) for a in settings.hl7_destinations]
+    for url, content in targets:
         s.add(
             Delivery(
                 report_id=report_id,
                 study_id=study_id,
                 event=event,
-                payload=body,
+                payload=content,
                 destination=url,
                 objects="",
             )
