@@ -89,6 +89,7 @@ class Settings:
     webhook_secret: str = field(default="", repr=False)
     public_url: str = ""  # the dashboard as users reach it (links in notifications)
     hl7_destinations: tuple[str, ...] = ()  # host:port of MLLP receivers of an ORU^R01 a study
+    backfill_source: str = ""  # AE@host:port the operations page backfills from ("" = none)
     max_upload_bytes: int = 20 * 1024 * 1024
     stow_max_bytes: int = 200 * 1024**2  # one STOW-RS request (and so one instance in it)
     max_upload_pixels: int = 40_000_000
@@ -198,6 +199,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "webhook_secret": v.secret,
     "public_url": v.url,
     "hl7_destinations": v.address_list,
+    "backfill_source": v.dicom_node,
     "max_upload_bytes": v.int_range(1024, 1024**3),
     "stow_max_bytes": v.int_range(1024 * 1024, 64 * 1024**3),
     "max_upload_pixels": v.int_range(1024, 10**9),

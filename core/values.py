@@ -264,3 +264,11 @@ def url_list(raw: str) -> tuple[str, ...]:
 def address_list(raw: str) -> tuple[str, ...]:
     """``host:port`` items, comma-separated."""
     return tuple(address(p) for p in raw.split(",") if p.strip())
+
+
+def dicom_node(raw: str) -> str:
+    """One ``AE@host:port`` (checked, returned as written)."""
+    found = destinations(raw)
+    if len(found) != 1 or found[0].is_dicomweb:
+        raise ValueError("give one DICOM node, AE@host:port")
+    return str(found[0])

@@ -181,6 +181,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(_settings(args), studies=args.studies)
 
 
+def cmd_backfill(args: argparse.Namespace) -> int:
+    """Analyse a PACS's older studies: C-FIND, then C-MOVE of each one not here yet."""
+    from datetime import date
+
+    from core.values import destinations
+    from ingest.backfill import BackfillError, backfill
+
+    settings = _settings(args)
+    try:
+        (source,) = destinations(args.source)
+        since = date.fromisoformat(args.since)
+        until = date.fromisoformat(args.until) if args.until else None
+    except ValueError as exc:
+        raise CommandError(f"backfill: {exc} (--source AE@host:port, dates YYYY-MM-DD)") from None
+    if source.is_dicomweb:
+        raise CommandError("backfill: --source is a DICOM node, AE@host:port")
+    tty = sys.stderr.isatty()
+
+    def progress(done: int, total: int, line: str) -> None:
+        width = 30
+        bar = "#" * (width * done // max(total, 1))
+        text = f"[{bar:<{width}}] {done}/{total} {line}"
+        print(
+            ("\r" + text[:120].ljust(120)) if tty else text,
+            end="" if tty else "\n",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        summary = backfill(settings, source, since, until, args.modality, progress)
+    except BackfillError as exc:
+        raise CommandError(f"backfill: {exc}") from None
+    if tty:
+        print(file=sys.stderr)
+    print(summary.line())
+    for failure in summary.failed:
+        print(f"  failed: {failure}")
+    return 1 if summary.failed else 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from core.db import current_revision, upgrade
 
@@ -256,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--studies", type=int, default=3, help="how many studies in all (default 3; 1 to 50)"
     )
+    p = add(
+        "backfill",
+        cmd_backfill,
+        "analyse a PACS's older studies: C-FIND for a date range, then C-MOVE of each study"
+        " not here yet to this service's AE title (safe to interrupt and run again)",
+    )
+    p.add_argument("--source", required=True, help="the PACS, AE@host:port")
+    p.add_argument("--since", required=True, help="first study date, YYYY-MM-DD")
+    p.add_argument("--until", help="last study date, YYYY-MM-DD (default: no end)")
+    p.add_argument("--modality", default="CT", help="studies holding this modality (default CT)")
     p = add("db", lambda a: _db_help(parser), "database maintenance")
     dbsub = p.add_subparsers(dest="db_command", metavar="ACTION", required=True)
     up = dbsub.add_parser("upgrade", help="apply migrations", description="apply migrations")

@@ -394,3 +394,78 @@ def test_orthanc_as_the_hospital_pacs(tmp_path: Path) -> None:
             assert len(by_modality["KO"]["Instances"]) == 1
             assert 1 <= len(by_modality["OT"]["Instances"]) <= 4
             assert by_modality["OT"]["MainDicomTags"]["SeriesDescription"].startswith("AI KEY")
+
+
+def test_backfill_from_orthanc(tmp_path: Path) -> None:
+    """Orthanc holds a study from before the service was installed: `covidct backfill` finds
+    it by C-FIND, C-MOVEs it to the service, which analyses it and files the SR back in
+    Orthanc; run again, it moves nothing."""
+    env = base_env(tmp_path, COVIDCT_ALLOWED_AES="ORTHANC")
+    with orthanc(tmp_path, int(env["COVIDCT_DICOM_PORT"])) as (http, dicom):
+        env["COVIDCT_DESTINATIONS"] = f"ORTHANC@127.0.0.1:{dicom}?objects=sr"
+        study = make_study([SeriesSpec(slices=24)], patient_id="OLD01")
+        for path in write_study(study, tmp_path / "study"):
+            orthanc_call(http, "/instances", path.read_bytes())
+        (orthanc_study,) = orthanc_call(http, "/studies")  # type: ignore[misc]
+        source = ["--source", f"ORTHANC@127.0.0.1:{dicom}"]
+        with serve(env, tmp_path / "serve.log"):
+            empty = cli(env, "backfill", *source, "--since", "2999-01-01")
+            assert empty.splitlines()[0].startswith("0 studies found")
+            first = cli(env, "backfill", *source, "--since", "2000-01-01", "--modality", "CT")
+            assert first.splitlines()[0] == (
+                "1 studies found, 0 already here, 1 moved (24 instances), 0 failed"
+            )
+
+            def sr_back() -> list:
+                series = orthanc_call(http, f"/studies/{orthanc_study}/series")
+                return [s for s in series if s["MainDicomTags"].get("Modality") == "SR"]  # type: ignore[union-attr]
+
+            wait(sr_back, 180, "the backfilled study's SR in Orthanc")
+            again = cli(env, "backfill", *source, "--since", "2000-01-01")
+            assert again.splitlines()[0] == (
+                "1 studies found, 1 already here, 0 moved (0 instances), 0 failed"
+            )
+
+
+def test_backfill_from_the_operations_page(tmp_path: Path) -> None:
+    """An admin starts a backfill for a date range from the operations page: it asks Orthanc
+    (a real C-FIND) in a thread and writes its start and summary to the audit log."""
+    from sqlalchemy import select
+
+    from core.db import session_scope, upgrade
+    from core.models import AuditEvent
+    from core.settings import load_settings
+    from core.users import create_user
+    from tests.test_web import csrf_token, login
+    from web.app import create_app
+
+    with orthanc(tmp_path, free_port()) as (_, dicom):
+        settings = load_settings(
+            {
+                "COVIDCT_DATA_DIR": str(tmp_path / "var"),
+                "COVIDCT_BACKFILL_SOURCE": f"ORTHANC@127.0.0.1:{dicom}",
+            }
+        )
+        upgrade(settings.database_url)
+        with session_scope(settings.database_url) as s:
+            create_user(s, "admin", "admin password", admin=True)
+        client = create_app(settings, {"TESTING": True}).test_client()
+        login(client, "admin", "admin password")
+        page = client.get("/admin/operations").get_data(as_text=True)
+        assert f"Backfill from ORTHANC@127.0.0.1:{dicom}" in page
+        r = client.post(
+            "/admin/backfill",
+            data={"csrf_token": csrf_token(client, "/admin/operations"), "since": "2999-01-01"},
+        )
+        assert r.status_code == 302
+
+        def done() -> AuditEvent | None:
+            with session_scope(settings.database_url) as s:
+                event = s.scalar(select(AuditEvent).where(AuditEvent.action == "backfill.done"))
+                if event is not None:
+                    s.expunge(event)
+                return event
+
+        event = wait(done, 60, "the backfill's summary in the audit log")
+        assert event.outcome == "ok" and event.actor == "admin"
+        assert event.detail["summary"].startswith("0 studies found")

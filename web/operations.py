@@ -8,7 +8,8 @@ and the settings; the two actions go through core.lifecycle and are audited.
 
 from __future__ import annotations
 
-from datetime import datetime
+import threading
+from datetime import date, datetime
 from typing import Any
 
 from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
@@ -21,6 +22,7 @@ from core.db import session_scope
 from core.health import readiness
 from core.models import AuditEvent, Delivery, DeliveryState, Study, utcnow
 from core.settings import Settings
+from core.values import destinations as parse_destinations
 from web.session import admin_required
 
 bp = Blueprint("operations", __name__, url_prefix="/admin")
@@ -46,6 +48,7 @@ def node(s: Settings) -> dict[str, Any]:
         "allowed_hosts": ", ".join(s.allowed_hosts) or "any",
         "sop_classes": ", ".join(s.sop_classes),
         "stow": f"http://{s.web_host}:{s.web_port}/dicom-web/studies",
+        "backfill_source": s.backfill_source,
     }
 
 
@@ -185,6 +188,63 @@ def page() -> Any:
             healthy=ok,
             checks=checks,
         )
+
+
+_backfill = threading.Lock()  # one backfill at a time in this process
+
+
+@bp.route("/backfill", methods=["POST"])
+@login_required
+def start_backfill() -> Any:
+    """Backfill a date range from ``COVIDCT_BACKFILL_SOURCE`` in a thread of this process: the
+    audit log records its start (``backfill.start``) and its summary (``backfill.done``).  A
+    restart of the web process ends it; run it again (studies here already are skipped)."""
+    admin_required()
+    s = settings()
+    if not s.backfill_source:
+        flash("Set COVIDCT_BACKFILL_SOURCE (AE@host:port) to backfill from the dashboard.", "error")
+        return redirect(url_for("operations.page"))
+    try:
+        since = date.fromisoformat(request.form.get("since", ""))
+        raw_until = request.form.get("until", "")
+        until = date.fromisoformat(raw_until) if raw_until else None
+    except ValueError:
+        flash("Dates are YYYY-MM-DD.", "error")
+        return redirect(url_for("operations.page"))
+    modality = (request.form.get("modality") or "CT").strip().upper()[:16]
+    if not _backfill.acquire(blocking=False):
+        flash("A backfill is running already; see the audit log.", "error")
+        return redirect(url_for("operations.page"))
+    who, remote = current_user.username, request.remote_addr or ""
+    span = f"{since}..{until or ''} {modality}"
+    with session_scope(s.database_url) as db:
+        audit.record(db, who, "backfill.start", s.backfill_source, remote=remote, span=span)
+
+    def run() -> None:
+        from ingest.backfill import BackfillError, backfill
+
+        source = parse_destinations(s.backfill_source)[0]
+        try:
+            summary = backfill(s, source, since, until, modality)
+            outcome, detail = ("ok" if not summary.failed else "failed"), summary.line()
+        except (BackfillError, OSError) as exc:
+            outcome, detail = "failed", str(exc)
+        finally:
+            _backfill.release()
+        with session_scope(s.database_url) as db:
+            audit.record(
+                db,
+                who,
+                "backfill.done",
+                s.backfill_source,
+                outcome=outcome,
+                span=span,
+                summary=detail[:500],
+            )
+
+    threading.Thread(target=run, name="backfill", daemon=True).start()
+    flash(f"Backfill of {span} from {s.backfill_source} started; the audit log shows its end.")
+    return redirect(url_for("operations.page"))
 
 
 @bp.route("/deliveries/<int(max=2147483647):delivery_id>/cancel", methods=["POST"])
