@@ -50,10 +50,11 @@ def enqueue(s: Session, settings: Settings, study_id: int, event: str) -> None:
     one per HL7 destination (:mod:`worker.hl7out`); none configured: none."""
     if not settings.webhook_urls and not (event == "done" and settings.hl7_destinations):
         return
-    study = s.get(Study, study_id)
+    s.flush()
+    # the event's UPDATE ran in this session: read the row as it is now, not as loaded before
+    study = s.get(Study, study_id, populate_existing=True)
     if study is None:
         return
-    s.flush()
     report_id = None
     if event == "done":
         report_id = s.scalar(
