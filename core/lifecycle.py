@@ -29,7 +29,7 @@ from typing import Protocol
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.engine import Result
-from sqlalchemy.sql import Executable
+from sqlalchemy.sql import ColumnElement, Executable
 
 from core.models import (
     Delivery,
@@ -78,17 +78,33 @@ def reopen_study(s: Executor, study_id: int, now: datetime, reason: str) -> bool
     )
 
 
+def released_quiet(released_before: datetime) -> ColumnElement[bool]:
+    """The sender released its last association after the last instance, before
+    ``released_before``: the shorter quiet time after a release has passed."""
+    return and_(
+        Study.released_at.is_not(None),
+        Study.released_at >= Study.last_instance_at,
+        Study.released_at <= released_before,
+    )
+
+
 def queue_study(
     s: Executor,
     study_id: int,
     now: datetime,
     quiet_before: datetime | None = None,
     settled: bool | None = None,
+    released_before: datetime | None = None,
 ) -> bool:
-    """receiving -> queued, if no instance arrived after ``quiet_before`` and, when
-    ``settled`` is given, its associations are (True) or are not (False) settled."""
+    """receiving -> queued, if no instance arrived after ``quiet_before`` (or, with
+    ``released_before``, the sender released after its last instance and before that) and,
+    when ``settled`` is given, its associations are (True) or are not (False) settled."""
     cond = and_(Study.id == study_id, Study.state == StudyState.RECEIVING)
-    if quiet_before is not None:
+    if quiet_before is not None and released_before is not None:
+        cond = and_(
+            cond, or_(Study.last_instance_at <= quiet_before, released_quiet(released_before))
+        )
+    elif quiet_before is not None:
         cond = and_(cond, Study.last_instance_at <= quiet_before)
     is_settled = and_(Study.open_associations == 0, Study.incomplete_reason == "")
     if settled is True:

@@ -114,6 +114,9 @@ class Study(Base):
     # associations that have stored into this study and not yet ended: it is not queued while
     # one is open (unless quiet for incomplete_grace_seconds)
     open_associations: Mapped[int] = mapped_column(Integer, default=0)
+    # when its last open association ended with A-RELEASE, nothing refused: the sender said
+    # it is done, so COVIDCT_RELEASED_STABLE_SECONDS after it may end the quiet time early
+    released_at: Mapped[datetime | None] = mapped_column(default=None)
 
     instances: Mapped[list[Instance]] = relationship(back_populates="study")
     reports: Mapped[list[Report]] = relationship(back_populates="study")

@@ -48,6 +48,7 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()
     destinations: tuple[Destination, ...] = ()
     stable_seconds: float = 10.0
+    released_stable_seconds: float = 2.0  # the quiet time once the sender released (ingest)
     web_host: str = "127.0.0.1"
     web_port: int = 8000
     secret_key: str = field(default="", repr=False)
@@ -160,6 +161,7 @@ PARSERS: dict[str, Callable[[str], Any]] = {
     "allowed_hosts": v.host_list,
     "destinations": v.destinations,
     "stable_seconds": v.float_range(0.0, 86400.0),
+    "released_stable_seconds": v.float_range(0.0, 86400.0),
     "web_host": v.host,
     "web_port": v.int_range(1, 65535),
     "secret_key": v.secret,

@@ -9,7 +9,10 @@ closes:
   with the reason; the sweeper then waits ``incomplete_grace_seconds`` for the sender's retry;
 - released, nothing refused, and it began after the study was marked: the sender's retry
   completed the study; the mark is cleared, and a study already analysed is opened again so
-  that a complete analysis supersedes the partial one.
+  that a complete analysis supersedes the partial one;
+- released, nothing refused, and no other association open for the study: ``released_at``
+  is stamped, and the sweeper may queue the study ``released_stable_seconds`` after it instead
+  of waiting the whole quiet time (an instance after the release cancels that).
 
 An instance written but not recorded (the store was down) is answered with a failure and noted
 in ``pending/``, as is a close the store could not take; the sweeper applies the notes, so
@@ -121,6 +124,8 @@ def settle(settings: Settings, note: dict[str, Any]) -> None:
             return
         if note["opened"]:
             study.open_associations = max(0, study.open_associations - 1)
+        if not problems and study.open_associations == 0 and note["opened"]:
+            study.released_at = now  # the sender said it is done: a shorter quiet time
         if problems:
             if not study.incomplete_reason:
                 study.incomplete_at = now

@@ -102,6 +102,7 @@ class Sweeper:
         s, url, result = self.settings, self.settings.database_url, SweepResult()
         result.noted = completeness.apply_notes(s)
         stable_before = now - timedelta(seconds=s.stable_seconds)
+        released_before = now - timedelta(seconds=s.released_stable_seconds)
         grace_before = now - timedelta(seconds=s.incomplete_grace_seconds)
         stale_before = now - timedelta(seconds=s.task_stale_seconds)
         settled = and_(Study.open_associations == 0, Study.incomplete_reason == "")
@@ -110,7 +111,10 @@ class Sweeper:
             ready = session.scalars(
                 select(Study.id).where(
                     Study.state == StudyState.RECEIVING,
-                    Study.last_instance_at <= stable_before,
+                    or_(
+                        Study.last_instance_at <= stable_before,
+                        lifecycle.released_quiet(released_before),
+                    ),
                     settled,
                 )
             ).all()
@@ -155,7 +159,9 @@ class Sweeper:
         result.uploads = sum(ring(UPLOAD_TASK, upload_id) for upload_id in uploads)
         for study_id in ready:
             with session_scope(url) as session:
-                moved = lifecycle.queue_study(session, study_id, now, stable_before, settled=True)
+                moved = lifecycle.queue_study(
+                    session, study_id, now, stable_before, True, released_before
+                )
             if moved:
                 result.queued += 1
                 ring(STUDY_TASK, study_id)
@@ -208,18 +214,31 @@ class Sweeper:
             self._thread.join(timeout=30)
 
     def next_completion(self) -> datetime | None:
-        """When the quiet time of the next settled ``receiving`` study ends (None: no such
-        study).  The sweep's holder looks every :data:`COMPLETION_POLL_SECONDS` and sweeps
-        at that moment instead of at its next period."""
+        """When the quiet time of the next settled ``receiving`` study ends, the shorter one
+        after its sender's release included (None: no such study).  The sweep's holder looks
+        every :data:`COMPLETION_POLL_SECONDS` and sweeps at that moment instead of at its next
+        period."""
+        settled = and_(
+            Study.state == StudyState.RECEIVING,
+            Study.open_associations == 0,
+            Study.incomplete_reason == "",
+        )
         with session_scope(self.settings.database_url) as session:
-            last = session.scalar(
-                select(func.min(Study.last_instance_at)).where(
-                    Study.state == StudyState.RECEIVING,
-                    Study.open_associations == 0,
-                    Study.incomplete_reason == "",
+            last = session.scalar(select(func.min(Study.last_instance_at)).where(settled))
+            released = session.scalar(
+                select(func.min(Study.released_at)).where(
+                    settled, Study.released_at >= Study.last_instance_at
                 )
             )
-        return None if last is None else last + timedelta(seconds=self.settings.stable_seconds)
+        due = [
+            t + timedelta(seconds=quiet)
+            for t, quiet in (
+                (last, self.settings.stable_seconds),
+                (released, self.settings.released_stable_seconds),
+            )
+            if t is not None
+        ]
+        return min(due) if due else None
 
     def _run(self) -> None:
         # host:pid, and this sweeper's own mark: two sweepers of one process are two holders

@@ -47,6 +47,8 @@ def settings_for(tmp_path: Path, **extra: str) -> Settings:
         "COVIDCT_DATA_DIR": str(tmp_path / "var"),
         "COVIDCT_DICOM_PORT": str(free_port()),
         "COVIDCT_STABLE_SECONDS": "2",
+        # the whole quiet time even after a release, unless a test says otherwise
+        "COVIDCT_RELEASED_STABLE_SECONDS": "2",
         "COVIDCT_SWEEP_SECONDS": "3600",  # tests call sweep_once themselves: no sleeps
         "COVIDCT_MIN_FREE_DISK_MB": "1",
     } | extra
@@ -356,6 +358,56 @@ def test_study_queued_once_when_stable(listener: tuple[Listener, Published]) -> 
         assert st is not None and st.state == StudyState.RECEIVING and st.generation == 1
     assert lst.sweeper.sweep_once(utcnow() + timedelta(seconds=3)).queued == 1
     assert len(published) == 2
+
+
+def test_a_released_study_waits_only_the_shorter_quiet_time(tmp_path: Path) -> None:
+    """A quiet time of 30 s, 0.5 s after a release: a study whose association was released
+    is queued 0.5 s after the release; one whose sender aborted, or that another association
+    still sends, is not; an instance after the release waits for the next release."""
+    published = Published()
+    settings = settings_for(
+        tmp_path, COVIDCT_STABLE_SECONDS="30", COVIDCT_RELEASED_STABLE_SECONDS="0.5"
+    )
+    lst = Listener(settings, publish=published)
+    assert lst.sweeper is not None
+    try:
+        released, aborted, late = (make_study([SeriesSpec(slices=2)], seed=i) for i in range(3))
+        assoc = associate(settings)
+        assert all(assoc.send_c_store(ds).Status == 0 for ds in released)
+        release(assoc, settings)
+        due = lst.sweeper.next_completion()  # the sweep's holder wakes then, not in 30 s
+        assert due is not None and due <= utcnow() + timedelta(seconds=0.5)
+        assoc = associate(settings)
+        assert all(assoc.send_c_store(ds).Status == 0 for ds in aborted)
+        assoc.abort()
+        assoc = associate(settings)
+        assert assoc.send_c_store(late[0]).Status == 0
+        release(assoc, settings)
+        more = associate(settings)  # the rest of the late study, the association left open
+        assert more.send_c_store(late[1]).Status == 0
+        time.sleep(0.3)  # the abort is settled within the close handler's wait
+        ids = {st.study_instance_uid: st.id for st in _studies(settings)}
+        first = lst.sweeper.sweep_once(utcnow() + timedelta(seconds=1))
+        assert first.queued == 1
+        assert published == [("covidct.analyse_study", ids[released[0].StudyInstanceUID])]
+        release(more, settings)
+        assert lst.sweeper.sweep_once(utcnow()).queued == 0  # 0.5 s not passed yet
+        assert lst.sweeper.sweep_once(utcnow() + timedelta(seconds=1)).queued == 1
+        assert published[-1] == ("covidct.analyse_study", ids[late[0].StudyInstanceUID])
+        with session_scope(settings.database_url) as s:
+            st = s.get(Study, ids[aborted[0].StudyInstanceUID])
+            assert st is not None and st.state == StudyState.RECEIVING and st.released_at is None
+        assert lst.sweeper.next_completion() is None  # the aborted one is not settled
+    finally:
+        lst.stop()
+
+
+def _studies(settings: Settings) -> list[Study]:
+    with session_scope(settings.database_url) as s:
+        rows = list(s.scalars(select(Study)))
+        for r in rows:
+            s.expunge(r)
+        return rows
 
 
 def test_listener_restart_between_two_halves(tmp_path: Path) -> None:
