@@ -26,19 +26,75 @@ sys.path.insert(0, str(ROOT))
 
 from tests.test_e2e import base_env, send_study, serve, storescp, wait  # noqa: E402
 
-DELIVERED = (
-    "SELECT s.last_instance_at, d.delivered_at FROM studies s"
+TIMES = (
+    "SELECT s.last_instance_at, s.released_at, s.queued_at, s.started_at, s.finished_at,"
+    " d.delivered_at FROM studies s"
     " JOIN reports r ON r.study_id = s.id JOIN deliveries d ON d.report_id = r.id"
     " WHERE s.study_instance_uid = ? AND d.state = 'delivered'"
 )
 
 
-def delivered(db: Path, uid: str) -> tuple[str, str] | None:
+def delivered(db: Path, uid: str) -> tuple[str, ...] | None:
     con = sqlite3.connect(db)
     try:
-        return con.execute(DELIVERED, (uid,)).fetchone()
+        return con.execute(TIMES, (uid,)).fetchone()
     finally:
         con.close()
+
+
+def parts(row: tuple[str, ...], stable: float, released: float) -> tuple[float, str]:
+    """Last instance -> SR delivered, and where the time went, from the service's own
+    timestamps: the quiet time that applied, waiting to be noticed after it, the queue, the
+    analysis (read, model, lungs, SR), the delivery."""
+    last, rel, queued, started, finished, done = (
+        datetime.fromisoformat(t) if t else None for t in row
+    )
+    assert last and queued and started and finished and done
+    deadline = last.timestamp() + stable
+    if rel is not None and rel >= last:
+        deadline = min(deadline, rel.timestamp() + released)
+    total = (done - last).total_seconds()
+    split = (
+        f"quiet {deadline - last.timestamp():.2f} | noticed {queued.timestamp() - deadline:.2f}"
+        f" | queue {(started - queued).total_seconds():.2f}"
+        f" | analysis {(finished - started).total_seconds():.2f}"
+        f" | delivery {(done - finished).total_seconds():.2f}"
+    )
+    return total, split
+
+
+def send_files(env: dict[str, str], files: list[Path]) -> None:
+    import subprocess
+
+    from tests.conftest import need_tool
+
+    subprocess.run(
+        [
+            need_tool("storescu"),
+            "-xs",  # propose JPEG Lossless: the files are sent as they are
+            "-aec",
+            "COVIDCT",
+            "-aet",
+            "MODALITY",
+            "127.0.0.1",
+            env["COVIDCT_DICOM_PORT"],
+            *map(str, files),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
+def real_studies() -> list[tuple[str, list[Path]]]:
+    """The COVID-CT-MD sample studies (JPEG Lossless), when ../shared holds them."""
+    sample = ROOT.parent / "shared" / "datasets" / "covid-ct-md-sample"
+    return [
+        (sub, sorted((sample / sub).glob("*.dcm")))
+        for sub in ("covid/P001", "normal/normal001")
+        if (sample / sub).is_dir()
+    ]
 
 
 def main() -> int:
@@ -63,11 +119,19 @@ def main() -> int:
             for i in range(4):
                 uid, _ = send_study(env, tmp / f"s{i}")
                 row = wait(lambda uid=uid: delivered(db, uid), 120, "the SR delivered")
-                took = (
-                    datetime.fromisoformat(row[1]) - datetime.fromisoformat(row[0])
-                ).total_seconds()
+                took, split = parts(row, args.stable, released)
                 out.append(took)
-                print(f"study {i}: last instance -> SR delivered {took:.2f} s", flush=True)
+                print(
+                    f"study {i}: last instance -> SR delivered {took:.2f} s ({split})", flush=True
+                )
+            for name, files in real_studies():
+                import pydicom
+
+                uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+                send_files(env, files)
+                row = wait(lambda uid=uid: delivered(db, uid), 300, "the SR delivered")
+                took, split = parts(row, args.stable, released)
+                print(f"{name} ({len(files)} slices, JPEG Lossless): {took:.2f} s ({split})")
     print(
         f"median {sorted(out)[len(out) // 2]:.2f} s; quiet time {args.stable:g} s,"
         f" {released:g} s after the sender's release"
