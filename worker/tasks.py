@@ -106,6 +106,7 @@ def register_tasks(app: Celery) -> None:
         except (ClassifierError, OSError, ValueError) as exc:
             logger.exception("study id %d failed", study_id)
             _fail_study(settings, study_id, f"{exc.__class__.__name__}: {exc}"[:2000])
+            send_pending_deliveries(app, settings, study_id)  # its notifications, now
             return "failed"
         except Exception as exc:
             logger.exception("study id %d failed unexpectedly", study_id)
