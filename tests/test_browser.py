@@ -88,6 +88,20 @@ def check_review(page, expect) -> None:  # type: ignore[no-untyped-def]
     page.screenshot(path=str(SHOTS / "performance.png"), full_page=True)
 
 
+def check_operations(page, expect) -> None:  # type: ignore[no-untyped-def]
+    """The admin's operations page: health, the node, the audit log of what happened in this
+    run (the study's association, the upload), filtered by action."""
+    page.click("text=Operations")
+    expect(page.locator("h1")).to_contain_text("Operations")
+    expect(page.locator("table.health")).to_contain_text("database")
+    expect(page.locator("table.audit")).to_contain_text("association.accept")
+    page.fill("input[name=action]", "login")
+    page.click("text=Filter")
+    expect(page.locator("table.audit")).to_contain_text("radiologist")
+    expect(page.locator("table.audit")).not_to_contain_text("association.accept")
+    page.screenshot(path=str(SHOTS / "operations.png"), full_page=True)
+
+
 def test_dashboard_in_chromium(tmp_path: Path) -> None:
     chromium = need_tool("chromium")
     try:
@@ -171,5 +185,6 @@ def test_dashboard_in_chromium(tmp_path: Path) -> None:
             assert "(threshold 0." in text and "+00:00" not in text
             page.wait_for_function(ALL_LOADED % "table.uploads img")
             page.screenshot(path=str(SHOTS / "uploads.png"), full_page=True)
+            check_operations(page, expect)
             browser.close()
     assert (SHOTS / "worklist.png").stat().st_size > 10_000
