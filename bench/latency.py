@@ -24,7 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.test_e2e import base_env, send_study, serve, storescp, wait  # noqa: E402
+from tests.test_e2e import (  # noqa: E402
+    base_env,
+    send_study,
+    serve,
+    storescp,
+    storescu,
+    wait,
+)
 
 TIMES = (
     "SELECT s.last_instance_at, s.released_at, s.queued_at, s.started_at, s.finished_at,"
@@ -61,30 +68,6 @@ def parts(row: tuple[str, ...], stable: float, released: float) -> tuple[float, 
         f" | delivery {(done - finished).total_seconds():.2f}"
     )
     return total, split
-
-
-def send_files(env: dict[str, str], files: list[Path]) -> None:
-    import subprocess
-
-    from tests.conftest import need_tool
-
-    subprocess.run(
-        [
-            need_tool("storescu"),
-            "-xs",  # propose JPEG Lossless: the files are sent as they are
-            "-aec",
-            "COVIDCT",
-            "-aet",
-            "MODALITY",
-            "127.0.0.1",
-            env["COVIDCT_DICOM_PORT"],
-            *map(str, files),
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
 
 
 def real_studies() -> list[tuple[str, list[Path]]]:
@@ -128,7 +111,7 @@ def main() -> int:
                 import pydicom
 
                 uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-                send_files(env, files)
+                storescu(env, files, "-xs")  # JPEG Lossless proposed: sent as stored
                 row = wait(lambda uid=uid: delivered(db, uid), 300, "the SR delivered")
                 took, split = parts(row, args.stable, released)
                 print(f"{name} ({len(files)} slices, JPEG Lossless): {took:.2f} s ({split})")

@@ -131,20 +131,12 @@ def storescp(tmp_path: Path) -> Iterator[tuple[int, Path]]:
         yield port, folder
 
 
-def send_study(env: dict[str, str], tmp_path: Path) -> tuple[str, float]:
-    """A multi-series CT study (axial, localizer, derived) sent by DCMTK's storescu."""
-    study = make_study(
-        [
-            SeriesSpec(slices=40, ground_glass=True),
-            SeriesSpec(kind="localizer"),
-            SeriesSpec(slices=6, kind="derived"),
-        ],
-        patient_name="E2E^Test",
-    )
-    files = write_study(study, tmp_path / "study")
+def storescu(env: dict[str, str], files: list[Path], *options: str) -> None:
+    """DCMTK's storescu sends ``files`` to the service in one association, as a modality."""
     res = subprocess.run(
         [
             need_tool("storescu"),
+            *options,
             "-aec",
             "COVIDCT",
             "-aet",
@@ -156,9 +148,22 @@ def send_study(env: dict[str, str], tmp_path: Path) -> tuple[str, float]:
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert res.returncode == 0, res.stderr
+
+
+def send_study(env: dict[str, str], tmp_path: Path) -> tuple[str, float]:
+    """A multi-series CT study (axial, localizer, derived) sent by DCMTK's storescu."""
+    study = make_study(
+        [
+            SeriesSpec(slices=40, ground_glass=True),
+            SeriesSpec(kind="localizer"),
+            SeriesSpec(slices=6, kind="derived"),
+        ],
+        patient_name="E2E^Test",
+    )
+    storescu(env, write_study(study, tmp_path / "study"))
     return str(study[0].StudyInstanceUID), time.time()
 
 
