@@ -46,15 +46,23 @@ def worker_process(settings: Settings) -> Iterator[subprocess.Popen]:
         "COVIDCT_MIN_SERIES_SLICES": "5",
         "COVIDCT_BATCH_SIZE": str(settings.batch_size),
     }
-    with launched(
-        [sys.executable, "-m", "covidct.cli", "worker", "--concurrency", "1"],
-        grace=30,
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    ) as proc:
-        yield proc
+    log = settings.data_dir / "worker.log"  # printed when a test fails: the worker's story
+    with (
+        log.open("w") as fh,
+        launched(
+            [sys.executable, "-m", "covidct.cli", "worker", "--concurrency", "1"],
+            grace=30,
+            env=env,
+            cwd=ROOT,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        ) as proc,
+    ):
+        try:
+            yield proc
+        except BaseException:
+            print(f"--- {log} (last 4000 characters)\n{log.read_text()[-4000:]}")
+            raise
 
 
 def kill_children(proc: subprocess.Popen) -> list[int]:
