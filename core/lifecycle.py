@@ -289,6 +289,14 @@ def record_attempt(
     return str(state) if moved else None
 
 
+def _idle_pending(now: datetime) -> ColumnElement[bool]:
+    """Pending, and no attempt holds it (its claim, if any, has lapsed)."""
+    return and_(
+        Delivery.state == DeliveryState.PENDING,
+        or_(Delivery.claimed_until.is_(None), Delivery.claimed_until <= now),
+    )
+
+
 def resend_delivery(s: Executor, delivery_id: int, now: datetime) -> bool:
     """Back to the outbox with its attempts reset (the dashboard's re-send): from delivered,
     failed or cancelled, or pending while no attempt holds it (send now instead of after the
@@ -302,10 +310,7 @@ def resend_delivery(s: Executor, delivery_id: int, now: datetime) -> bool:
                 Delivery.state.in_(
                     (DeliveryState.DELIVERED, DeliveryState.FAILED, DeliveryState.CANCELLED)
                 ),
-                and_(
-                    Delivery.state == DeliveryState.PENDING,
-                    or_(Delivery.claimed_until.is_(None), Delivery.claimed_until <= now),
-                ),
+                _idle_pending(now),
             ),
         )
         .values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=None, claimed_until=None),
@@ -322,10 +327,7 @@ def cancel_delivery(s: Executor, delivery_id: int, now: datetime) -> bool:
             Delivery.id == delivery_id,
             or_(
                 Delivery.state == DeliveryState.FAILED,
-                and_(
-                    Delivery.state == DeliveryState.PENDING,
-                    or_(Delivery.claimed_until.is_(None), Delivery.claimed_until <= now),
-                ),
+                _idle_pending(now),
             ),
         )
         .values(state=DeliveryState.CANCELLED, next_attempt_at=None, claimed_until=None),

@@ -21,9 +21,10 @@ from core.db import session_scope
 from core.health import HEALTH_CHECK_AE, free_disk_mb
 from core.settings import Settings
 from ingest import completeness, pdu_guard, tuning
+from ingest.keep import NotKept, keep
 from ingest.part10 import file_meta
-from ingest.records import UnreadableDatasetError, read_header, record_instance
-from ingest.spool import InvalidUIDError, instance_path, write_durable
+from ingest.records import UnreadableDatasetError, read_header
+from ingest.spool import InvalidUIDError
 
 logger = logging.getLogger(__name__)
 
@@ -181,29 +182,16 @@ def handle_store(event: Any, ctx: IngestContext) -> int:
     if header.sop_class_uid != str(event.request.AffectedSOPClassUID):
         logger.warning("SOP class of %s does not match its context", header.sop_uid)
         return DATASET_MISMATCH
-    floor = ctx.settings.min_free_disk_mb / 2
     try:
-        if floor and free_disk_mb(ctx.spool) < floor:
-            logger.error("free disk below %.0f MB: refusing %s", floor, header.sop_uid)
-            completeness.refused(event.assoc, header.study_uid, "free disk below the floor")
-            return OUT_OF_RESOURCES
-        path = instance_path(ctx.spool, header.study_uid, header.series_uid, header.sop_uid)
-        write_durable(path, data, direct=ctx.settings.spool_direct_io)
-    except OSError as exc:
-        logger.exception("cannot write instance %s", header.sop_uid)
-        completeness.refused(event.assoc, header.study_uid, f"write failed ({exc.strerror})")
+        new = keep(ctx.settings, header, data, calling)
+    except NotKept as exc:
+        if not exc.written:  # refused: the study may lack this instance
+            completeness.refused(event.assoc, header.study_uid, str(exc))
         return OUT_OF_RESOURCES
     try:
-        new = record_instance(ctx.settings.database_url, header, path, len(data), calling)
         completeness.stored(ctx.settings, event.assoc, header.study_uid)
     except Exception:
-        logger.exception("cannot record instance %s", header.sop_uid)
-        try:  # the file stays; the sweeper records it from the note
-            completeness.write_note(
-                ctx.settings, {"kind": "instance", "path": str(path), "calling_ae": calling}
-            )
-        except OSError:
-            logger.exception("cannot note instance %s; the next start-up records it", path)
+        logger.exception("cannot count instance %s in its association", header.sop_uid)
         return OUT_OF_RESOURCES
     logger.debug(
         "stored %s of study %s%s", header.sop_uid, header.study_uid, "" if new else " (duplicate)"

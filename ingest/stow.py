@@ -16,12 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from core.health import free_disk_mb
 from core.settings import Settings
-from ingest import completeness
+from ingest.keep import NotKept, keep
 from ingest.part10 import TRANSFER_SYNTAXES
-from ingest.records import UnreadableDatasetError, read_header, record_instance
-from ingest.spool import InvalidUIDError, instance_path, write_durable
+from ingest.records import UnreadableDatasetError, read_header
+from ingest.spool import InvalidUIDError
 
 logger = logging.getLogger(__name__)
 
@@ -135,25 +134,11 @@ def store_part(
         return Outcome(cls, uid, TRANSFER_SYNTAX_NOT_SUPPORTED, why)
     if study_uid and header.study_uid != study_uid:
         return Outcome(cls, uid, MISMATCH, "the instance belongs to another study than the URL's")
-    floor = settings.min_free_disk_mb / 2
     try:
-        if floor and free_disk_mb(settings.spool_dir) < floor:
-            return Outcome(cls, uid, OUT_OF_RESOURCES, "free disk below the floor")
-        path = instance_path(settings.spool_dir, header.study_uid, header.series_uid, uid)
-        write_durable(path, data, direct=settings.spool_direct_io)
-    except OSError as exc:
-        logger.exception("cannot write instance %s", uid)
-        return Outcome(cls, uid, OUT_OF_RESOURCES, f"write failed ({exc.strerror})")
-    try:
-        record_instance(settings.database_url, header, path, len(data), sender)
-    except Exception:
-        logger.exception("cannot record instance %s", uid)
-        try:  # the file stays; the sweeper records it from the note
-            completeness.write_note(
-                settings, {"kind": "instance", "path": str(path), "calling_ae": sender}
-            )
-        except OSError:
-            return Outcome(cls, uid, OUT_OF_RESOURCES, "the results store is down")
+        keep(settings, header, data, sender)
+    except NotKept as exc:
+        if not exc.noted:  # written, not recorded, but noted: the sweeper records it
+            return Outcome(cls, uid, OUT_OF_RESOURCES, str(exc))
     return Outcome(cls, uid)
 
 
