@@ -201,11 +201,20 @@ def _signal_group(pid: int, sig: int) -> None:
         pass
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listens on now, and never one this process handed
+    out before: a port handed out may not be bound yet (a test that chooses the service's ports,
+    then Orthanc's, once got the same port twice)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def rss_mb(pid: int, *, below: bool = False) -> float:

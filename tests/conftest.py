@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from covidct.testbed import free_port  # noqa: F401  (tests import it from here)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -41,12 +43,6 @@ def port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
