@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """Latency benchmark: last instance received -> SR delivered to DCMTK's storescp.
 
-    .venv/bin/python bench/latency.py [--stable 2] [--released SECONDS]
+    .venv/bin/python bench/latency.py [--stable 2] [--released SECONDS] [--runs 5]
 
 Runs ``covidct serve`` (embedded queue, SQLite) with the default sweep period (5 s), a quiet
 time of ``--stable`` seconds (2) and, after the sender's release, ``--released`` (the same as
-``--stable`` unless given), sends four synthetic studies one after another with DCMTK's
-storescu (a 40-slice axial series, a localizer and a derived series; storescu releases its
-association), and prints, per study, the time from its last instance to the SR's delivery as
-recorded by the service, and the median.  The reference is the quiet time that applies: the
-rest is what the service adds.
+``--stable`` unless given), and sends, one after another with DCMTK's storescu (which releases
+its association), ``--runs`` studies of each kind: a synthetic 40-slice axial series with a
+localizer and a derived series, a synthetic 300-slice uncompressed series, and, when ../shared
+holds them, the real studies (COVID-CT-MD P001 and normal001, 148 and 154 JPEG Lossless slices;
+MIDRC-RICORD 419639-000082), each run under fresh UIDs and sent as stored (``storescu -xs``).
+Per study it prints the time from its last instance to the SR's delivery as recorded by the
+service, split into the quiet time that applied, waiting to be noticed, the queue, the analysis
+and the delivery; then the median per kind against the quiet time (the reference: the rest is
+what the service adds).
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import pydicom  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+
+from covidct.synthetic import SeriesSpec, make_study, write_study  # noqa: E402
 from tests.test_e2e import (  # noqa: E402
     base_env,
     send_study,
@@ -71,22 +79,42 @@ def parts(row: tuple[str, ...], stable: float, released: float) -> tuple[float, 
 
 
 def real_studies() -> list[tuple[str, list[Path]]]:
-    """The COVID-CT-MD sample studies (JPEG Lossless), when ../shared holds them."""
-    sample = ROOT.parent / "shared" / "datasets" / "covid-ct-md-sample"
-    return [
-        (sub, sorted((sample / sub).glob("*.dcm")))
+    """The real sample studies (JPEG Lossless), when ../shared holds them."""
+    data = ROOT.parent / "shared" / "datasets"
+    found = [
+        (sub, sorted((data / "covid-ct-md-sample" / sub).glob("*.dcm")))
         for sub in ("covid/P001", "normal/normal001")
-        if (sample / sub).is_dir()
     ]
+    ricord = data / "midrc-ricord-sample" / "covid" / "419639-000082"
+    found.append(("RICORD 419639-000082", sorted(ricord.glob("*.dcm"))))
+    return [(name, files) for name, files in found if files]
+
+
+def fresh_copy(files: list[Path], folder: Path) -> tuple[str, list[Path]]:
+    """The files under new Study, Series and SOP Instance UIDs, pixel data untouched (still
+    compressed), so that each run is a new study to the service."""
+    folder.mkdir(parents=True)
+    new: dict[str, str] = {}
+    out = []
+    for n, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            ds.data_element(kw).value = new.setdefault(str(getattr(ds, kw)), generate_uid())
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(folder / f"{n}.dcm", enforce_file_format=True)
+        out.append(folder / f"{n}.dcm")
+    return str(ds.StudyInstanceUID), out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--stable", type=float, default=2.0)
     parser.add_argument("--released", type=float, default=None)
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     released = args.stable if args.released is None else args.released
     tmp = Path(tempfile.mkdtemp())
+    results: dict[str, list[float]] = {}
     with storescp(tmp) as (pacs_port, _):
         env = base_env(
             tmp,
@@ -96,29 +124,29 @@ def main() -> int:
             COVIDCT_DESTINATIONS=f"PACS@127.0.0.1:{pacs_port}?objects=sr",
         )
         db = Path(env["COVIDCT_DATA_DIR"]) / "covidct.sqlite3"
+
+        def measure(kind: str, uid: str) -> None:
+            row = wait(lambda: delivered(db, uid), 300, "the SR delivered")
+            took, split = parts(row, args.stable, released)
+            results.setdefault(kind, []).append(took)
+            print(f"{kind}: last instance -> SR delivered {took:.2f} s ({split})", flush=True)
+
         with serve(env, tmp / "serve.log"):
             wait(lambda: "covidct is running" in (tmp / "serve.log").read_text(), 120, "serve")
-            out = []
-            for i in range(4):
+            for i in range(args.runs):
                 uid, _ = send_study(env, tmp / f"s{i}")
-                row = wait(lambda uid=uid: delivered(db, uid), 120, "the SR delivered")
-                took, split = parts(row, args.stable, released)
-                out.append(took)
-                print(
-                    f"study {i}: last instance -> SR delivered {took:.2f} s ({split})", flush=True
-                )
-            for name, files in real_studies():
-                import pydicom
-
-                uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
-                storescu(env, files, "-xs")  # JPEG Lossless proposed: sent as stored
-                row = wait(lambda uid=uid: delivered(db, uid), 300, "the SR delivered")
-                took, split = parts(row, args.stable, released)
-                print(f"{name} ({len(files)} slices, JPEG Lossless): {took:.2f} s ({split})")
-    print(
-        f"median {sorted(out)[len(out) // 2]:.2f} s; quiet time {args.stable:g} s,"
-        f" {released:g} s after the sender's release"
-    )
+                measure("synthetic 40 slices and 2 series", uid)
+                big = make_study([SeriesSpec(slices=300)], seed=i)
+                storescu(env, write_study(big, tmp / f"big{i}"))
+                measure("synthetic 300 slices, uncompressed", str(big[0].StudyInstanceUID))
+                for name, files in real_studies():
+                    uid, copy = fresh_copy(files, tmp / f"{name.replace('/', '-')}-{i}")
+                    storescu(env, copy, "-xs")  # JPEG Lossless proposed: sent as stored
+                    measure(f"{name} ({len(files)} slices, JPEG Lossless)", uid)
+    print(f"\nquiet time {args.stable:g} s, {released:g} s after the sender's release")
+    for kind, runs in results.items():
+        med = sorted(runs)[len(runs) // 2]
+        print(f"{kind}: median of {len(runs)} {med:.2f} s = quiet + {med - released:.2f} s")
     return 0
 
 

@@ -32,6 +32,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import pixel_array
 from scipy import ndimage
 
+from classifier import codecs
 from classifier.errors import SliceSkipped, UnusableInputError
 
 MODEL_SIZE = 200
@@ -191,6 +192,9 @@ def read_dicom(data: bytes | str | Path) -> Dataset:
     return ds
 
 
+_CODECS_USABLE = codecs.use()
+
+
 def _pixel_array(ds: Dataset, frame: int | None = None) -> np.ndarray:
     """Every frame, or one frame (decoded alone), as stored values; nothing is cached on
     ``ds``, so a caller that drops its pixel data afterwards keeps memory flat."""
@@ -201,12 +205,24 @@ def _pixel_array(ds: Dataset, frame: int | None = None) -> np.ndarray:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frame is not None and not 0 <= frame < frames:
         raise UnusableInputError(f"frame {frame} does not exist ({frames} frames)")
+    index = frame if frame is not None and frames > 1 else None
+    tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
-        return pixel_array(ds, index=frame if frame is not None and frames > 1 else None)
+        codecs.check_complete(ds, index)
+    except UnusableInputError:
+        raise
+    except Exception as exc:  # fragments that do not parse: the decoders would fail too
+        raise UnusableInputError(f"cannot read the compressed frames: {exc}") from None
+    if tsuid in codecs.SYNTAXES and _CODECS_USABLE:
+        try:
+            return pixel_array(ds, index=index, decoding_plugin=codecs.PLUGIN)
+        except Exception:  # noqa: S110 - pydicom's own plugins get the frame and say why
+            pass
+    try:
+        return pixel_array(ds, index=index)
     except Exception as exc:  # pydicom raises many types for undecodable pixel data
-        tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise UnusableInputError(
-            f"cannot decode pixel data (transfer syntax {tsuid}): {exc}"
+            f"cannot decode pixel data (transfer syntax {tsuid or 'unknown'}): {exc}"
         ) from None
 
 

@@ -56,6 +56,9 @@ def broker_options(settings: Settings) -> dict:
     }
 
 
+PROC_ALIVE_TIMEOUT = 120.0
+
+
 def make_celery(settings: Settings) -> Celery:
     # the embedded queue has no host; naming one keeps kombu from warning at every start
     url = "filesystem://localhost//" if settings.broker_is_embedded else settings.broker_url
@@ -79,6 +82,10 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
+        # a child loads the model before it reports ready; Celery's default of 4 s killed
+        # every replacement child for a Keras model (TensorFlow's import alone takes 3-5 s
+        # on 2 cores), so a worker whose child died never ran another task
+        worker_proc_alive_timeout=PROC_ALIVE_TIMEOUT,
     )
     app.conf.covidct_settings = settings
     return app
