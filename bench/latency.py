@@ -13,12 +13,13 @@ MIDRC-RICORD 419639-000082), each run under fresh UIDs and sent as stored (``sto
 Per study it prints the time from its last instance to the SR's delivery as recorded by the
 service, split into the quiet time that applied, waiting to be noticed, the queue, the analysis
 and the delivery; then the median per kind against the quiet time (the reference: the rest is
-what the service adds).
+what the service adds).  ``COVIDCT_READ_THREADS`` is passed through.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import sys
 import tempfile
@@ -122,6 +123,7 @@ def main() -> int:
             COVIDCT_STABLE_SECONDS=str(args.stable),
             COVIDCT_RELEASED_STABLE_SECONDS=str(released),
             COVIDCT_DESTINATIONS=f"PACS@127.0.0.1:{pacs_port}?objects=sr",
+            **{k: v for k, v in os.environ.items() if k == "COVIDCT_READ_THREADS"},
         )
         db = Path(env["COVIDCT_DATA_DIR"]) / "covidct.sqlite3"
 

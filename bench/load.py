@@ -30,6 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import pydicom  # noqa: E402
+from pydicom.uid import Comprehensive3DSRStorage  # noqa: E402
+
 from covidct.testbed import child_pids, free_port, launched, rss_mb, stage_pids  # noqa: E402
 
 
@@ -37,6 +40,19 @@ def port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def delivered(data: Path) -> int:
+    """Deliveries done: one per study (its SR, key images and key objects in one)."""
+    db = sqlite3.connect(data / "covidct.sqlite3")
+    try:
+        return int(
+            db.execute("SELECT count(*) FROM deliveries WHERE state = 'delivered'").fetchone()[0]
+        )
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+    finally:
+        db.close()
 
 
 def wait(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
@@ -123,7 +139,7 @@ def run(runtime: str, studies: list[list[Path]], work: Path, storescu: str, stor
         ]
         failed = [p.stderr.read().decode()[-300:] for p in senders if p.wait() != 0]
         sent = time.monotonic() - t0
-        wait(lambda: len(list(pacs_dir.iterdir())) >= len(studies), 600, "every SR")
+        wait(lambda: delivered(data) >= len(studies), 600, "every SR")
         done = time.monotonic() - t0
         time.sleep(1)
         db = sqlite3.connect(data / "covidct.sqlite3")
@@ -131,7 +147,10 @@ def run(runtime: str, studies: list[list[Path]], work: Path, storescu: str, stor
         instances, distinct = rows.fetchone()
         states = dict(db.execute("SELECT state, count(*) FROM studies GROUP BY state").fetchall())
         spooled = sum(1 for _ in (data / "spool").rglob("*.dcm"))
-        srs = len(list(pacs_dir.iterdir()))
+        srs = sum(
+            pydicom.dcmread(f, stop_before_pixels=True).SOPClassUID == Comprehensive3DSRStorage
+            for f in pacs_dir.iterdir()
+        )
         db.close()
         sampler.stop.set()
     sampler.stop.set()

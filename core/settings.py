@@ -78,7 +78,7 @@ class Settings:
     incomplete_grace_seconds: float = 300.0
     indeterminate_band: float = 0.05
     min_series_slices: int = 10
-    batch_size: int = 32
+    batch_size: int = 16
     read_threads: int = 1
     sr_max_attempts: int = 6
     sr_retry_base_seconds: float = 10.0

@@ -47,11 +47,12 @@ def resolve(settings: Settings, text: str) -> Destination:
 def send(settings: Settings, dest: Destination, paths: Sequence[str]) -> None:
     """Send files to a destination of either kind, each checked by dciodvfy first; raise
     :class:`DeliveryError` unless every one is taken."""
-    if failed := validate.first_failure(settings.dciodvfy, paths):
-        path, found = failed
-        raise DeliveryError(
-            f"{Path(path).name} fails dciodvfy, nothing sent: {'; '.join(found[:2])}"
-        )
+    for path in paths:
+        found = validate.errors(settings.dciodvfy, path)
+        if found:
+            raise DeliveryError(
+                f"{Path(path).name} fails dciodvfy, nothing sent: {'; '.join(found[:2])}"
+            )
     if dest.is_dicomweb:
         stow_rs(settings, dest, paths)
     else:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 TIMEOUT = 60.0
@@ -35,17 +33,6 @@ def errors(setting: str, path: str) -> list[str]:
         return []
     st = Path(path).stat()
     return list(_errors(exe, str(path), st.st_size, st.st_mtime_ns))
-
-
-def first_failure(setting: str, paths: Sequence[str]) -> tuple[str, list[str]] | None:
-    """The first of ``paths`` (in order) with errors, and its errors; each file checked in
-    its own dciodvfy, all at once (six CT objects: 38-44 ms one by one, 21-24 ms at once on
-    2 cores, 2026-12-07)."""
-    with ThreadPoolExecutor(max(1, min(8, len(paths)))) as pool:
-        for path, found in zip(paths, pool.map(lambda p: errors(setting, p), paths), strict=True):
-            if found:
-                return path, found
-    return None
 
 
 @functools.lru_cache(maxsize=4096)
