@@ -1,12 +1,14 @@
-"""A pydicom decoding plugin for JPEG Lossless that releases the GIL, so that slices decode
-on every core.
+"""A pydicom decoding plugin for JPEG Lossless and JPEG-LS Lossless that releases the GIL, so
+that slices decode on every core.
 
 GDCM and pylibjpeg-libjpeg hold the GIL while they decode: two threads decode a JPEG Lossless
 study no faster than one.  imagecodecs' ``jpeg8_decode`` (libjpeg-turbo 3, which decodes
-process 14 with any predictor) releases it, and decodes the same bytes: a test compares it
-with pylibjpeg frame by frame on every JPEG Lossless variant DCMTK writes.  Measured on 40
-COVID-CT-MD slices (2 cores, 2026-12-07): pydicom's default plugin 0.36 s on one thread and
-0.38 s on two; this one 0.12 s and 0.06 s.
+process 14 with any predictor) and ``jpegls_decode`` (CharLS) release it, and decode the same
+samples: a test compares them with pylibjpeg frame by frame on every JPEG Lossless variant
+DCMTK writes and on JPEG-LS Lossless at 8, 12 and 16 bits, signed and unsigned.  Measured on
+40 COVID-CT-MD slices (2 cores, 2026-12-07): pydicom's default plugin 0.36 s on one thread and
+0.38 s on two; this one 0.12 s and 0.06 s.  JPEG 2000 is left to pydicom's plugins (OpenJPEG
+either way; no gain measured).
 
 :func:`use` registers it with pydicom under :data:`PLUGIN`; :mod:`classifier.preprocess`
 asks for it by name for the syntaxes in :data:`SYNTAXES` and falls back to pydicom's own
@@ -30,8 +32,14 @@ if TYPE_CHECKING:
 
 PLUGIN = "covidct-imagecodecs"
 
-#: JPEG Lossless, process 14, any predictor and selection value 1.
-SYNTAXES: frozenset[str] = frozenset({uid.JPEGLossless, uid.JPEGLosslessSV1})
+#: transfer syntax -> imagecodecs' codec: JPEG Lossless (process 14, any predictor, and
+#: selection value 1) and JPEG-LS Lossless.
+_CODEC: dict[str, str] = {
+    uid.JPEGLossless: "jpeg8",
+    uid.JPEGLosslessSV1: "jpeg8",
+    uid.JPEGLSLossless: "jpegls",
+}
+SYNTAXES: frozenset[str] = frozenset(_CODEC)
 
 #: Every frame of these ends with 0xFFD9: JPEG's and JPEG-LS's end of image, JPEG 2000's end
 #: of codestream.  (A fragment may add one 0x00 to reach an even length.)
@@ -50,7 +58,7 @@ def is_available(transfer_syntax: str) -> bool:
         import imagecodecs
     except ImportError:
         return False
-    return bool(imagecodecs.JPEG8.available)
+    return bool(getattr(imagecodecs, _CODEC[transfer_syntax].upper()).available)
 
 
 def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
@@ -59,10 +67,14 @@ def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
     import imagecodecs
 
     if runner.samples_per_pixel != 1:
-        raise ValueError("only single-sample (grayscale) JPEG Lossless is decoded here")
-    arr = imagecodecs.jpeg8_decode(src)
+        raise ValueError("only single-sample (grayscale) frames are decoded here")
+    codec = _CODEC[runner.transfer_syntax]
+    arr = getattr(imagecodecs, f"{codec}_decode")(src)
     if arr.ndim != 2 or arr.shape != (runner.rows, runner.columns):
         raise ValueError(f"decoded shape {arr.shape} is not {runner.rows}x{runner.columns}")
+    if codec == "jpegls":  # as pydicom's pylibjpeg plugin: the container follows the precision
+        precision = runner.get_option("jls_precision", runner.bits_stored)
+        runner.set_option("bits_allocated", 8 if 0 < precision <= 8 else 16)
     return np.ascontiguousarray(arr, dtype=f"<u{runner.bits_allocated // 8}").tobytes()
 
 

@@ -1,6 +1,6 @@
-"""The GIL-free JPEG Lossless plugin decodes what pydicom's own plugins decode, bit for bit,
-on every JPEG Lossless variant DCMTK writes, and a frame it cannot decode still gets
-pydicom's plugins and a clear error."""
+"""The GIL-free plugin decodes what pydicom's own plugins decode, bit for bit, on every JPEG
+Lossless variant DCMTK writes and on JPEG-LS Lossless; a frame cut short is refused; a frame
+it cannot decode still gets pydicom's plugins and a clear error."""
 
 from __future__ import annotations
 
@@ -60,6 +60,21 @@ def test_plugin_decodes_as_pydicom_does(
     assert np.array_equal(ours, theirs)
     assert np.array_equal(ours, plain.pixel_array)
     assert np.array_equal(_pixel_array(jpeg), plain.pixel_array)
+
+
+@pytest.mark.parametrize(
+    "bits,signed", [(16, True), (12, True), (12, False), (16, False), (8, False)]
+)
+def test_jpeg_ls_lossless_decodes_as_pydicom_does(bits: int, signed: bool) -> None:
+    plain = _slice(bits, signed, seed=bits + 11 * signed)
+    jls = plain.copy()
+    jls.compress(pydicom.uid.JPEGLSLossless)
+    ours = pixel_array(jls, decoding_plugin=codecs.PLUGIN)
+    theirs = pixel_array(jls, decoding_plugin="pylibjpeg")
+    assert ours.dtype == theirs.dtype
+    assert np.array_equal(ours, theirs)
+    assert np.array_equal(ours, plain.pixel_array)
+    assert np.array_equal(_pixel_array(jls), plain.pixel_array)
 
 
 @pytest.mark.parametrize("cut", ["truncated", "zeroed-tail", "header-only"])
