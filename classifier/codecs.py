@@ -6,9 +6,10 @@ study no faster than one.  imagecodecs' ``jpeg8_decode`` (libjpeg-turbo 3, which
 process 14 with any predictor) and ``jpegls_decode`` (CharLS) release it, and decode the same
 samples: a test compares them with pylibjpeg frame by frame on every JPEG Lossless variant
 DCMTK writes and on JPEG-LS Lossless at 8, 12 and 16 bits, signed and unsigned.  Measured on
-40 COVID-CT-MD slices (2 cores, 2026-12-07): pydicom's default plugin 0.36 s on one thread and
-0.38 s on two; this one 0.12 s and 0.06 s.  JPEG 2000 is left to pydicom's plugins (OpenJPEG
-either way; no gain measured).
+40 COVID-CT-MD slices (512x512, 2 cores, 2026-12-07), one thread / two: JPEG Lossless 0.22 /
+0.20 s with pydicom's default plugin (GDCM), 0.065 / 0.033 s here; the same slices in JPEG-LS
+Lossless 0.31 / 0.31 s and 0.19 / 0.09 s.  JPEG 2000 is left to pydicom's plugins: OpenJPEG
+there 0.79 / 0.79 s, imagecodecs' OpenJPEG 1.09 / 0.56 s, no gain on 2 cores beside inference.
 
 :func:`use` registers it with pydicom under :data:`PLUGIN`; :mod:`classifier.preprocess`
 asks for it by name for the syntaxes in :data:`SYNTAXES` and falls back to pydicom's own
