@@ -83,7 +83,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=False,
         worker_cancel_long_running_tasks_on_connection_loss=False,
         # a child loads the model before it reports ready; Celery's default of 4 s killed
-        # every replacement child for a Keras model (TensorFlow's import alone takes 3-5 s
+        # every replacement child for a Keras model (TensorFlow's import alone takes 3-6 s
         # on 2 cores), so a worker whose child died never ran another task
         worker_proc_alive_timeout=PROC_ALIVE_TIMEOUT,
     )
