@@ -547,6 +547,36 @@ def test_read_ahead_keeps_order_and_memory_flat(syntax: str, tmp_path: Path) -> 
             assert np.array_equal(grid_a, grid_b)
 
 
+def test_a_slice_whose_jpeg_stream_is_cut_short_is_skipped_with_the_reason(
+    tmp_path: Path,
+) -> None:
+    """A sender lost the end of one slice's JPEG Lossless stream: that slice is skipped and
+    says why; the others are read as usual (every decoder would have filled the rows in)."""
+    import numpy as np
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from worker.analysis import Timings, read_ahead
+    from worker.selection import select as select_slices
+
+    need_tool("dcmcjpeg")
+    study = make_study([SeriesSpec(slices=12, rows=128)], seed=6)
+    paths = [in_syntax(ds, "1.2.840.10008.1.2.4.70", tmp_path) for ds in study]
+    cut = pydicom.dcmread(paths[5])
+    frame = next(generate_frames(cut.PixelData, number_of_frames=1))
+    cut.PixelData = encapsulate([frame[: len(frame) * 2 // 3]])
+    cut.save_as(paths[5], enforce_file_format=True)
+    chosen = select_slices([(i + 1, str(p)) for i, p in enumerate(paths)], 5)
+    items = list(read_ahead(chosen.slices, chosen.headers, Timings()))
+    reasons = {str(ref.path): item for ref, item, _ in items if isinstance(item, str)}
+    assert "frame 1 is cut short" in reasons.get(str(paths[5]), "")
+    assert sum(isinstance(item, np.ndarray) for _, item, _ in items) >= 6
+    assert all(
+        isinstance(item, np.ndarray) or "cut short" not in item
+        for ref, item, _ in items
+        if str(ref.path) != str(paths[5])
+    )
+
+
 def test_embedded_broker_keeps_its_files_in_the_data_dir(tmp_path: Path) -> None:
     """kombu's filesystem transport writes its exchange table to ./control by default: a
     service started from the repository left one there.  A fresh process (kombu remembers
