@@ -67,6 +67,7 @@ def admin_app(settings: Settings) -> Flask:
         destinations=destinations(f"{PACS},{ARCHIVE}?objects=sr"),
         webhook_urls=("https://ris.example/hooks",),
         webhook_secret="a shared secret of the hospital",
+        hl7_destinations=("10.0.0.9:2575",),
     )
     return create_app(configured, {"TESTING": True})
 
@@ -83,13 +84,15 @@ def test_an_admin_sees_why_no_result_arrived(settings: Settings) -> None:
         "DICOMweb (STOW-RS)",
         "DICOM (C-STORE)",
         "webhook (signed JSON)",
+        "HL7 v2 ORU^R01 (MLLP)",
+        "finished studies",  # what the HL7 destination gets
         "answered HTTP 503",  # the archive's last failure, from the audit log
         "/dicom-web/studies",
     ):
         assert text in html, text
     assert "<b>Doe</b>" not in html  # no patient data on the page, escaped or not
     row = html[html.index('<table class="destinations">') : html.index("<h2>Outbox")]
-    assert row.count("<tr>") == 4  # header, the PACS, the archive, the webhook
+    assert row.count("<tr>") == 5  # header, the PACS, the archive, the webhook, the RIS
     outbox = html[html.index('<table class="outbox">') : html.index("<h2>Audit log")]
     assert f"<td>{ids['bad']}</td>" in outbox and f"<td>{ids['ok']}</td>" not in outbox
 

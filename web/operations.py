@@ -85,11 +85,7 @@ def destinations(db: Session, s: Settings) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "kind": _kind(dest),
-                "objects": "study events"
-                if dest == "webhook"
-                else ", ".join(dest.objects)
-                if dest
-                else "",
+                "objects": _gets(dest),
                 "last_success": _when(last_ok),
                 "last_failure": _when(failure.at) if failure else None,
                 "last_error": (failure.detail or {}).get("error", "") if failure else "",
