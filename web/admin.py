@@ -5,20 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
 from core import audit
 from core.db import session_scope
-from core.settings import Settings
 from core.users import UserError, list_tokens, list_users, revoke_token, set_active
-from web.session import admin_required
+from web.session import admin_required, settings
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
-
-
-def settings() -> Settings:
-    return current_app.config["COVIDCT"]  # type: ignore[no-any-return]
 
 
 @bp.route("/users")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, abort, current_app, jsonify, request
+from flask import Blueprint, Response, abort, jsonify, request
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
 from core.db import session_scope
 from core.models import Study, Upload
-from core.settings import Settings
 from web.queries import (
     Filters,
     list_studies,
@@ -28,14 +27,10 @@ from web.reviews import (
     reviews_csv,
     save_review,
 )
-from web.session import NOTICE
+from web.session import NOTICE, settings
 from web.uploads import UploadRejected, accept_upload, queue_upload
 
 bp = Blueprint("api", __name__)
-
-
-def settings() -> Settings:
-    return current_app.config["COVIDCT"]
 
 
 @bp.route("/studies")

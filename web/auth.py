@@ -26,13 +26,9 @@ from core.db import session_scope
 from core.models import AuditEvent, utcnow
 from core.settings import Settings
 from core.users import authenticate, end_sessions, user_for_token
-from web.session import SessionUser
+from web.session import SessionUser, settings
 
 bp = Blueprint("auth", __name__)
-
-
-def settings() -> Settings:
-    return current_app.config["COVIDCT"]
 
 
 def user_from_bearer(s: Settings, header: str) -> Any:

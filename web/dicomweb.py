@@ -11,22 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, json, request
+from flask import Blueprint, Response, g, json, request
 from flask_login import current_user
 
 from core import audit
 from core.db import session_scope
-from core.settings import Settings
 from ingest import stow
 from ingest.spool import InvalidUIDError, validate_uid
+from web.session import settings
 
 bp = Blueprint("dicomweb", __name__)
 
 DICOM_JSON = "application/dicom+json"
-
-
-def settings() -> Settings:
-    return current_app.config["COVIDCT"]  # type: ignore[no-any-return]
 
 
 def _answer(status: int, body: dict[str, object] | None = None, error: str = "") -> Response:

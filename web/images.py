@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from flask import Blueprint, abort, current_app, jsonify, request, send_file
+from flask import Blueprint, abort, jsonify, request, send_file
 from flask_login import current_user, login_required
 from PIL import Image
 from sqlalchemy import select
@@ -28,17 +28,13 @@ from classifier.preprocess import open_image, to_model_input, windowed_slice
 from classifier.render import draw_overlay, pixel_spacing, square_pixels
 from core.db import session_scope
 from core.models import Instance, Prediction, Study, Upload
-from core.settings import Settings
 from web.queries import key_slices, study_detail, visible_uploads
+from web.session import settings
 from web.uploads import model_input_png, thumbnail_path, write_whole
 
 bp = Blueprint("images", __name__)
 
 VIEW_SIZES = (256, 512, 768, 1024)  # the viewer asks for the smallest that fills its box
-
-
-def settings() -> Settings:
-    return current_app.config["COVIDCT"]  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)

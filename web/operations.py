@@ -12,7 +12,7 @@ import threading
 from datetime import date, datetime
 from typing import Any
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
@@ -23,16 +23,12 @@ from core.health import readiness
 from core.models import AuditEvent, Delivery, DeliveryState, Study, utcnow
 from core.settings import Settings
 from core.values import destinations as parse_destinations
-from web.session import admin_required
+from web.session import admin_required, settings
 
 bp = Blueprint("operations", __name__, url_prefix="/admin")
 
 OUTBOX_ROWS = 100
 AUDIT_ROWS = 200
-
-
-def settings() -> Settings:
-    return current_app.config["COVIDCT"]  # type: ignore[no-any-return]
 
 
 def _when(t: datetime | None) -> str | None:

@@ -12,8 +12,14 @@ from flask_login import current_user
 from core import audit
 from core.db import session_scope
 from core.models import User
+from core.settings import Settings
 
 NOTICE = "Research and triage support only: results are unverified AI output, not a diagnosis."
+
+
+def settings() -> Settings:
+    """The service's settings, as the application factory stored them."""
+    return current_app.config["COVIDCT"]  # type: ignore[no-any-return]
 
 
 class SessionUser:
@@ -42,7 +48,7 @@ def admin_required() -> None:
     """403 for anyone but an admin; the refused attempt is audited (who, what, from where)."""
     if current_user.is_admin:
         return
-    with session_scope(current_app.config["COVIDCT"].database_url) as s:
+    with session_scope(settings().database_url) as s:
         audit.record(
             s,
             current_user.username,

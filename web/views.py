@@ -8,7 +8,6 @@ from typing import Any
 from flask import (
     Blueprint,
     abort,
-    current_app,
     flash,
     jsonify,
     redirect,
@@ -35,15 +34,11 @@ from web.queries import (
     study_detail,
 )
 from web.reviews import CALLS, ReviewInput, ReviewRejected, performance, save_review
-from web.session import admin_required
+from web.session import admin_required, settings
 from web.uploads import UploadRejected, accept_upload, queue_upload
 
 bp = Blueprint("views", __name__)
 IN_FLIGHT = {StudyState.RECEIVING, StudyState.QUEUED, StudyState.PROCESSING}
-
-
-def settings() -> Settings:
-    return current_app.config["COVIDCT"]
 
 
 @bp.route("/healthz")
