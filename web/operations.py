@@ -24,6 +24,7 @@ from core.models import AuditEvent, Delivery, DeliveryState, Study, utcnow
 from core.settings import Settings
 from core.values import destinations as parse_destinations
 from web.session import admin_required, settings
+from worker import hl7out
 
 bp = Blueprint("operations", __name__, url_prefix="/admin")
 
@@ -59,7 +60,7 @@ def destinations(db: Session, s: Settings) -> list[dict[str, Any]]:
         counts.setdefault(name, {})[state] = n
     named: dict[str, Any] = {str(d): d for d in s.destinations}
     named.update({url: "webhook" for url in s.webhook_urls})
-    named.update({f"mllp://{a}": "hl7" for a in s.hl7_destinations})
+    named.update({hl7out.destination(a): "hl7" for a in s.hl7_destinations})
     out = []
     for name in list(named) + sorted(set(counts) - set(named)):
         dest = named.get(name)

@@ -195,8 +195,8 @@ def deliver(settings: Settings, delivery_id: int) -> str:
     renew = lambda: renew_delivery(settings, delivery_id)  # noqa: E731
     with Lease(settings, f"delivery {delivery_id}", renew):
         try:
-            if claimed.event and destination.startswith("mllp://"):
-                hl7out.send(settings, destination.removeprefix("mllp://"), claimed.payload)
+            if claimed.event and (mllp := hl7out.address(destination)):
+                hl7out.send(settings, mllp, claimed.payload)
             elif claimed.event:
                 notify.post(settings, destination, claimed.event, delivery_id, claimed.payload)
             elif claimed.paths:  # a report made before key images, sent to a destination of

@@ -24,6 +24,7 @@ from core.models import Study, utcnow
 from core.settings import Settings
 from worker.errors import DeliveryError
 
+SCHEME = "mllp://"  # how an outbox row names an HL7 destination
 START, END = b"\x0b", b"\x1c\r"
 MAX_ACK = 1024 * 1024
 NOTICE = "AI output for research and triage support; not a diagnosis."
@@ -31,7 +32,12 @@ SERVICE = ("COVIDCT", "AI COVID-19 CT triage", "L")
 
 
 def destination(address: str) -> str:
-    return f"mllp://{address}"
+    return SCHEME + address
+
+
+def address(destination: str) -> str | None:
+    """The host:port an outbox row names, or None when it is not an HL7 destination."""
+    return destination.removeprefix(SCHEME) if destination.startswith(SCHEME) else None
 
 
 def oru_r01(settings: Settings, study: Study) -> str:
@@ -124,6 +130,7 @@ def _number(value: object) -> str:
 def send(settings: Settings, address: str, message: str) -> None:
     """One MLLP exchange; raise :class:`DeliveryError` unless the ACK accepts it."""
     host, _, port = address.rpartition(":")
+    dest = destination(address)
     try:
         with socket.create_connection((host, int(port)), timeout=settings.acse_timeout) as sock:
             sock.settimeout(settings.network_timeout)
@@ -132,18 +139,18 @@ def send(settings: Settings, address: str, message: str) -> None:
             while END not in answer:
                 piece = sock.recv(65536)
                 if not piece:
-                    raise DeliveryError(f"mllp://{address} closed the connection without an ACK")
+                    raise DeliveryError(f"{dest} closed the connection without an ACK")
                 answer += piece
                 if len(answer) > MAX_ACK:
-                    raise DeliveryError(f"mllp://{address} sent more than {MAX_ACK} bytes")
+                    raise DeliveryError(f"{dest} sent more than {MAX_ACK} bytes")
     except OSError as exc:
-        raise DeliveryError(f"mllp://{address}: {exc.__class__.__name__}: {exc}"[:300]) from None
+        raise DeliveryError(f"{dest}: {exc.__class__.__name__}: {exc}"[:300]) from None
     text = answer[answer.find(START) + 1 : answer.find(END)].decode("utf-8", "replace")
     try:
         msa = hl7.parse(text).segment("MSA")
     except (KeyError, hl7.ParseException, IndexError):
-        raise DeliveryError(f"mllp://{address} answered without an MSA segment") from None
+        raise DeliveryError(f"{dest} answered without an MSA segment") from None
     code = str(msa[1])
     if code not in ("AA", "CA"):
         why = str(msa[3]) if len(msa) > 3 else ""
-        raise DeliveryError(f"mllp://{address} answered {code}{': ' + why if why else ''}")
+        raise DeliveryError(f"{dest} answered {code}{': ' + why if why else ''}")

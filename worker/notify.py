@@ -24,8 +24,6 @@ from core.settings import Settings
 from worker import hl7out
 from worker.errors import DeliveryError
 
-NOTICE = "AI output for research and triage support; not a diagnosis."
-
 
 def payload(settings: Settings, study: Study, event: str) -> dict[str, object]:
     base = settings.public_url or f"http://{settings.web_host}:{settings.web_port}"
@@ -41,7 +39,7 @@ def payload(settings: Settings, study: Study, event: str) -> dict[str, object]:
         "model_version": study.model_version,
         "study_url": f"{base}/studies/{study.study_instance_uid}",
         "at": utcnow().isoformat(timespec="seconds"),
-        "notice": NOTICE,
+        "notice": hl7out.NOTICE,
     }
 
 
