@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import date
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
@@ -28,6 +27,7 @@ from core.db import session_scope
 from core.models import Study
 from core.settings import Settings
 from core.values import Destination
+from worker.delivery import requester
 
 logger = logging.getLogger(__name__)
 
@@ -61,19 +61,11 @@ class Summary:
         )
 
 
-def _ae(settings: Settings) -> AE:
-    ae = AE(ae_title=settings.ae_title)
-    ae.acse_timeout = settings.acse_timeout
-    ae.dimse_timeout = settings.dimse_timeout
-    ae.network_timeout = settings.network_timeout
-    return ae
-
-
 def find(
     settings: Settings, source: Destination, since: date, until: date | None, modality: str
 ) -> list[Found]:
     """The source's studies in the date range holding ``modality``."""
-    ae = _ae(settings)
+    ae = requester(settings)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"
@@ -114,7 +106,7 @@ def find(
 def move(settings: Settings, source: Destination, study_uid: str) -> int:
     """C-MOVE one study to this service's AE title; the instances the source says it sent.
     Raises :class:`BackfillError` with the reason when it did not."""
-    ae = _ae(settings)
+    ae = requester(settings)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
     query = Dataset()
     query.QueryRetrieveLevel = "STUDY"

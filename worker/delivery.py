@@ -59,14 +59,21 @@ def send(settings: Settings, dest: Destination, paths: Sequence[str]) -> None:
         c_store(settings, dest, paths)
 
 
-def c_store(settings: Settings, dest: Destination, paths: Sequence[str]) -> None:
-    """Send files in one association; raise :class:`DeliveryError` unless the peer takes
-    each (0x0000, or a warning status)."""
-    datasets = [pydicom.dcmread(p) for p in paths]
+def requester(settings: Settings) -> AE:
+    """An AE that asks peers (the outbox's C-STORE, backfill's C-FIND and C-MOVE) under this
+    service's title and timeouts."""
     ae = AE(ae_title=settings.ae_title)
     ae.acse_timeout = settings.acse_timeout
     ae.dimse_timeout = settings.dimse_timeout
     ae.network_timeout = settings.network_timeout
+    return ae
+
+
+def c_store(settings: Settings, dest: Destination, paths: Sequence[str]) -> None:
+    """Send files in one association; raise :class:`DeliveryError` unless the peer takes
+    each (0x0000, or a warning status)."""
+    datasets = [pydicom.dcmread(p) for p in paths]
+    ae = requester(settings)
     for sop_class, syntax in dict.fromkeys(
         (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets
     ):
