@@ -117,7 +117,7 @@ def finish(
         )
         if done:
             notify.enqueue(s, settings, study_id, str(state))
-        if not done:
+        else:
             study = s.get(Study, study_id)
             logger.info(
                 "study id %d changed while processed; left %s",
