@@ -95,6 +95,19 @@ def test_a_frame_cut_short_is_refused_not_filled_in(cut: str, tmp_path: Path) ->
     assert np.array_equal(_pixel_array(_with_frame(jpeg, frame + b"\x00")), pixel_array(jpeg))
 
 
+@pytest.mark.parametrize("pad", [b"", b"\x00", b"\x0f", b"\xff", b"\x0f\x00\x00"])
+def test_a_whole_frame_is_read_whatever_its_pad_byte(pad: bytes, tmp_path: Path) -> None:
+    """An odd-length frame's pad byte is 00H by the standard but not always in practice (a
+    real hospital's export ends frames FFD9 0F): the frame is whole and is read."""
+    jpeg = _jpeg(_slice(16, True, seed=4), ["+e1"], tmp_path)
+    frame = next(pydicom.encaps.generate_frames(jpeg.PixelData, number_of_frames=1))
+    frame = frame.rstrip(b"\x00")
+    assert frame.endswith(b"\xff\xd9")
+    assert np.array_equal(_pixel_array(_with_frame(jpeg, frame + pad)), pixel_array(jpeg))
+    with pytest.raises(UnusableInputError, match="cut short"):  # two bytes past it: not a pad
+        _pixel_array(_with_frame(jpeg, frame[:-2] + b"\x12\x34" + pad))
+
+
 def _with_frame(ds: pydicom.Dataset, frame: bytes) -> pydicom.Dataset:
     out = ds.copy()
     out.PixelData = pydicom.encaps.encapsulate([frame])
