@@ -47,7 +47,7 @@ STUDY_RULE = (
     "CNN: mean of the top 10% slice probabilities (at least 5) over slices inside the lung;"
     " lungs that fail the segmentation's checks make it Indeterminate; Present needs opacity"
     " in at least 2 of 6 lung zones and a pattern that is not atypical (RSNA); fewer involved"
-    " zones is near-normal lung and Absent"
+    " zones is near-normal lung and Absent, or Indeterminate when the CNN calls Present"
 )
 
 
@@ -62,7 +62,11 @@ def study_verdict(
       would rest on lung the segmentation lost, so a failed segmentation never gives Absent.
     * Near-normal lung (opacity in fewer than ``MULTIFOCAL_ZONES`` zones: COVID-19 pneumonia
       is multifocal in the RSNA consensus's typical and indeterminate patterns) is Absent
-      whatever the CNN says: a 2D model scores lung bases and apices high on normal chests.
+      unless the CNN calls Present: a 2D model scores lung bases and apices high on normal
+      chests, so the CNN alone never makes such a study Present, but the segmentation leaves
+      out dense consolidation against the chest wall (a consolidated lobe) and then measures
+      the sick lung as near-normal.  Two readers of the same slices that disagree make the
+      study Indeterminate, never Absent.
     * Otherwise the CNN's call (:func:`verdict`), except that Present with the RSNA atypical
       pattern (unilateral, mostly consolidation: lobar pneumonia) becomes Indeterminate.
     """
@@ -72,12 +76,19 @@ def study_verdict(
             f"{check.summary()}; CNN probability {probability:.3f} against {threshold:.3f}"
         )
     involved = sum(score > 0 for score in quantification.zone_scores().values())
-    if involved < MULTIFOCAL_ZONES:
-        return "Absent", (
-            f"near-normal lung: opacity in {involved} of {len(quantification.zones)} zones"
-            f" ({quantification.total.opacity_percent:.1f}% of lung volume)"
-        )
     call = verdict(probability, threshold, band)
+    if involved < MULTIFOCAL_ZONES:
+        measured = (
+            f"opacity in {involved} of {len(quantification.zones)} zones,"
+            f" {quantification.total.opacity_percent:.1f}% of the segmented lung volume"
+        )
+        if call != "Present":
+            return "Absent", f"near-normal lung: {measured}"
+        return "Indeterminate", (
+            f"the CNN scores COVID-19 ({probability:.3f} against {threshold:.3f}) but the"
+            f" segmented lung is near-normal ({measured}): dense consolidation the segmentation"
+            " left out, or a false positive of the CNN"
+        )
     pattern = quantification.pattern
     if call == "Present" and pattern == "atypical":
         return "Indeterminate", (

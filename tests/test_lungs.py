@@ -184,10 +184,16 @@ def _quant(zones: dict[str, tuple[float, float]], rim_more: bool = True) -> Quan
     return Quantification({"right": right, "left": left, "total": total}, regions, rim, core)
 
 
-def test_near_normal_lung_is_absent_however_high_the_cnn_scores() -> None:
+def test_near_normal_lung_is_absent_unless_the_cnn_calls_present() -> None:
+    """The CNN alone never makes near-normal lungs Present; when it calls Present the two
+    disagree, and the study is Indeterminate rather than Absent."""
     q = _quant({"right lower": (3.0, 0.0)})  # one zone involved
+    for low in (0.1, 0.52):  # Absent, and within the CNN's Indeterminate band
+        call, why = study_verdict(low, 0.5, 0.05, q)
+        assert call == "Absent" and why.startswith("near-normal lung: opacity in 1 of 6 zones")
     call, why = study_verdict(0.97, 0.5, 0.05, q)
-    assert call == "Absent" and "near-normal" in why
+    assert call == "Indeterminate"
+    assert "CNN scores COVID-19 (0.970 against 0.500)" in why and "near-normal" in why
 
 
 def test_typical_pattern_and_high_cnn_is_present() -> None:
@@ -256,6 +262,22 @@ def test_a_pleural_effusion_is_not_lung() -> None:
     assert truth["right"] < 0.85 * truth["left"]  # the fluid takes a sixth of the right side
     assert within(q.lungs["right"].volume_ml, truth["right"], 0.1)
     assert q.total.consolidation_percent < 0.5 and q.lungs_ok
+
+
+def test_a_consolidated_lobe_left_out_is_never_absent_when_the_cnn_sees_it() -> None:
+    """The limit of a threshold segmentation: a consolidated lobe that no aerated lung
+    encloses stays outside the mask, and the lungs left measure near-normal.  The gate
+    passes (the side keeps more than half the other's volume); a CNN that calls Present
+    then makes the study Indeterminate, not Absent."""
+    grid, truth = scan(Chest(consolidated_lobe=True), 2.5)
+    q = quantify(grid, segment(grid))
+    lost = truth["right"] - q.lungs["right"].volume_ml
+    assert truth["consolidation"] > 150 and lost > 0.5 * truth["consolidation"]
+    assert within(q.lungs["left"].volume_ml, truth["left"])
+    assert q.check is not None and q.check.ok
+    assert q.total.consolidation_ml < 0.1 * truth["consolidation"]
+    assert study_verdict(0.9, 0.5, 0.05, q)[0] == "Indeterminate"
+    assert study_verdict(0.1, 0.5, 0.05, q)[0] == "Absent"
 
 
 def test_lungs_lost_below_the_apex_make_indeterminate_not_absent() -> None:

@@ -21,7 +21,7 @@ import numpy as np
 from classifier.inference import Classifier
 from classifier.metrics import auc
 from core.settings import Settings
-from worker.analysis import analyse
+from worker.analysis import UNREADABLE, analyse
 
 CLASSES = ("covid", "pneumonia", "normal")
 OUTCOMES = ("Present", "Indeterminate", "Absent", "not_analysable")
@@ -42,6 +42,7 @@ class StudyLine:
     lungs_ok: bool | None = None  # the segmentation's quality gate (classifier.lungcheck)
     series_instance_uid: str = ""  # the series the lungs were segmented on
     series_description: str = ""
+    slices_unreadable: int = 0  # of the series read: not decoded, so neither scored nor measured
 
     def format(self) -> str:
         p = "-" if self.probability is None else f"{self.probability:.3f}"
@@ -51,6 +52,8 @@ class StudyLine:
         n = "-" if self.lung_slices is None else str(self.lung_slices)
         gate = {None: "-", True: "ok", False: "FAILED"}[self.lungs_ok]
         extra = f"  ({self.reason})" if self.reason else ""
+        if self.slices_unreadable:
+            extra += f"  [unreadable slices: {self.slices_unreadable}]"
         return (
             f"{self.label:<10} {self.verdict:<14} p={p:<6} opacity={o:<7} severity={s:<3}"
             f" lungs={v:<7} on {n:>3} slices gate={gate:<6} {self.seconds:5.1f}s  {self.path}"
@@ -100,6 +103,7 @@ def evaluate_study(label: str, folder: Path, settings: Settings, clf: Classifier
         lungs_ok=None if check is None else check.ok,
         series_instance_uid=series_uid,
         series_description=description,
+        slices_unreadable=sum(why.startswith(UNREADABLE) for _, why in a.skipped),
     )
 
 
