@@ -17,8 +17,9 @@ ground glass or consolidation (COVID-19 lesions are centimetres across).  Voxels
 (calcium, enhanced vessels) are never opacity.
 
 Zones: each lung's cranio-caudal extent in thirds (upper, middle, lower); per slice, the
-peripheral rim is the part of the lung within a third of that slice's greatest depth from the
-lung surface, the central core the rest.
+peripheral rim is the part of the lung within a third of its greatest depth from the lungs'
+outer envelope (their convex hull in the slice, so from the chest wall, not the mediastinum),
+the central core the rest.
 
 Severity: per zone, the lobar score of Pan et al., "Time Course of Lung Changes at Chest CT
 during Recovery from Coronavirus Disease 2019", Radiology 2020;295:715-721 (0 none, 1 under 5%,
@@ -41,6 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import ConvexHull
 
 from classifier.lungcheck import LungCheck, check_lungs
 from classifier.lungs import LEFT, RIGHT, Grid, Lungs
@@ -286,17 +288,53 @@ _IN_PLANE_SQUARE[1] = True
 
 
 def _rim(labels: np.ndarray) -> np.ndarray:
-    """Per slice and lung: within a third of the greatest depth from the lung surface.
-    Depth in pixels is the mean of the city-block and chessboard distances (an octagonal
-    distance, within 8% of the Euclidean one), per slice: twenty times cheaper than the
-    Euclidean transform, and only ratios of depths on one slice matter."""
-    lung = np.pad(labels > 0, ((0, 0), (1, 1), (1, 1)))
+    """Per slice and lung: within a third of the greatest depth from the lungs' outer
+    envelope (the convex hull of both lungs in the slice), so depth runs from the chest wall
+    and the mediastinal surfaces, which lie inside the envelope, are not periphery: RSNA's
+    peripheral is subpleural along the chest wall, and perihilar opacity is central.  Depth
+    in pixels is the mean of the city-block and chessboard distances (an octagonal distance,
+    within 8% of the Euclidean one): only ratios of depths on one slice matter."""
+    envelope = np.pad(_hulls(labels > 0), ((0, 0), (1, 1), (1, 1)))
     depth = (
-        ndimage.distance_transform_cdt(lung, metric=_IN_PLANE_CROSS).astype(np.float32)
-        + ndimage.distance_transform_cdt(lung, metric=_IN_PLANE_SQUARE)
+        ndimage.distance_transform_cdt(envelope, metric=_IN_PLANE_CROSS).astype(np.float32)
+        + ndimage.distance_transform_cdt(envelope, metric=_IN_PLANE_SQUARE)
     )[:, 1:-1, 1:-1] / 2.0
     deepest = np.zeros((3, labels.shape[0]), dtype=np.float32)
     for side in SIDES:
         deepest[side] = np.where(labels == side, depth, 0).max(axis=(1, 2))
     limit = deepest[labels, np.arange(labels.shape[0])[:, None, None]] / 3.0
     return (labels > 0) & (depth <= limit)
+
+
+def _hulls(mask: np.ndarray) -> np.ndarray:
+    """The in-plane convex hull of ``mask`` on each slice: pixel centres inside the hull of
+    the outer corners of each row's first and last pixel (the hull of those is the hull of
+    the whole row), tested on the mask's bounding box only."""
+    out = np.zeros_like(mask)
+    for z in np.flatnonzero(mask.any(axis=(1, 2))):
+        m = mask[z]
+        rows = np.flatnonzero(m.any(axis=1))
+        first = m[rows].argmax(axis=1)
+        last = m.shape[1] - 1 - m[rows, ::-1].argmax(axis=1)
+        r = rows.astype(np.float64)
+        points = np.concatenate(
+            [
+                np.stack([r - 0.5, first - 0.5], axis=1),
+                np.stack([r + 0.5, first - 0.5], axis=1),
+                np.stack([r - 0.5, last + 0.5], axis=1),
+                np.stack([r + 0.5, last + 0.5], axis=1),
+            ]
+        )
+        a, b, c = ConvexHull(points).equations.T  # a*row + b*col + c <= 0 inside
+        y = np.arange(rows[0], rows[-1] + 1, dtype=np.float64)[:, None]
+        bound = -(a * y + c)  # b*col <= bound on each facet
+        with np.errstate(divide="ignore", invalid="ignore"):
+            upper = np.where(b > 1e-12, bound / b, np.inf).min(axis=1)
+            lower = np.where(b < -1e-12, bound / b, -np.inf).max(axis=1)
+        level = np.abs(b) <= 1e-12  # facets along a row: a row outside them is out
+        lower[(level & (bound < -1e-9)).any(axis=1)] = np.inf
+        cols = np.arange(m.shape[1], dtype=np.float64)
+        out[z, rows[0] : rows[-1] + 1] = (cols >= lower[:, None] - 1e-9) & (
+            cols <= upper[:, None] + 1e-9
+        )
+    return out | mask

@@ -160,6 +160,50 @@ def test_an_abdomen_with_the_lung_bases_is_not_a_chest() -> None:
         segment(grid)
 
 
+def test_periphery_runs_from_the_chest_wall_not_the_mediastinum() -> None:
+    """RSNA's peripheral is subpleural along the chest wall: the same ground-glass sphere is
+    rim against the ribs and core against the mediastinum (as perihilar opacity is)."""
+    mid = 120.0
+    lateral = Blob((-108.0, -5.0, mid), 14.0, -500.0)  # the right lung's outer edge
+    medial = Blob((-28.0, -5.0, mid), 14.0, -500.0)  # its mediastinal edge
+    measured = {}
+    for name, blob in (("lateral", lateral), ("medial", medial)):
+        grid, truth = scan(Chest(blobs=(blob,)), 2.5)
+        q = quantify(grid, segment(grid))
+        assert within(q.total.ggo_ml, truth["ggo"], 0.15)
+        measured[name] = q
+    assert measured["lateral"].rim.ggo_ml > 3 * measured["lateral"].core.ggo_ml
+    assert measured["medial"].core.ggo_ml > 3 * measured["medial"].rim.ggo_ml
+    assert measured["lateral"].peripheral_predominant
+    assert not measured["medial"].peripheral_predominant
+
+
+def test_the_envelope_is_each_slices_convex_hull() -> None:
+    """The row-interval fill equals a brute-force hull test (scipy's Delaunay) on random
+    shapes, and contains every shape."""
+    from scipy.spatial import Delaunay
+
+    from classifier.quantify import _hulls
+
+    rng = np.random.default_rng(3)
+    masks = np.zeros((6, 40, 50), dtype=bool)
+    for z in range(6):
+        for _ in range(z + 1):
+            r, c = rng.integers(3, 37), rng.integers(3, 47)
+            masks[z, max(0, r - 3) : r + rng.integers(1, 4), max(0, c - 4) : c + 2] = True
+    masks[5] = False  # an empty slice stays empty
+    hulls = _hulls(masks)
+    yy, xx = np.mgrid[0:40, 0:50]
+    centres = np.stack([yy.ravel(), xx.ravel()], axis=1)
+    offsets = np.array([[-0.5, -0.5], [-0.5, 0.5], [0.5, -0.5], [0.5, 0.5]])
+    for z in range(5):
+        corners = (np.argwhere(masks[z])[:, None, :] + offsets).reshape(-1, 2)
+        expected = Delaunay(corners).find_simplex(centres) >= 0
+        assert np.array_equal(hulls[z].ravel(), expected), z
+        assert (hulls[z] >= masks[z]).all()
+    assert not hulls[5].any()
+
+
 def test_severity_follows_pan_et_al() -> None:
     assert [severity(p) for p in (0.0, 0.5, 2.0, 5.0, 30.0, 60.0, 80.0)] == [0, 0, 1, 2, 3, 4, 5]
 
