@@ -9,7 +9,8 @@ time of ``--stable`` seconds (2) and, after the sender's release, ``--released``
 its association), ``--runs`` studies of each kind: a synthetic 40-slice axial series with a
 localizer and a derived series, a synthetic 300-slice uncompressed series, and, when ../shared
 holds them, the real studies (COVID-CT-MD P001 and normal001, 148 and 154 JPEG Lossless slices;
-MIDRC-RICORD 419639-000082), each run under fresh UIDs and sent as stored (``storescu -xs``).
+MIDRC-RICORD 419639-000082; P001 thinned to every 6th slice, 25 slices 12 mm apart, for the
+short-study target), each run under fresh UIDs and sent as stored (``storescu -xs``).
 Per study it prints the time from its last instance to the SR's delivery as recorded by the
 service, split into the quiet time that applied, waiting to be noticed, the queue, the analysis
 and the delivery; then the median per kind against the quiet time (the reference: the rest is
@@ -88,7 +89,19 @@ def real_studies() -> list[tuple[str, list[Path]]]:
     ]
     ricord = data / "midrc-ricord-sample" / "covid" / "419639-000082"
     found.append(("RICORD 419639-000082", sorted(ricord.glob("*.dcm"))))
+    if found[0][1]:  # no real study of about 24 slices is at hand: P001 thinned to one
+        found.append(("covid/P001 every 6th slice", every_nth(found[0][1], 6)))
     return [(name, files) for name, files in found if files]
+
+
+def every_nth(files: list[Path], n: int) -> list[Path]:
+    """Every ``n``-th file of a series in slice order: a thick-slice study of real pixels."""
+    import pydicom
+
+    def z(path: Path) -> float:
+        return float(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient[2])
+
+    return sorted(files, key=z)[::n]
 
 
 def fresh_copy(files: list[Path], folder: Path) -> tuple[str, list[Path]]:
