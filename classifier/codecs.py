@@ -43,7 +43,8 @@ _CODEC: dict[str, str] = {
 SYNTAXES: frozenset[str] = frozenset(_CODEC)
 
 #: Every frame of these ends with 0xFFD9: JPEG's and JPEG-LS's end of image, JPEG 2000's end
-#: of codestream.  (A fragment may add one 0x00 to reach an even length.)
+#: of codestream, then at most padding: one byte to reach an even length (0x00 by the standard,
+#: other values in some exports) and zeros.
 MARKER_ENDED: frozenset[str] = frozenset(
     uid.JPEGTransferSyntaxes + uid.JPEGLSTransferSyntaxes + uid.JPEG2000TransferSyntaxes
 )
