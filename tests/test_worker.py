@@ -158,6 +158,15 @@ def assert_key_objects(settings: Settings, pacs: TestPACS, sr: Any, row: Study) 
         picture = Image.from_dataset(im).get_frame(1)
         assert picture.shape[2] == 3 and picture.shape[0] > 512 - 1  # the slice and its caption
     assert KeyObjectSelectionDocument.from_dataset(kos[0]).SeriesDescription.startswith("AI")
+    # the call and why it was made, as the viewer shows them beside the key images
+    described = [
+        i.TextValue
+        for i in kos[0].ContentSequence
+        if i.ValueType == "TEXT" and i.ConceptNameCodeSequence[0].CodeValue == "113012"
+    ]
+    assert len(described) == 1 and described[0].startswith("AI result, not for diagnostic use.")
+    assert f"COVID-19 {row.verdict}: " in described[0]
+    assert row.quantification and row.quantification["basis"] in described[0]
     with session_scope(settings.database_url) as s:
         objects = s.scalars(select(ReportObject).order_by(ReportObject.id)).all()
         assert sorted(o.kind for o in objects) == ["ko"] + ["sc"] * len(images)

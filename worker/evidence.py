@@ -148,12 +148,27 @@ def build_key_images(
     return out
 
 
+KOS_DESCRIPTION_CHARS = 1024
+
+
+def kos_description(verdict: str, basis: str) -> str:
+    """TID 2010's Key Object Description: the call and why (which rule made an
+    Indeterminate, what the lungs measured), since a viewer shows this text beside the key
+    images and the SR carries no free text; then what the key images are."""
+    text = (
+        f"AI result, not for diagnostic use. COVID-19 {verdict}: {basis}."
+        " Key images: the slices with the highest COVID-19 probability."
+    )
+    return text[:KOS_DESCRIPTION_CHARS]
+
+
 def build_kos(
     keys: Sequence[KeySlice],
     images: Sequence[Dataset],
     uid_of: Callable[..., str],
     device: DeviceObserverIdentifyingAttributes,
     manufacturer: str,
+    description: str,
 ) -> KeyObjectSelectionDocument:
     """The Key Object Selection flagging the key source slices and their pictures."""
     referenced = [k.header for k in keys] + list(images)
@@ -163,7 +178,7 @@ def build_kos(
         observer_device_context=ObserverContext(
             observer_type=codes.DCM.Device, observer_identifying_attributes=device
         ),
-        description="Slices with the highest COVID-19 probability (AI; not for diagnostic use)",
+        description=description,
     )
     kos = KeyObjectSelectionDocument(
         evidence=[with_type2_defaults(referenced[0]), *referenced[1:]],

@@ -39,7 +39,7 @@ from core.settings import Settings
 from worker import notify
 from worker.analysis import Analysis, Timings, analyse
 from worker.delivery import enqueue
-from worker.evidence import Caption, KeySlice, build_key_images, build_kos
+from worker.evidence import Caption, KeySlice, build_key_images, build_kos, kos_description
 from worker.lease import Claim, Lease, renew_study
 from worker.selection import series_parameters
 from worker.sr import (
@@ -377,5 +377,12 @@ def key_objects(
         uid_of,
         MANUFACTURER,
     )
-    kos = build_kos(keys, images, uid_of, device_identity(version), MANUFACTURER)
+    kos = build_kos(
+        keys,
+        images,
+        uid_of,
+        device_identity(version),
+        MANUFACTURER,
+        kos_description(a.verdict, a.basis),
+    )
     return list(images), kos
