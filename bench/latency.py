@@ -96,7 +96,6 @@ def real_studies() -> list[tuple[str, list[Path]]]:
 
 def every_nth(files: list[Path], n: int) -> list[Path]:
     """Every ``n``-th file of a series in slice order: a thick-slice study of real pixels."""
-    import pydicom
 
     def z(path: Path) -> float:
         return float(pydicom.dcmread(path, stop_before_pixels=True).ImagePositionPatient[2])
@@ -146,6 +145,7 @@ def main() -> int:
             results.setdefault(kind, []).append(took)
             print(f"{kind}: last instance -> SR delivered {took:.2f} s ({split})", flush=True)
 
+        real = real_studies()  # read once: each run sends fresh copies of the same files
         with serve(env, tmp / "serve.log"):
             wait(lambda: "covidct is running" in (tmp / "serve.log").read_text(), 120, "serve")
             for i in range(args.runs):
@@ -154,7 +154,7 @@ def main() -> int:
                 big = make_study([SeriesSpec(slices=300)], seed=i)
                 storescu(env, write_study(big, tmp / f"big{i}"))
                 measure("synthetic 300 slices, uncompressed", str(big[0].StudyInstanceUID))
-                for name, files in real_studies():
+                for name, files in real:
                     uid, copy = fresh_copy(files, tmp / f"{name.replace('/', '-')}-{i}")
                     storescu(env, copy, "-xs")  # JPEG Lossless proposed: sent as stored
                     measure(f"{name} ({len(files)} slices, JPEG Lossless)", uid)

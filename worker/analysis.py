@@ -45,8 +45,8 @@ class Timings:
 
 
 Item = tuple[SliceRef, np.ndarray | str, np.ndarray | None]
-# how the reason of a slice whose pixels could not be decoded starts
-UNREADABLE = ("unreadable: ", "unusable: ")
+# how the reason of a slice whose pixels could not be decoded starts: the file, or its frame
+UNREADABLE, UNUSABLE = "unreadable: ", "unusable: "
 
 
 @dataclass
@@ -69,7 +69,7 @@ def _read_file(refs: list[SliceRef], header: pydicom.Dataset) -> _Read:
         header.PixelData  # noqa: B018 - reads the deferred value: the file I/O of this slice
     except Exception as exc:  # unreadable or vanished file in the spool: skip its slices
         return _Read(
-            [(ref, f"{UNREADABLE[0]}{exc}", None) for ref in refs], time.perf_counter() - t0, 0.0
+            [(ref, f"{UNREADABLE}{exc}", None) for ref in refs], time.perf_counter() - t0, 0.0
         )
     t1 = time.perf_counter()
     items: list[Item] = []
@@ -79,7 +79,7 @@ def _read_file(refs: list[SliceRef], header: pydicom.Dataset) -> _Read:
                 done = frame_and_grid(header, ref.frame, DEFAULT_FRAMING)
                 items.append((ref, done.item, done.hu_grid))
             except UnusableInputError as exc:
-                items.append((ref, f"{UNREADABLE[1]}{exc}", None))
+                items.append((ref, f"{UNUSABLE}{exc}", None))
     finally:
         del header.PixelData
     return _Read(items, t1 - t0, time.perf_counter() - t1)
@@ -151,6 +151,11 @@ class Analysis:
     verdict: str | None = None
     basis: str = ""
     lungs: LungResult | None = None
+
+    def slices_unreadable(self) -> int:
+        """Slices of the series read whose pixels could not be decoded: neither scored nor
+        measured."""
+        return sum(why.startswith((UNREADABLE, UNUSABLE)) for _, why in self.skipped)
 
 
 def analyse(

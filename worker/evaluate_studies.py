@@ -21,7 +21,7 @@ import numpy as np
 from classifier.inference import Classifier
 from classifier.metrics import auc
 from core.settings import Settings
-from worker.analysis import UNREADABLE, analyse
+from worker.analysis import analyse
 
 CLASSES = ("covid", "pneumonia", "normal")
 OUTCOMES = ("Present", "Indeterminate", "Absent", "not_analysable")
@@ -103,7 +103,7 @@ def evaluate_study(label: str, folder: Path, settings: Settings, clf: Classifier
         lungs_ok=None if check is None else check.ok,
         series_instance_uid=series_uid,
         series_description=description,
-        slices_unreadable=sum(why.startswith(UNREADABLE) for _, why in a.skipped),
+        slices_unreadable=a.slices_unreadable(),
     )
 
 
