@@ -153,8 +153,8 @@ KOS_DESCRIPTION_CHARS = 1024
 
 def kos_description(verdict: str, basis: str) -> str:
     """TID 2010's Key Object Description: the call and why (which rule made an
-    Indeterminate, what the lungs measured), since a viewer shows this text beside the key
-    images and the SR carries no free text; then what the key images are."""
+    Indeterminate, what the lungs measured), for viewers that show it beside the key images
+    (the SR carries no free text); then what the key images are."""
     text = (
         f"AI result, not for diagnostic use. COVID-19 {verdict}: {basis}."
         " Key images: the slices with the highest COVID-19 probability."
